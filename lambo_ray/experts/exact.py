@@ -1,0 +1,416 @@
+"""The exact expert: Pyomo models solved by HiGHS, with a certified optimality gap (SPEC section 1).
+
+* ``min_energy`` is a MILP (a generalised assignment problem with the minimum shares a_min_ij as
+  weights): UE energy is linear in the assignment, and an assignment is feasible iff the minimum
+  shares fit on every server. One solve to optimality; the shares are then the latency-optimal
+  water-filled ones (:func:`lambo_ray.mec.shares.optimal_shares`), which meet every deadline.
+* ``min_latency`` is a convex MINLP: the server term c_i / (a_ij F_j) is convex in the share, and
+  c x^2 / (a F) is jointly convex in (x, a), so its tangent planes (perspective cuts)
+  ``t_ij >= (c_i / F_j) (2 x_ij / b - a_ij / b^2)`` are valid under-estimators for every b > 0.
+  Outer approximation: the MILP with the cuts gives a lower bound; its assignment, completed with
+  water-filled shares and scored by the evaluator, gives an upper bound; cuts at the new shares are
+  added and the MILP re-solved (warm-started at the incumbent, on the same persistent HiGHS model)
+  until the certified relative gap closes. Cuts at the water-filled (NLP-optimal) shares of an
+  assignment make the MILP's value on that assignment at least its true value (the OA argument of
+  Duran and Grossmann), so no assignment is visited twice and the loop terminates.
+
+Pyomo's persistent APPSI HiGHS interface is used (``pyomo.contrib.appsi.solvers.Highs``): cuts go to
+the live HiGHS model without rebuilding it, and it is the Pyomo 6.10 HiGHS interface that takes a MIP
+start (``config.warmstart``); ``pyomo.contrib.solver``'s ``highs`` is persistent too but has no
+warm start. Every solve's termination condition is checked and the last one is reported.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyomo.environ as pyo
+from pyomo.contrib.appsi.base import TerminationCondition
+from pyomo.contrib.appsi.solvers import Highs
+
+from lambo_ray.experts.base import Expert, register
+from lambo_ray.mec.evaluator import evaluate
+from lambo_ray.mec.instance import Instance
+from lambo_ray.mec.shares import optimal_shares
+
+# HiGHS outcomes after which the solver's bound and (if any) its solution may be used.
+_USABLE = (TerminationCondition.optimal, TerminationCondition.maxTimeLimit)
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """Solver settings of the exact expert; every HiGHS option it sets comes from here."""
+
+    gap_tol: float = 1e-4  # certified relative gap (UB - LB) / UB at which min_latency stops
+    max_rounds: int = 100  # outer-approximation rounds (MILP solves) at most
+    mip_rel_gap: float = 1e-9  # HiGHS mip_rel_gap of every MILP solve
+    threads: int = 1
+    time_limit_s: float = 600.0  # total over all rounds; Expert.solve(time_limit=...) overrides it
+    feasibility_tol: float = 1e-9  # HiGHS primal / MIP feasibility tolerance (shares are ~1e-2)
+    initial_cut_points: int = 4  # geometric grid of tangent points per pair in [a_min, 1], ends included
+    warm_start: bool = True  # hand the incumbent to HiGHS as a MIP start
+    highs_options: dict[str, Any] = field(default_factory=dict)  # any further HiGHS option
+
+    def __post_init__(self) -> None:
+        if not (self.gap_tol >= 0 and self.mip_rel_gap >= 0):
+            raise ValueError("gap_tol and mip_rel_gap must be >= 0")
+        if self.max_rounds < 1 or self.threads < 1 or self.initial_cut_points < 2:
+            raise ValueError("max_rounds and threads must be >= 1, initial_cut_points >= 2")
+        if not self.time_limit_s > 0:
+            raise ValueError("time_limit_s must be > 0")
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+def allowed_pairs(inst: Instance) -> list[tuple[int, int]]:
+    """(i, j) pairs that can meet UE i's deadline on server j with at most the whole server.
+
+    Pairs with a_min = inf (the upload alone misses the deadline) or a_min > 1 get no variables at all,
+    which is the same as fixing x_ij = 0 but keeps the MILP small.
+    """
+    a_min = inst.min_share()
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(a_min <= 1.0))]
+
+
+def build_model(inst: Instance, prompt: str) -> pyo.ConcreteModel:
+    """The assignment model of one instance for one prompt.
+
+    Sets I (UEs), J (servers), P (allowed pairs); binary x[i,j] (UE i offloads to j), share a[i,j]
+    with a_min_ij x_ij <= a_ij <= x_ij, sum_i a_ij <= 1 per server, sum_j x_ij <= 1 per UE (== 1
+    when local execution misses the deadline). For ``min_latency`` also t[i,j] >= 0, the epigraph of
+    the server term c_i / (a_ij F_j), bounded below by cuts added to ``model.cuts`` (empty here).
+    """
+    n, m = inst.n_ues, inst.n_servers
+    a_min = inst.min_share()
+    tx = inst.tx_latency()
+    local_lat = inst.local_latency()
+    local_ok = inst.local_feasible()
+    pairs = allowed_pairs(inst)
+
+    model = pyo.ConcreteModel(name=f"lambo_{prompt}")
+    model.I = pyo.Set(initialize=range(n))
+    model.J = pyo.Set(initialize=range(m))
+    model.P = pyo.Set(within=model.I * model.J, initialize=pairs)
+    model.x = pyo.Var(model.P, domain=pyo.Binary)
+    model.a = pyo.Var(model.P, bounds=(0.0, 1.0))
+
+    model.share_min = pyo.Constraint(model.P, rule=lambda mdl, i, j: mdl.a[i, j] >= a_min[i, j] * mdl.x[i, j])
+    model.share_max = pyo.Constraint(model.P, rule=lambda mdl, i, j: mdl.a[i, j] <= mdl.x[i, j])
+
+    by_server = {j: [i for i, jj in pairs if jj == j] for j in range(m)}
+    by_ue = {i: [j for ii, j in pairs if ii == i] for i in range(n)}
+
+    def capacity(mdl: pyo.ConcreteModel, j: int) -> Any:
+        if not by_server[j]:
+            return pyo.Constraint.Skip
+        return sum(mdl.a[i, j] for i in by_server[j]) <= 1.0
+
+    def one_place(mdl: pyo.ConcreteModel, i: int) -> Any:
+        used = sum(mdl.x[i, j] for j in by_ue[i]) if by_ue[i] else 0.0
+        if local_ok[i]:
+            return pyo.Constraint.Skip if not by_ue[i] else used <= 1.0
+        if not by_ue[i]:
+            raise ValueError(f"UE {i} meets its deadline nowhere; check unplaceable_ues() first")
+        return used == 1.0
+
+    model.capacity = pyo.Constraint(model.J, rule=capacity)
+    model.one_place = pyo.Constraint(model.I, rule=one_place)
+
+    offloaded = {i: sum(model.x[i, j] for j in by_ue[i]) for i in range(n)}
+    if prompt == "min_energy":
+        local_e = inst.local_w * local_lat
+        tx_e = inst.tx_w * tx
+        model.objective = pyo.Objective(
+            expr=sum(local_e[i] * (1 - offloaded[i]) for i in range(n))
+            + sum(tx_e[i, j] * model.x[i, j] for i, j in pairs),
+            sense=pyo.minimize,
+        )
+    else:
+        model.t = pyo.Var(model.P, bounds=(0.0, None))
+        model.cuts = pyo.ConstraintList()
+        model.objective = pyo.Objective(
+            expr=(
+                sum(local_lat[i] * (1 - offloaded[i]) for i in range(n))
+                + sum(tx[i, j] * model.x[i, j] + model.t[i, j] for i, j in pairs)
+            ) / n,
+            sense=pyo.minimize,
+        )
+    return model
+
+
+def read_assignment(model: pyo.ConcreteModel, n_ues: int) -> np.ndarray:
+    """Targets (0 = local, j + 1 = server j) from the loaded x values, rounding the binaries."""
+    target = np.zeros(n_ues, dtype=np.int64)
+    for (i, j), var in model.x.items():
+        if var.value is not None and var.value > 0.5:
+            target[i] = j + 1
+    return target
+
+
+def set_point(model: pyo.ConcreteModel, inst: Instance, target: np.ndarray, share: np.ndarray) -> None:
+    """Load a decision into the variables (the MIP start): t at its true value c / (a F), which every
+    tangent cut under-estimates, so the point is feasible for the MILP whatever cuts it holds."""
+    for (i, j) in model.P:
+        on = target[i] == j + 1
+        model.x[i, j].set_value(1.0 if on else 0.0)
+        model.a[i, j].set_value(float(share[i]) if on else 0.0)
+        if hasattr(model, "t"):
+            model.t[i, j].set_value(float(inst.cycles[i] / (share[i] * inst.capacity_cps[j])) if on else 0.0)
+
+
+# ------------------------------------------------------------------------------------ solving
+
+
+def make_solver(cfg: ExactConfig, mip_rel_gap: float) -> Highs:
+    solver = Highs()
+    if not solver.available():
+        raise RuntimeError("HiGHS (highspy) is not available to Pyomo")
+    solver.config.load_solution = False  # termination condition first, then load
+    solver.config.mip_gap = mip_rel_gap
+    solver.config.warmstart = cfg.warm_start
+    solver.highs_options = {
+        "threads": cfg.threads,
+        "primal_feasibility_tolerance": cfg.feasibility_tol,
+        "mip_feasibility_tolerance": cfg.feasibility_tol,
+        "random_seed": 0,
+        **cfg.highs_options,
+    }
+    # Cuts are handed over explicitly (add_constraints): no model scan before each re-solve.
+    upd = solver.update_config
+    upd.check_for_new_or_removed_constraints = False
+    upd.check_for_new_or_removed_vars = False
+    upd.check_for_new_or_removed_params = False
+    upd.check_for_new_objective = False
+    upd.update_constraints = False
+    upd.update_vars = False
+    upd.update_params = False
+    upd.update_named_expressions = False
+    return solver
+
+
+@dataclass
+class _Incumbent:
+    target: np.ndarray
+    share: np.ndarray
+    objective: float
+
+
+@dataclass
+class _RoundOutcome:
+    termination: TerminationCondition
+    bound: float  # HiGHS's dual bound (-inf if none)
+    target: np.ndarray | None  # the MILP's assignment, if it found one
+
+
+def fallback_assignment(inst: Instance) -> np.ndarray | None:
+    """A cheap feasible assignment used before the first MILP and when time runs out without one:
+    all local, except UEs that must offload, which go first-fit (largest minimum share first) to the
+    server needing the smallest share. None when this simple rule cannot place them."""
+    target = np.zeros(inst.n_ues, dtype=np.int64)
+    must = np.flatnonzero(~inst.local_feasible())
+    a_min = inst.min_share()
+    free = np.ones(inst.n_servers)
+    for i in must[np.argsort(a_min[must].min(axis=1))[::-1]] if must.size else []:
+        options = [j for j in np.argsort(a_min[i]) if a_min[i, j] <= free[j]]
+        if not options:
+            return None
+        target[i] = options[0] + 1
+        free[options[0]] -= a_min[i, options[0]]
+    return target
+
+
+def unplaceable_ues(inst: Instance) -> np.ndarray:
+    """UEs that meet their deadline neither locally nor on any server: the instance is infeasible."""
+    return np.flatnonzero(~inst.local_feasible() & ~np.any(inst.min_share() <= 1.0, axis=1))
+
+
+class ExactSolver:
+    """One instance, one prompt: holds the model, the persistent solver, the incumbent and the bounds."""
+
+    def __init__(self, inst: Instance, prompt: str, cfg: ExactConfig, time_limit_s: float) -> None:
+        self.inst, self.prompt, self.cfg = inst, prompt, cfg
+        self.start = time.perf_counter()
+        self.deadline = self.start + time_limit_s
+        self.model = build_model(inst, prompt) if not unplaceable_ues(inst).size else None
+        self.solver = make_solver(cfg, cfg.mip_rel_gap)
+        if self.model is not None:
+            self.solver.set_instance(self.model)
+        self.incumbent: _Incumbent | None = None
+        self.lower_bound = -math.inf
+        self.rounds = 0
+        self.n_cuts = 0
+        self.terminations: list[str] = []
+        self._cut_keys: set[tuple[int, int, float]] = set()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def offer(self, target: np.ndarray) -> bool:
+        """Complete an assignment with optimal shares, score it with the evaluator, keep it if better."""
+        share = optimal_shares(self.inst, target)
+        if share is None:
+            return False
+        ev = evaluate(self.inst, target, share)
+        if not ev.feasible:
+            return False
+        obj = ev.objective(self.prompt)
+        if self.incumbent is None or obj < self.incumbent.objective:
+            self.incumbent = _Incumbent(np.asarray(target, dtype=np.int64).copy(), share, obj)
+            return True
+        return False
+
+    def gap(self) -> float:
+        if self.incumbent is None or not math.isfinite(self.lower_bound):
+            return math.inf
+        ub = self.incumbent.objective
+        return max(0.0, ub - self.lower_bound) / abs(ub) if ub != 0 else (0.0 if self.lower_bound >= 0 else math.inf)
+
+    # -- one MILP solve ----------------------------------------------------------------------
+    def solve_milp(self) -> _RoundOutcome:
+        self.rounds += 1
+        self.solver.config.time_limit = max(self.remaining(), 1e-3)
+        if self.incumbent is not None:
+            set_point(self.model, self.inst, self.incumbent.target, self.incumbent.share)
+        res = self.solver.solve(self.model)
+        tc = res.termination_condition
+        self.terminations.append(tc.name)
+        if tc not in _USABLE and tc != TerminationCondition.infeasible:
+            raise RuntimeError(f"HiGHS ended with termination condition {tc.name} (round {self.rounds})")
+        if res.best_objective_bound is not None and math.isfinite(res.best_objective_bound):
+            self.lower_bound = max(self.lower_bound, float(res.best_objective_bound))
+        target = None
+        if res.best_feasible_objective is not None:
+            self.solver.load_vars()
+            target = read_assignment(self.model, self.inst.n_ues)
+        bound = float(res.best_objective_bound) if res.best_objective_bound is not None else -math.inf
+        return _RoundOutcome(tc, bound, target)
+
+    # -- cuts (min_latency) ------------------------------------------------------------------
+    def add_cut(self, i: int, j: int, b: float) -> pyo.Constraint | None:
+        """Tangent plane of c x^2 / (a F) at (x, a) = (1, b): t >= (c/F)(2x/b - a/b^2)."""
+        b = float(b)
+        key = (i, j, round(math.log(b), 9))
+        if not (b > 0) or key in self._cut_keys:
+            return None
+        self._cut_keys.add(key)
+        k = self.inst.cycles[i] / self.inst.capacity_cps[j]
+        m = self.model
+        return m.cuts.add(m.t[i, j] >= (2.0 * k / b) * m.x[i, j] - (k / b**2) * m.a[i, j])
+
+    def push_cuts(self, cuts: list[pyo.Constraint | None]) -> None:
+        new = [c for c in cuts if c is not None]
+        if new:
+            self.solver.add_constraints(new)
+            self.n_cuts += len(new)
+
+    def initial_cuts(self) -> list[pyo.Constraint | None]:
+        """Per pair: a geometric grid from a_min to 1 (both ends included) and the sqrt(c)-proportional
+        share among the UEs that could use the server (the optimum when no deadline binds)."""
+        a_min = self.inst.min_share()
+        sqrt_c = np.sqrt(self.inst.cycles)
+        cuts = []
+        for j in range(self.inst.n_servers):
+            users = [i for i, jj in self.model.P if jj == j]
+            mass = sqrt_c[users].sum() if users else 1.0
+            for i in users:
+                lo = max(a_min[i, j], 1e-6)
+                for b in np.geomspace(lo, 1.0, self.cfg.initial_cut_points) if lo < 1 else [1.0]:
+                    cuts.append(self.add_cut(i, j, b))
+                cuts.append(self.add_cut(i, j, max(lo, sqrt_c[i] / mass)))
+        return cuts
+
+    def cuts_at(self, target: np.ndarray, share: np.ndarray) -> list[pyo.Constraint | None]:
+        return [self.add_cut(i, int(target[i]) - 1, share[i]) for i in np.flatnonzero(target > 0)]
+
+    def cuts_at_milp_point(self) -> list[pyo.Constraint | None]:
+        """Cuts at the MILP's own shares where its epigraph value under-estimates the true term:
+        they remove the current MILP point, which the cuts at the water-filled shares may not."""
+        cuts = []
+        for (i, j) in self.model.P:
+            x, a, t = (self.model.x[i, j].value, self.model.a[i, j].value, self.model.t[i, j].value)
+            if x is None or x < 0.5 or a is None or a <= 0:
+                continue
+            true = self.inst.cycles[i] / (a * self.inst.capacity_cps[j])
+            if t is None or t < true * (1 - 1e-9):
+                cuts.append(self.add_cut(i, j, a))
+        return cuts
+
+    # -- drivers -----------------------------------------------------------------------------
+    def run(self) -> tuple[str, str]:
+        """Solve; return (status, last termination condition name)."""
+        if unplaceable_ues(self.inst).size:
+            return "infeasible", "not_started"
+        start = fallback_assignment(self.inst)
+        if start is not None:
+            self.offer(start)
+        if self.prompt == "min_latency":
+            self.push_cuts(self.initial_cuts())
+        while True:
+            if self.remaining() <= 0:
+                return "time_limit", self.terminations[-1] if self.terminations else "not_started"
+            out = self.solve_milp()
+            if out.termination == TerminationCondition.infeasible:
+                return "infeasible", out.termination.name
+            if out.target is not None:
+                self.offer(out.target)
+                if self.incumbent is None:  # the MILP's assignment did not complete: numerical trouble
+                    raise RuntimeError("HiGHS returned an assignment whose minimum shares overflow a server")
+            if self.gap() <= self.cfg.gap_tol:
+                return "optimal", out.termination.name
+            if out.termination == TerminationCondition.maxTimeLimit or self.remaining() <= 0:
+                return "time_limit", out.termination.name
+            if self.prompt == "min_energy":
+                # A MILP solved to optimality within mip_rel_gap: the gap is closed up to that.
+                return ("optimal" if self.gap() <= max(self.cfg.gap_tol, self.cfg.mip_rel_gap) * 1.0001
+                        else "gap_not_closed"), out.termination.name
+            if self.rounds >= self.cfg.max_rounds:
+                return "max_rounds", out.termination.name
+            cuts = self.cuts_at_milp_point()
+            if out.target is not None:
+                share = optimal_shares(self.inst, out.target)
+                if share is not None:
+                    cuts += self.cuts_at(out.target, share)
+            if not any(c is not None for c in cuts):
+                # Nothing new to add: the MILP point's epigraph is exact, so its value is this
+                # assignment's true value and the bound cannot move: the gap is what HiGHS left.
+                return "stalled", out.termination.name
+            self.push_cuts(cuts)
+
+
+@register("exact")
+class ExactExpert(Expert):
+    """Pyomo + HiGHS with a certified gap: a MILP for min_energy, outer approximation for min_latency."""
+
+    name = "exact"
+
+    def __init__(self, config: ExactConfig | None = None, **overrides: Any) -> None:
+        base = config or ExactConfig()
+        self.config = ExactConfig(**{**base.__dict__, **overrides}) if overrides else base
+
+    def _solve(
+        self, inst: Instance, prompt: str, time_limit: float | None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        limit = self.config.time_limit_s if time_limit is None else float(time_limit)
+        s = ExactSolver(inst, prompt, self.config, limit)
+        status, termination = s.run()
+        inc = s.incumbent
+        stats: dict[str, Any] = {
+            "status": status,
+            "termination": termination,
+            "lower_bound": s.lower_bound if math.isfinite(s.lower_bound) else None,
+            "gap": s.gap() if math.isfinite(s.gap()) else None,
+            "proven_optimal": status == "optimal",
+            "rounds": s.rounds,
+            "n_cuts": s.n_cuts,
+        }
+        if inc is None:  # infeasible instance, or no feasible assignment found in time
+            target = np.zeros(inst.n_ues, dtype=np.int64)
+            return target, np.zeros(inst.n_ues), {**stats, "status": status if status == "infeasible" else
+                                                   f"{status}_no_incumbent"}
+        stats["objective"] = inc.objective
+        return inc.target, inc.share, stats
