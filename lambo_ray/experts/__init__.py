@@ -8,7 +8,7 @@ __all__ = ["Expert", "available_methods", "get_expert", "make_decision"]
 
 import importlib as _importlib
 
-for _mod in ("heuristics", "exact", "de", "droo", "are"):
+for _mod in ("heuristics", "exact", "bruteforce", "de", "droo", "are"):
     try:
         _importlib.import_module(f"lambo_ray.experts.{_mod}")
     except ModuleNotFoundError as _err:  # module not written yet during development
