@@ -1,0 +1,136 @@
+"""Query strategies of ALEF: which of the online-decided instances are worth an expert label.
+
+A strategy turns the policy's per-UE uncertainty on a pool of instances into one score per
+instance; :func:`select` takes the ``budget`` highest. Strategies are registered by name
+(``entropy``, ``random``) and chosen by config, not by ``if`` branches in the loop.
+
+``entropy`` (the paper's choice): the mean, over the *real* UEs of an instance (padding masked
+out), of the entropy of the offloading head's distribution at each decoding step. A policy that
+is unsure where many UEs go is the one whose decisions an expert label changes most. The share
+head's uncertainty can be added with ``share_weight`` > 0 (default 0): it is a differential
+entropy (of a continuous distribution over (0, 1]), so it has a different scale and can be
+negative, and mixing it in is a choice to make knowingly, not by default.
+
+``random``: uniform scores from a seeded generator; the baseline that shows what the entropy
+query buys at the same label budget.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lambo_ray.mec.errors import LamboInputError
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    """What the online decode of a pool of B instances leaves behind for the query."""
+
+    entropy_target: np.ndarray  # (B, N) entropy of the offloading head at each UE's step
+    entropy_share: np.ndarray  # (B, N) entropy of the share head (0 where the UE ran locally)
+    ue_mask: np.ndarray  # (B, N) True for real UEs, False for padding
+
+    def __post_init__(self) -> None:
+        shapes = {self.entropy_target.shape, self.entropy_share.shape, self.ue_mask.shape}
+        if len(shapes) != 1 or self.entropy_target.ndim != 2:
+            raise ValueError(f"entropy_target, entropy_share and ue_mask must share one (B, N) shape, got {shapes}")
+
+    @property
+    def size(self) -> int:
+        return int(self.entropy_target.shape[0])
+
+
+def mean_over_real_ues(values: np.ndarray, ue_mask: np.ndarray) -> np.ndarray:
+    """Per-instance mean over real UEs; padding must neither add to nor dilute the score."""
+    mask = ue_mask.astype(float)
+    return (np.where(ue_mask, values, 0.0).sum(axis=1)) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+Scorer = Callable[[QueryInput, np.random.Generator], np.ndarray]
+_STRATEGIES: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_query(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
+        _STRATEGIES[name] = factory
+        return factory
+
+    return deco
+
+
+@register_query("entropy")
+def entropy_query(share_weight: float = 0.0) -> Scorer:
+    def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+        s = mean_over_real_ues(q.entropy_target, q.ue_mask)
+        if share_weight:
+            s = s + share_weight * mean_over_real_ues(q.entropy_share, q.ue_mask)
+        return s
+
+    return score
+
+
+@register_query("random")
+def random_query() -> Scorer:
+    def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+        return rng.random(q.size)
+
+    return score
+
+
+def query_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def get_query(name: str, **kwargs: float) -> Scorer:
+    if name not in _STRATEGIES:
+        raise LamboInputError(f"unknown query strategy {name!r}; expected one of {', '.join(query_strategies())}",
+                              where="query")
+    return _STRATEGIES[name](**kwargs)
+
+
+def select(scores: np.ndarray, budget: int) -> np.ndarray:
+    """Indices of the ``budget`` highest scores, highest first; ties go to the earlier instance."""
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("query scores contain NaN (the policy's entropies are broken)")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    order = np.argsort(-scores, kind="stable")
+    return order[: min(budget, scores.size)]
+
+
+@dataclass
+class LabelBudget:
+    """A total label budget spent over rounds: at most ``per_round`` each, never more than is left."""
+
+    total: int
+    rounds: int
+    per_round: int | None = None  # default: the total spread evenly (ceil) over the rounds
+    spent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total < 1:
+            raise LamboInputError(f"label budget must be >= 1 (got {self.total})", where="budget")
+        if self.rounds < 1:
+            raise LamboInputError(f"rounds must be >= 1 (got {self.rounds})", where="rounds")
+        if self.per_round is None:
+            self.per_round = math.ceil(self.total / self.rounds)
+        if self.per_round < 1:
+            raise LamboInputError(f"budget per round must be >= 1 (got {self.per_round})", where="budget")
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.spent
+
+    def this_round(self) -> int:
+        return min(int(self.per_round), self.remaining)
+
+    def spend(self, n: int) -> None:
+        if n > self.remaining:
+            raise ValueError(f"spending {n} labels with only {self.remaining} left")
+        self.spent += n
