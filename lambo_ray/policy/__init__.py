@@ -1,0 +1,19 @@
+"""The LAMBO policy in plain torch (no Ray needed): features, model, decoding strategies, checkpoints.
+
+Public API (other modules should import from here):
+
+* :func:`featurize`, :class:`PolicyBatch`, :data:`PROMPT_IDS` -- instances -> padded tensors
+* :class:`PolicyConfig`, :data:`SCALES`, :func:`scale_config`, :func:`count_parameters`
+* :class:`LamboPolicy` (``encode`` / ``decode`` / ``teacher_forced`` / ``pooled``), :func:`fill_capacity`
+* :func:`decide` and the decode-strategy registry (``greedy``, ``sample``, ``best_of_k``, ``refine``)
+* :func:`save_policy` / :func:`load_policy`, :func:`save_decoder` / :func:`load_decoder`
+"""
+from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
+from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
+from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, fill_capacity
+
+__all__ = [
+    "FEATURE_VERSION", "PROMPT_IDS", "PolicyBatch", "featurize",
+    "SCALES", "PolicyConfig", "count_parameters", "scale_config",
+    "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "fill_capacity",
+]

@@ -1,0 +1,268 @@
+"""Input features of the policy (the static part of the IE): UE, server and UE-server pair tokens.
+
+Every feature is scale-free: a log-ratio or a ratio against a quantity of the same instance (the
+UE's own deadline, the instance's mean task, the total capacity) or a dimensionless flag. So one
+model serves any N and M, and drifted instances (heavier tasks, a server in outage, tighter
+deadlines) move features along meaningful axes instead of off the training range. Nothing here
+is an objective: the evaluator stays the only place latency and energy are scored; these are
+the raw ratios a human expert would look at (can it run locally? which servers can meet its
+deadline, with which minimum share a_min_ij?).
+
+Batches are padded to (n_max, m_max); padded UEs/servers carry zero features, ``+inf`` minimum
+shares and False masks, and the model never lets them influence a real token.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.mec.instance import Instance, check_prompt
+
+FEATURE_VERSION = 1
+PROMPT_IDS: dict[str, int] = {"min_latency": 0, "min_energy": 1}
+
+UE_FEATURES: tuple[str, ...] = (
+    "log_local_latency_over_deadline",  # <= 0 iff local execution meets the deadline
+    "local_ok",
+    "log_deadline_over_median",
+    "log_cycles_over_mean",
+    "log_data_over_mean",
+    "log_local_cps_over_mean",
+    "log_cycles_over_total_capacity_deadline",  # share of the whole cell's CPU the task needs
+    "log_cell_load",  # sum_i c_i / T_i over sum_j F_j: one value per instance, on every UE token
+    "log_best_min_share",
+    "fraction_servers_reachable",
+    "log_best_tx_energy_over_local_energy",
+)
+SERVER_FEATURES: tuple[str, ...] = (
+    "log_capacity_over_mean",
+    "capacity_over_total",
+    "log_capacity_over_max",
+    "log_mean_tasks_per_median_deadline",  # F_j * median(T) / mean(c)
+    "fraction_ues_reachable",
+)
+PAIR_FEATURES: tuple[str, ...] = (
+    "log_tx_time_over_deadline",
+    "min_share_clipped",  # a_min_ij clipped to [0, 2]; 2 where unreachable
+    "log_min_share",
+    "reachable",  # a_min_ij <= 1
+    "log_rate_over_geomean",
+    "log_tx_energy_over_local_energy",
+    "log_whole_server_latency_over_deadline",  # (d/r + c/F_j) / T_i
+    "log_min_share_over_best",  # 0 for the UE's easiest server
+)
+UE_DIM, SERVER_DIM, PAIR_DIM = len(UE_FEATURES), len(SERVER_FEATURES), len(PAIR_FEATURES)
+
+_LOG_CLIP = 10.0  # logs of ratios are clipped to [-10, 10]: e^10 ~ 2e4, far outside any real cell
+_UNREACHABLE_LOG_SHARE = 3.0  # stands for log(a_min) of an impossible pair (> log 2)
+
+
+def _clog(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(x)
+    return np.clip(np.nan_to_num(out, nan=_LOG_CLIP, posinf=_LOG_CLIP, neginf=-_LOG_CLIP), -_LOG_CLIP, _LOG_CLIP)
+
+
+@dataclass
+class InstanceFeatures:
+    """Unpadded numpy features of one instance."""
+
+    ue: np.ndarray  # (N, UE_DIM)
+    server: np.ndarray  # (M, SERVER_DIM)
+    pair: np.ndarray  # (N, M, PAIR_DIM)
+    amin: np.ndarray  # (N, M), +inf where unreachable
+    local_ok: np.ndarray  # (N,) bool
+
+
+def instance_features(inst: Instance) -> InstanceFeatures:
+    """Vectorised features of one instance (see the *_FEATURES tuples for the columns)."""
+    c, d, t, f = inst.cycles, inst.data_bits, inst.deadline_s, inst.local_cps
+    cap = inst.capacity_cps
+    local_lat = inst.local_latency()
+    tx = inst.tx_latency()  # (N, M)
+    amin = inst.min_share()  # (N, M), +inf where the deadline cannot be met on j
+    reach = amin <= 1.0
+    best_amin = amin.min(axis=1)
+    local_e = inst.local_w * local_lat
+    tx_e = inst.tx_w * tx
+    t_med = float(np.median(t))
+    cap_sum = float(cap.sum())
+
+    ue = np.stack(
+        [
+            _clog(local_lat / t),
+            (local_lat <= t).astype(float),
+            _clog(t / t_med),
+            _clog(c / c.mean()),
+            _clog(d / d.mean()),
+            _clog(f / f.mean()),
+            _clog(c / (cap_sum * t)),
+            np.full(c.shape, _clog(np.array((c / t).sum() / cap_sum))[()]),
+            np.where(np.isfinite(best_amin), _clog(best_amin), _UNREACHABLE_LOG_SHARE),
+            reach.mean(axis=1),
+            _clog(tx_e.min(axis=1) / local_e),
+        ],
+        axis=-1,
+    )
+    server = np.stack(
+        [
+            _clog(cap / cap.mean()),
+            cap / cap_sum,
+            _clog(cap / cap.max()),
+            _clog(cap * t_med / c.mean()),
+            reach.mean(axis=0),
+        ],
+        axis=-1,
+    )
+    log_rate = np.log(inst.rate_bps)
+    finite = np.isfinite(amin)
+    with np.errstate(invalid="ignore"):
+        amin_over_best = amin / best_amin[:, None]  # inf/inf where no server is reachable
+    pair = np.stack(
+        [
+            _clog(tx / t[:, None]),
+            np.clip(np.where(finite, amin, 2.0), 0.0, 2.0),
+            np.where(finite, np.minimum(_clog(amin), _UNREACHABLE_LOG_SHARE), _UNREACHABLE_LOG_SHARE),
+            reach.astype(float),
+            np.clip(log_rate - log_rate.mean(), -_LOG_CLIP, _LOG_CLIP),
+            _clog(tx_e / local_e[:, None]),
+            _clog((tx + c[:, None] / cap[None, :]) / t[:, None]),
+            np.where(finite, _clog(amin_over_best), _LOG_CLIP),
+        ],
+        axis=-1,
+    )
+    return InstanceFeatures(ue=ue, server=server, pair=pair, amin=amin, local_ok=inst.local_feasible())
+
+
+@dataclass
+class PolicyBatch:
+    """A padded batch of instances as the policy sees them (all torch tensors, leading dim B).
+
+    ``amin`` is float64 on purpose: shares are built as ``a_min + u (remaining - a_min)`` and the
+    remaining capacity is ``1 - cumsum(shares)``, so the constraint guarantees and the
+    decode/teacher-forcing log-prob agreement need more than float32's 7 digits.
+    """
+
+    ue: torch.Tensor  # (B, N, UE_DIM) float32
+    server: torch.Tensor  # (B, M, SERVER_DIM) float32
+    pair: torch.Tensor  # (B, N, M, PAIR_DIM) float32
+    amin: torch.Tensor  # (B, N, M) float64, +inf where unreachable or padded
+    local_ok: torch.Tensor  # (B, N) bool
+    ue_mask: torch.Tensor  # (B, N) bool
+    server_mask: torch.Tensor  # (B, M) bool
+    prompt: torch.Tensor  # (B,) long
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.ue.shape[0])
+
+    @property
+    def n_max(self) -> int:
+        return int(self.ue.shape[1])
+
+    @property
+    def m_max(self) -> int:
+        return int(self.server.shape[1])
+
+    def to(self, device: torch.device | str) -> "PolicyBatch":
+        return PolicyBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def index(self, idx: Any) -> "PolicyBatch":
+        """Rows ``idx`` (int, slice, list or tensor) of every field; an int keeps the batch dim."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return PolicyBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def to_numpy_dict(self) -> dict[str, np.ndarray]:
+        """Fixed-dtype numpy arrays for an RLlib observation (float32 everywhere, masks 0/1,
+        prompt int64). ``amin`` is rounded *up* to float32 so a share built from it still meets
+        the deadline; ``+inf`` is kept (a Box(-inf, inf) observation space holds it)."""
+        amin = self.amin.detach().cpu().numpy()
+        amin32 = amin.astype(np.float32)
+        amin32 = np.where(amin32 < amin, np.nextafter(amin32, np.float32(np.inf)), amin32)
+        return {
+            "ue": self.ue.detach().cpu().numpy().astype(np.float32),
+            "server": self.server.detach().cpu().numpy().astype(np.float32),
+            "pair": self.pair.detach().cpu().numpy().astype(np.float32),
+            "amin": amin32.astype(np.float32),
+            "local_ok": self.local_ok.detach().cpu().numpy().astype(np.float32),
+            "ue_mask": self.ue_mask.detach().cpu().numpy().astype(np.float32),
+            "server_mask": self.server_mask.detach().cpu().numpy().astype(np.float32),
+            "prompt": self.prompt.detach().cpu().numpy().astype(np.int64),
+        }
+
+    @classmethod
+    def from_tensor_dict(cls, d: dict[str, Any]) -> "PolicyBatch":
+        """Inverse of :meth:`to_numpy_dict`; accepts numpy arrays or tensors of any float/int dtype."""
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise LamboInputError(f"policy observation lacks field(s) {', '.join(missing)}", where="observation")
+        t = {k: torch.as_tensor(d[k]) for k in (f.name for f in fields(cls))}
+        return cls(
+            ue=t["ue"].float(),
+            server=t["server"].float(),
+            pair=t["pair"].float(),
+            amin=t["amin"].double(),
+            local_ok=t["local_ok"] > 0.5 if t["local_ok"].dtype != torch.bool else t["local_ok"],
+            ue_mask=t["ue_mask"] > 0.5 if t["ue_mask"].dtype != torch.bool else t["ue_mask"],
+            server_mask=t["server_mask"] > 0.5 if t["server_mask"].dtype != torch.bool else t["server_mask"],
+            prompt=t["prompt"].reshape(-1).long(),
+        )
+
+
+def prompt_ids(prompts: str | Sequence[str], count: int) -> np.ndarray:
+    if isinstance(prompts, str):
+        prompts = [prompts] * count
+    prompts = list(prompts)
+    if len(prompts) != count:
+        raise LamboInputError(f"{len(prompts)} prompts given for {count} instances", where="prompt")
+    return np.array([PROMPT_IDS[check_prompt(p)] for p in prompts], dtype=np.int64)
+
+
+def featurize(
+    instances: Sequence[Instance],
+    prompts: str | Sequence[str],
+    n_max: int | None = None,
+    m_max: int | None = None,
+) -> PolicyBatch:
+    """Pad and stack the features of ``instances`` (one prompt for all, or one per instance)."""
+    if len(instances) == 0:
+        raise LamboInputError("no instances to featurize", where="instances")
+    pid = prompt_ids(prompts, len(instances))
+    feats = [instance_features(inst) for inst in instances]
+    n_big = max(f.ue.shape[0] for f in feats)
+    m_big = max(f.server.shape[0] for f in feats)
+    n_max = n_big if n_max is None else n_max
+    m_max = m_big if m_max is None else m_max
+    if n_big > n_max or m_big > m_max:
+        raise LamboInputError(
+            f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})", where="instances"
+        )
+    b = len(feats)
+    ue = np.zeros((b, n_max, UE_DIM), np.float32)
+    server = np.zeros((b, m_max, SERVER_DIM), np.float32)
+    pair = np.zeros((b, n_max, m_max, PAIR_DIM), np.float32)
+    amin = np.full((b, n_max, m_max), np.inf)
+    local_ok = np.zeros((b, n_max), bool)
+    ue_mask = np.zeros((b, n_max), bool)
+    server_mask = np.zeros((b, m_max), bool)
+    for k, f in enumerate(feats):
+        n, m = f.ue.shape[0], f.server.shape[0]
+        ue[k, :n], server[k, :m], pair[k, :n, :m] = f.ue, f.server, f.pair
+        amin[k, :n, :m] = f.amin
+        local_ok[k, :n], ue_mask[k, :n], server_mask[k, :m] = f.local_ok, True, True
+    return PolicyBatch(
+        ue=torch.from_numpy(ue),
+        server=torch.from_numpy(server),
+        pair=torch.from_numpy(pair),
+        amin=torch.from_numpy(amin),
+        local_ok=torch.from_numpy(local_ok),
+        ue_mask=torch.from_numpy(ue_mask),
+        server_mask=torch.from_numpy(server_mask),
+        prompt=torch.from_numpy(pid),
+    )

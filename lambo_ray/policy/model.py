@@ -1,0 +1,497 @@
+"""The LAMBO policy (SPEC section 2): input embedding (IE) + asymmetric encoder-decoder (AED) + dual head.
+
+Structure, and why:
+
+* ``embedding`` maps UE, server and UE-server pair features to ``d_model`` and holds the learned
+  prompt embedding, which is added to every token (the objective steers the whole encoding).
+* ``encoder`` is deep and runs **once per instance** over the token set ``[UE_1..UE_N; S_1..S_M]``.
+  The pair features enter as a learned per-head additive attention bias between UE i and server j,
+  so no width depends on M and one model serves every cell size; padding is masked.
+* ``decoder`` is shallow (one layer by default) and decides UE after UE in index order: causal
+  self-attention over the decision tokens made so far (UE encoding + target embedding + share),
+  cross-attention to the encoder output in which every server token carries the *MEC state* (its
+  remaining capacity, and UE i's minimum share on it), and the dual head: a pointer-style masked
+  softmax over {local, server 1..M} and a Beta distribution over ``u`` in (0, 1), the share being
+  ``a_min_ij + u (remaining_j - a_min_ij)``. Masks remove local when it misses the deadline and
+  server j when it is unreachable or ``a_min_ij > remaining_j``, so every decoded decision meets
+  capacity and deadlines by construction (except a flagged dead end, where nothing fits and the
+  UE runs locally so the evaluator reports the miss).
+
+Decoding is incremental (self-attention keys/values are cached, the encoder is never re-run) and
+batched over instances; :meth:`LamboPolicy.teacher_forced` recomputes the same log-probabilities in
+one parallel pass for training. The share log-probability is that of ``u`` (the action actually
+sampled): the map u -> share is fixed by the state, so its Jacobian does not depend on the
+parameters and cancels in every likelihood ratio.
+
+Output mapping: decisions handed to users additionally go through :func:`fill_capacity`, which
+spreads each used server's leftover capacity over its UEs in proportion to their shares (shares
+only grow, so deadlines and capacity still hold, and latency can only drop).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lambo_ray.policy.config import PolicyConfig
+from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, PolicyBatch
+
+_NEG = -1e9  # additive mask value (finite: a fully masked row never turns into NaN)
+N_DYN = 4  # dynamic (MEC state) features per (UE, server): see _dynamic_features
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """Encoder output for a batch; everything the decoder needs, computed once per instance."""
+
+    ue: torch.Tensor  # (B, N, d) UE tokens
+    server: torch.Tensor  # (B, M, d) server tokens
+    pair: torch.Tensor  # (B, N, M, d) pair embeddings (static)
+    prompt: torch.Tensor  # (B, d) prompt embedding
+    ue_mask: torch.Tensor  # (B, N) bool
+    server_mask: torch.Tensor  # (B, M) bool
+
+
+@dataclass
+class DecodeOut:
+    target: torch.Tensor  # (B, N) long, 0 = local, j = server j; 0 on padding
+    share: torch.Tensor  # (B, N) float64, raw (before fill_capacity); 0 where local / padded
+    logp: torch.Tensor  # (B,) sum over real UEs of logp_target + logp_share
+    entropy_target: torch.Tensor  # (B, N)
+    entropy_share: torch.Tensor  # (B, N), 0 where local / padded
+    dead_end: torch.Tensor  # (B,) bool: some UE had no feasible option and was sent local
+    dead_ue: torch.Tensor  # (B, N) bool: which UEs were dead ends
+    logp_target: torch.Tensor  # (B, N)
+    logp_share: torch.Tensor  # (B, N)
+    u: torch.Tensor  # (B, N) the Beta sample behind each share (0.5 where local / padded)
+
+
+@dataclass
+class TFOut:
+    logp_target: torch.Tensor  # (B, N), 0 on padding
+    logp_share: torch.Tensor  # (B, N), 0 where local or padded
+    entropy_target: torch.Tensor  # (B, N)
+    entropy_share: torch.Tensor  # (B, N)
+    logits: torch.Tensor  # (B, N, M+1) masked logits (-1e9 where infeasible)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, d) -> (..., heads, L, d/heads)"""
+    *lead, length, d = x.shape
+    return x.reshape(*lead, length, heads, d // heads).transpose(-3, -2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(..., heads, L, dh) -> (..., L, heads*dh)"""
+    *lead, h, length, dh = x.shape
+    return x.transpose(-3, -2).reshape(*lead, length, h * dh)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d: int, mult: int, dropout: float) -> None:
+        super().__init__(nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * d, d))
+
+
+class InputEmbedding(nn.Module):
+    """IE: learned linear maps of the static features and the prompt embedding."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.ue = nn.Linear(UE_DIM, d)
+        self.server = nn.Linear(SERVER_DIM, d)
+        self.pair = nn.Linear(PAIR_DIM, d)
+        self.prompt = nn.Embedding(cfg.n_prompts, d)
+
+    def forward(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ue(batch.ue), self.server(batch.server), self.pair(batch.pair), self.prompt(batch.prompt)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + FFN; UE<->server attention gets a per-head bias from the pair embedding."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        d, self.h = cfg.d_model, cfg.n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.pair_bias = nn.Linear(d, 2 * self.h)  # heads for UE->server and server->UE
+        self.ffn = FeedForward(d, cfg.ffn_mult, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attn_bias(self, pair_act: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, L) additive bias: pair terms in the UE/server off-diagonal blocks, -1e9 on padded keys."""
+        b, n, m, _ = pair_act.shape
+        pb = self.pair_bias(pair_act)  # (B, N, M, 2H)
+        length = n + m
+        bias = pair_act.new_zeros(b, self.h, length, length)
+        bias[:, :, :n, n:] = pb[..., : self.h].permute(0, 3, 1, 2)
+        bias[:, :, n:, :n] = pb[..., self.h :].permute(0, 3, 2, 1)
+        return bias + key_pad[:, None, None, :]
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_split(t, self.h) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.drop.p if self.training else 0.0)
+        x = x + self.drop(self.out(_merge(att)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(
+        self, ue: torch.Tensor, server: torch.Tensor, pair: torch.Tensor, prompt: torch.Tensor,
+        ue_mask: torch.Tensor, server_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = ue.shape[1]
+        x = torch.cat([ue, server], dim=1) + prompt[:, None, :]
+        valid = torch.cat([ue_mask, server_mask], dim=1)
+        key_pad = torch.where(valid, 0.0, _NEG).to(x.dtype)
+        pair_act = F.gelu(pair)
+        for layer in self.layers:
+            x = layer(x, layer.attn_bias(pair_act, key_pad))
+        x = self.norm(x)
+        return x[:, :n], x[:, n:]
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention over decision tokens, cross-attention to [UE tokens; dynamic server tokens], FFN."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        d, self.h = cfg.d_model, cfg.n_heads
+        self.norm_sa, self.norm_ca, self.norm_ff, self.norm_mem = (nn.LayerNorm(d) for _ in range(4))
+        self.sa_q, self.sa_kv, self.sa_out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.ca_q, self.ca_kv, self.ca_out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.ffn = FeedForward(d, cfg.ffn_mult, 0.0)
+        self.scale = 1.0 / math.sqrt(d // self.h)
+
+    def memory_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention keys/values of decision tokens (B, L, d) -> 2 x (B, H, L, dh)."""
+        k, v = self.sa_kv(self.norm_mem(tokens)).chunk(2, dim=-1)
+        return _split(k, self.h), _split(v, self.h)
+
+    def ue_kv(self, ue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.ca_kv(ue).chunk(2, dim=-1)
+        return _split(k, self.h), _split(v, self.h)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, Q, d) queries (UEs being decided)
+        mem_k: torch.Tensor, mem_v: torch.Tensor, mem_bias: torch.Tensor,  # (B,H,K,dh) x2, (B|1, 1, Q, K)
+        ue_k: torch.Tensor, ue_v: torch.Tensor, ue_bias: torch.Tensor,  # (B,H,N,dh) x2, (B,1,1,N)
+        srv: torch.Tensor, srv_bias: torch.Tensor,  # (B, Q, M, d) dynamic server tokens, (B,1,1,M)
+    ) -> torch.Tensor:
+        q = _split(self.sa_q(self.norm_sa(x)), self.h)  # (B,H,Q,dh)
+        s = torch.matmul(q, mem_k.transpose(-1, -2)) * self.scale + mem_bias
+        x = x + self.sa_out(_merge(torch.matmul(s.softmax(-1), mem_v)))
+
+        q = _split(self.ca_q(self.norm_ca(x)), self.h)  # (B,H,Q,dh)
+        sk, sv = self.ca_kv(srv).chunk(2, dim=-1)  # (B,Q,M,d)
+        sk, sv = _split(sk, self.h), _split(sv, self.h)  # (B,Q,H,M,dh)
+        s_ue = torch.matmul(q, ue_k.transpose(-1, -2)) * self.scale + ue_bias  # (B,H,Q,N)
+        s_srv = torch.einsum("bhqd,bqhmd->bhqm", q, sk) * self.scale + srv_bias  # (B,H,Q,M)
+        a = torch.cat([s_ue, s_srv], dim=-1).softmax(-1)
+        n = s_ue.shape[-1]
+        ctx = torch.matmul(a[..., :n], ue_v) + torch.einsum("bhqm,bqhmd->bhqd", a[..., n:], sv)
+        x = x + self.ca_out(_merge(ctx))
+        return x + self.ffn(self.norm_ff(x))
+
+
+class Decoder(nn.Module):
+    """Shallow decoder + dual head. Works on any number Q of query UEs at once (Q=1 while decoding,
+    Q=N under teacher forcing), so both paths run the very same code."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.bos = nn.Parameter(torch.randn(d) * 0.02)  # first memory token: "nothing decided yet"
+        self.local_target = nn.Parameter(torch.randn(d) * 0.02)  # target embedding of "local"
+        self.server_target = nn.Linear(d, d)  # target embedding of a server, from its token
+        self.share_emb = nn.Linear(1, d)
+        self.dyn = nn.Linear(N_DYN, d)  # MEC state of server j as seen by UE i
+        self.state = nn.Linear(d, d)  # pooled MEC state added to the query
+        self.norm_out = nn.LayerNorm(d)
+        # Dual head.
+        self.ptr_q = nn.Linear(d, d)
+        self.ptr_k = nn.Linear(d, d)
+        self.local_key = nn.Parameter(torch.randn(d) * 0.02)
+        self.local_ue = nn.Linear(d, d)
+        self.share_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 2))
+
+    # -- pieces shared by decode and teacher forcing ------------------------------------------
+    @staticmethod
+    def dynamic_features(rem: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+        """(B,Q,M) remaining capacity and minimum shares (float64) -> (B,Q,M,N_DYN) float32."""
+        finite = torch.isfinite(amin)
+        fits = finite & (amin <= rem)
+        ratio = torch.where(finite & (rem > 0), amin / rem.clamp_min(1e-12), torch.full_like(amin, 2.0))
+        slack = torch.where(finite, rem - amin, torch.full_like(amin, -1.0))
+        return torch.stack([rem, ratio.clamp(0.0, 2.0), fits.to(rem.dtype), slack.clamp(-1.0, 1.0)], -1).float()
+
+    def dynamic_servers(self, enc: Encoded, rows: slice | torch.Tensor, rem: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+        """Server tokens carrying the MEC state for query UEs ``rows``: (B, Q, M, d)."""
+        return enc.server[:, None] + enc.pair[:, rows] + self.dyn(self.dynamic_features(rem, amin))
+
+    def query(self, enc: Encoded, rows: slice, srv: torch.Tensor) -> torch.Tensor:
+        m = enc.server_mask[:, None, :, None].to(srv.dtype)
+        pooled = (F.gelu(srv) * m).sum(2) / m.sum(2).clamp_min(1.0)
+        return enc.ue[:, rows] + enc.prompt[:, None] + self.state(pooled)
+
+    def decision_tokens(self, enc: Encoded, rows: slice, target: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """Decision token = UE encoding + target embedding + share embedding, (B, Q, d)."""
+        m = enc.server.shape[1]
+        srv_idx = (target - 1).clamp(0, m - 1)
+        srv_tok = torch.gather(enc.server, 1, srv_idx[..., None].expand(*srv_idx.shape, enc.server.shape[-1]))
+        tgt = torch.where((target > 0)[..., None], self.server_target(srv_tok), self.local_target)
+        return enc.ue[:, rows] + tgt + self.share_emb(share.float()[..., None])
+
+    def logits(self, enc: Encoded, rows: slice, g: torch.Tensor, srv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Pointer logits over {local, servers}: (B, Q, M+1), -1e9 where not allowed."""
+        d = g.shape[-1]
+        q = self.ptr_q(g)  # (B,Q,d)
+        k_srv = self.ptr_k(srv)  # (B,Q,M,d)
+        k_loc = self.local_key + self.local_ue(enc.ue[:, rows])  # (B,Q,d)
+        keys = torch.cat([k_loc[:, :, None], k_srv], dim=2)
+        score = torch.einsum("bqd,bqkd->bqk", q, keys) / math.sqrt(d)
+        score = self.cfg.logit_clip * torch.tanh(score)
+        return torch.where(allowed, score, torch.full_like(score, _NEG))
+
+    def beta(self, g: torch.Tensor, srv: torch.Tensor, target: torch.Tensor) -> torch.distributions.Beta:
+        idx = (target - 1).clamp_min(0)
+        chosen = torch.gather(srv, 2, idx[..., None, None].expand(*idx.shape, 1, srv.shape[-1]))[..., 0, :]
+        ab = F.softplus(self.share_head(torch.cat([g, chosen], -1))) + 1.0
+        return torch.distributions.Beta(ab[..., 0], ab[..., 1])
+
+    def run_layers(
+        self, x: torch.Tensor, mems: list[tuple[torch.Tensor, torch.Tensor]], mem_bias: torch.Tensor,
+        ue_kvs: list[tuple[torch.Tensor, torch.Tensor]], ue_bias: torch.Tensor, srv: torch.Tensor,
+        srv_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        for layer, (mk, mv), (uk, uv) in zip(self.layers, mems, ue_kvs):
+            x = layer(x, mk, mv, mem_bias, uk, uv, ue_bias, srv, srv_bias)
+        return self.norm_out(x)
+
+
+def allowed_options(
+    rem: torch.Tensor, amin: torch.Tensor, local_ok: torch.Tensor, server_mask: torch.Tensor, ue_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feasible options (B,Q,M+1) given remaining capacity before each query UE; and dead ends (B,Q).
+
+    A dead end (nothing fits) and a padded UE both get "local" as their only option, so their
+    distribution is deterministic (log-prob 0, entropy 0) and never NaN.
+    """
+    srv_ok = server_mask[:, None, :] & torch.isfinite(amin) & (amin <= rem)
+    opts = torch.cat([local_ok[..., None], srv_ok], dim=-1) & ue_mask[..., None]
+    dead = ~opts.any(-1)
+    opts = opts.clone()
+    opts[..., 0] |= dead
+    return opts, dead & ue_mask
+
+
+def categorical_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, -1)
+    return -(torch.where(allowed, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)
+
+
+def fill_capacity(target: torch.Tensor, share: torch.Tensor, n_servers: int) -> torch.Tensor:
+    """Output mapping: scale every used server's shares so they sum to exactly 1.
+
+    Shares only grow (each is divided by its server's load <= 1), so a share that met its
+    deadline still does, and capacity holds with equality. Local/padded entries stay 0.
+    """
+    off = target > 0
+    load = torch.zeros(*target.shape[:-1], n_servers + 1, dtype=share.dtype, device=share.device)
+    load.scatter_add_(-1, target, torch.where(off, share, torch.zeros_like(share)))
+    per_ue = torch.gather(load, -1, target)
+    return torch.where(off & (per_ue > 0), share / per_ue.clamp_min(1e-300), share)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy
+# ----------------------------------------------------------------------------------------------
+class LamboPolicy(nn.Module):
+    """IE + deep encoder + shallow decoder with dual head. Plain torch: no Ray needed."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = InputEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    # -- parameter groups (ALEF freezes the encoder side) --------------------------------------
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.embedding.parameters()
+        yield from self.encoder.parameters()
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.decoder.parameters()
+
+    # -- encoder --------------------------------------------------------------------------------
+    def encode(self, batch: PolicyBatch) -> Encoded:
+        ue, server, pair, prompt = self.embedding(batch)
+        h_ue, h_srv = self.encoder(ue, server, pair, prompt, batch.ue_mask, batch.server_mask)
+        return Encoded(ue=h_ue, server=h_srv, pair=pair, prompt=prompt, ue_mask=batch.ue_mask,
+                       server_mask=batch.server_mask)
+
+    @staticmethod
+    def pooled(enc: Encoded) -> torch.Tensor:
+        """Masked mean of all encoder tokens, (B, d): the critics' input."""
+        x = torch.cat([enc.ue, enc.server], 1)
+        m = torch.cat([enc.ue_mask, enc.server_mask], 1)[..., None].to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    @staticmethod
+    def fill_capacity(target: torch.Tensor, share: torch.Tensor, n_servers: int) -> torch.Tensor:
+        return fill_capacity(target, share, n_servers)
+
+    def _biases(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        ue_bias = torch.where(enc.ue_mask, 0.0, _NEG)[:, None, None, :].to(enc.ue.dtype)
+        srv_bias = torch.where(enc.server_mask, 0.0, _NEG)[:, None, None, :].to(enc.ue.dtype)
+        return ue_bias, srv_bias
+
+    def _share_from_u(self, u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return lo + u.double() * (hi - lo)
+
+    # -- autoregressive decoding ----------------------------------------------------------------
+    def decode(
+        self, batch: PolicyBatch, enc: Encoded, mode: str = "greedy", generator: torch.Generator | None = None
+    ) -> DecodeOut:
+        """Decide every UE in index order, batched over instances, with cached self-attention K/V."""
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"decode mode must be 'greedy' or 'sample', got {mode!r}")
+        if mode == "sample" and generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._decode(batch, enc, greedy=False)
+        return self._decode(batch, enc, greedy=mode == "greedy")
+
+    def _decode(self, batch: PolicyBatch, enc: Encoded, greedy: bool) -> DecodeOut:
+        dec, eps = self.decoder, self.cfg.share_eps
+        b, n, m = batch.batch_size, batch.n_max, batch.m_max
+        dev = enc.ue.device
+        ue_bias, srv_bias = self._biases(enc)
+        ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
+        # Memory of decision tokens: slot 0 = BOS, slot i+1 = decision of UE i (only N slots needed).
+        bos = dec.bos.to(enc.ue.dtype).expand(b, 1, -1)
+        mems = []
+        for layer in dec.layers:
+            k0, v0 = layer.memory_kv(bos)
+            k = k0.new_zeros(b, k0.shape[1], n, k0.shape[-1])
+            v = torch.zeros_like(k)
+            k[:, :, :1], v[:, :, :1] = k0, v0
+            mems.append((k, v))
+        slots = torch.arange(n, device=dev)
+
+        rem = torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64)
+        zeros_f = torch.zeros(b, n, device=dev)
+        target = torch.zeros(b, n, dtype=torch.long, device=dev)
+        share = torch.zeros(b, n, dtype=torch.float64, device=dev)
+        u_all, lp_t, lp_s, ent_t, ent_s = zeros_f + 0.5, zeros_f.clone(), zeros_f.clone(), zeros_f.clone(), zeros_f.clone()
+        dead_ue = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        for i in range(n):
+            rows = slice(i, i + 1)
+            amin = batch.amin[:, rows]  # (B,1,M)
+            srv = dec.dynamic_servers(enc, rows, rem[:, None], amin)
+            x = dec.query(enc, rows, srv)
+            mem_bias = torch.where(slots <= i, 0.0, _NEG).to(x.dtype)[None, None, None, :]
+            g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)  # (B,1,d)
+            allowed, dead = allowed_options(rem[:, None], amin, batch.local_ok[:, rows], batch.server_mask,
+                                            batch.ue_mask[:, rows])
+            logits = dec.logits(enc, rows, g, srv, allowed)  # (B,1,M+1)
+            logp_all = torch.log_softmax(logits, -1)
+            t = logits.argmax(-1) if greedy else torch.multinomial(logp_all[:, 0].exp(), 1)
+            beta = dec.beta(g, srv, t)
+            u = beta.mean if greedy else beta.sample()
+            u = u.clamp(eps, 1.0 - eps)
+            off = t > 0
+            j = (t - 1).clamp_min(0)
+            lo = torch.gather(amin, 2, j[..., None])[..., 0].double()
+            hi = torch.gather(rem[:, None], 2, j[..., None])[..., 0]
+            s = torch.where(off, self._share_from_u(u, lo, hi), torch.zeros_like(lo))
+            real = batch.ue_mask[:, rows]
+            lp_t[:, rows] = torch.where(real, torch.gather(logp_all, -1, t[..., None])[..., 0], 0.0)
+            lp_s[:, rows] = torch.where(off, beta.log_prob(torch.where(off, u, 0.5)), 0.0)
+            ent_t[:, rows] = torch.where(real, categorical_entropy(logits, allowed), 0.0)
+            ent_s[:, rows] = torch.where(off, beta.entropy(), 0.0)
+            u_all[:, rows] = torch.where(off, u, 0.5)
+            target[:, rows], share[:, rows] = t, s
+            dead_ue[:, rows] = dead
+            rem = rem - F.one_hot(t[:, 0], m + 1)[:, 1:].double() * s
+            if i + 1 < n:
+                tok = dec.decision_tokens(enc, rows, t, s)
+                for layer, (k, v) in zip(dec.layers, mems):
+                    nk, nv = layer.memory_kv(tok)
+                    k[:, :, i + 1 : i + 2], v[:, :, i + 1 : i + 2] = nk, nv
+        return DecodeOut(target=target, share=share, logp=(lp_t + lp_s).sum(-1), entropy_target=ent_t,
+                         entropy_share=ent_s, dead_end=dead_ue.any(-1), dead_ue=dead_ue, logp_target=lp_t, logp_share=lp_s, u=u_all)
+
+    # -- teacher forcing ------------------------------------------------------------------------
+    def teacher_forced(
+        self, batch: PolicyBatch, enc: Encoded, target: torch.Tensor, share: torch.Tensor,
+        u: torch.Tensor | None = None,
+    ) -> TFOut:
+        """Log-probs and entropies of given decisions in one parallel pass (causal mask).
+
+        The remaining capacity before UE i is 1 minus the exclusive cumulative sum of earlier shares
+        on each server. ``u`` (the Beta samples) may be passed to skip inverting the share map; it is
+        recovered from ``share`` otherwise (exact when ``share`` is the float64 decode output).
+        """
+        dec, eps = self.decoder, self.cfg.share_eps
+        b, n, m = batch.batch_size, batch.n_max, batch.m_max
+        target = target.long()
+        share = share.double()
+        real = batch.ue_mask
+        target = torch.where(real, target, 0)
+        off = target > 0
+        share = torch.where(off, share, 0.0)
+        used = F.one_hot(target, m + 1)[..., 1:].double() * share[..., None]  # (B,N,M)
+        rem = torch.where(batch.server_mask, 1.0, 0.0).double()[:, None, :] - (used.cumsum(1) - used)
+        rows = slice(0, n)
+        srv = dec.dynamic_servers(enc, rows, rem, batch.amin)
+        x = dec.query(enc, rows, srv)
+        tokens = torch.cat([dec.bos.to(x.dtype).expand(b, 1, -1), dec.decision_tokens(enc, slice(0, n - 1),
+                                                                                        target[:, :-1], share[:, :-1])], 1)
+        mems = [layer.memory_kv(tokens) for layer in dec.layers]
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        mem_bias = torch.where(causal, 0.0, _NEG).to(x.dtype)[None, None]
+        ue_bias, srv_bias = self._biases(enc)
+        ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
+        g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)
+        allowed, _ = allowed_options(rem, batch.amin, batch.local_ok, batch.server_mask, real)
+        logits = dec.logits(enc, rows, g, srv, allowed)
+        logp_all = torch.log_softmax(logits, -1)
+        lp_t = torch.where(real, torch.gather(logp_all, -1, target[..., None])[..., 0], 0.0)
+        ent_t = torch.where(real, categorical_entropy(logits, allowed), 0.0)
+        beta = dec.beta(g, srv, target)
+        if u is None:
+            j = (target - 1).clamp_min(0)
+            lo = torch.gather(batch.amin, 2, j[..., None])[..., 0]
+            hi = torch.gather(rem, 2, j[..., None])[..., 0]
+            safe = off & torch.isfinite(lo) & (hi > lo)
+            u = torch.where(safe, (share - torch.where(safe, lo, 0.0)) / torch.where(safe, hi - lo, 1.0), 0.5)
+        u = torch.where(off, u.float().clamp(eps, 1.0 - eps), 0.5)
+        lp_s = torch.where(off, beta.log_prob(u), 0.0)
+        ent_s = torch.where(off, beta.entropy(), 0.0)
+        return TFOut(logp_target=lp_t, logp_share=lp_s, entropy_target=ent_t, entropy_share=ent_s, logits=logits)
+
+    def forward(self, batch: PolicyBatch, mode: str = "greedy") -> DecodeOut:
+        return self.decode(batch, self.encode(batch), mode=mode)
