@@ -184,18 +184,23 @@ class ExpertPool:
 
         return ray.get([a.pid.remote() for a in self.actors])
 
-    def label(self, instances: Sequence[Instance], prompt: str,
+    def label(self, instances: Sequence[Instance], prompt: str | Sequence[str],
               ids: Sequence[int] | None = None) -> list[Label]:
         by_id = {lab.instance_id: lab for lab in self.label_iter(instances, prompt, ids)}
         ids = list(range(len(instances))) if ids is None else list(ids)
         return [by_id[i] for i in ids]
 
-    def label_iter(self, instances: Sequence[Instance], prompt: str,
+    def label_iter(self, instances: Sequence[Instance], prompt: str | Sequence[str],
                    ids: Sequence[int] | None = None) -> Iterator[Label]:
+        """Labels as they complete (any order); ``prompt`` is one for all or one per instance."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        check_prompt(prompt)
+        prompts = [prompt] * len(instances) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(instances):
+            raise LamboInputError(f"{len(prompts)} prompts for {len(instances)} instances", where="prompt")
+        for p in set(prompts):
+            check_prompt(p)
         ids = list(range(len(instances))) if ids is None else [int(i) for i in ids]
         if len(ids) != len(instances):
             raise LamboInputError(f"{len(ids)} ids for {len(instances)} instances", where="ids")
@@ -212,7 +217,8 @@ class ExpertPool:
             while queue and idle:
                 slot, pos = idle.pop(), queue.popleft()
                 attempts[pos] += 1
-                ref = self.actors[slot].label.remote(ids[pos], refs[pos], prompt, self.time_limit, attempts[pos])
+                ref = self.actors[slot].label.remote(ids[pos], refs[pos], prompts[pos], self.time_limit,
+                                                     attempts[pos])
                 in_flight[ref] = (slot, pos)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             slot, pos = in_flight.pop(ready[0])
