@@ -11,9 +11,11 @@ Public API (other modules should import from here):
 from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
 from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
 from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, fill_capacity
+from lambo_ray.policy.decoding import available_strategies, decide
 
 __all__ = [
     "FEATURE_VERSION", "PROMPT_IDS", "PolicyBatch", "featurize",
     "SCALES", "PolicyConfig", "count_parameters", "scale_config",
     "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "fill_capacity",
+    "available_strategies", "decide",
 ]
