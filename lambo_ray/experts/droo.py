@@ -188,6 +188,13 @@ class DROO(OnlineExpert):
     def _new_agent(self, n: int, m: int, prompt: str) -> _Agent:
         return _Agent(self.config, n, m, seed=self.config.seed * len(PROMPTS) + PROMPTS.index(prompt))
 
+    def fix_k(self, prompt: str, k: int) -> None:
+        """Pin the number of candidates for ``prompt`` (k = 1: the DNN's own decision, no search)."""
+        if k < 1:
+            raise LamboInputError(f"k must be >= 1 (got {k})", where="k")
+        agent = self.agent(prompt)
+        agent.k = agent.k_max = k
+
     def candidates(self, agent: _Agent, inst: Instance) -> tuple[np.ndarray, np.ndarray]:
         """The K quantised assignments for ``inst`` and the relaxed action they came from."""
         prob = agent.relaxed_action(droo_features(inst), reachable_targets(inst))

@@ -90,7 +90,8 @@ def fallback_assignment(inst: Instance, fits: FitRule) -> np.ndarray | None:
     """All-local, with the UEs that cannot meet their deadline locally placed first-fit decreasing
     (largest smallest-minimum-share first, each on its cheapest server that still fits).
 
-    ``fits`` says whether a server can host a set of UEs under the method's share rule. Returns None when the greedy placement fails (the decision is then not guaranteed).
+    ``fits`` says whether a server can host a set of UEs under the method's share rule. Returns None
+    when the greedy placement fails (the decision is then not guaranteed).
     """
     target = np.zeros(inst.n_ues, dtype=np.int64)
     must = np.flatnonzero(~inst.local_feasible())
@@ -193,7 +194,8 @@ class OnlineExpert(Expert):
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "config": asdict(self.config), "shape": self.shape,
-                "agents": {p: a.state_dict() for p, a in self.agents.items()}, "counters": dict(self.counters)}
+                "agents": {p: a.state_dict() for p, a in self.agents.items()},
+                "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.name:
