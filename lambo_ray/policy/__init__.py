@@ -12,10 +12,15 @@ from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scal
 from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
 from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, fill_capacity
 from lambo_ray.policy.decoding import available_strategies, decide
+from lambo_ray.policy.checkpoint import (
+    load_decoder, load_policy, policy_fingerprint, read_decoder, read_manifest, save_decoder, save_policy,
+)
 
 __all__ = [
     "FEATURE_VERSION", "PROMPT_IDS", "PolicyBatch", "featurize",
     "SCALES", "PolicyConfig", "count_parameters", "scale_config",
     "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "fill_capacity",
     "available_strategies", "decide",
+    "load_decoder", "load_policy", "policy_fingerprint", "read_decoder", "read_manifest", "save_decoder",
+    "save_policy",
 ]
