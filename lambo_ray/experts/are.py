@@ -51,6 +51,7 @@ from lambo_ray.experts.base import register
 from lambo_ray.experts.online import (
     OnlineExpert,
     ReplayMemory,
+    config_from,
     fallback_assignment,
     fits_equal,
     fits_optimal,
@@ -287,7 +288,7 @@ class ARE(OnlineExpert):
 @register("are")
 def make_are(seed: int = 0, checkpoint: str | None = None, **overrides: Any) -> ARE:
     """``get_expert("are", seed=..., warmup_steps=..., checkpoint=PATH)``: an ARE expert, optionally loaded."""
-    expert = ARE(AREConfig(seed=seed, **overrides))
+    expert = ARE(config_from(AREConfig, seed=seed, **overrides))
     if checkpoint is not None:
         expert.load(checkpoint)
     return expert

@@ -38,6 +38,7 @@ from lambo_ray.experts.base import register
 from lambo_ray.experts.online import (
     OnlineExpert,
     ReplayMemory,
+    config_from,
     fallback_assignment,
     fits_optimal,
     reachable_targets,
@@ -231,7 +232,7 @@ class DROO(OnlineExpert):
 @register("droo")
 def make_droo(seed: int = 0, checkpoint: str | None = None, **overrides: Any) -> DROO:
     """``get_expert("droo", seed=..., warmup_steps=..., checkpoint=PATH)``: a DROO expert, optionally loaded."""
-    expert = DROO(DROOConfig(seed=seed, **overrides))
+    expert = DROO(config_from(DROOConfig, seed=seed, **overrides))
     if checkpoint is not None:
         expert.load(checkpoint)
     return expert

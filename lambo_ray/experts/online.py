@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,14 @@ class OnlineExpert(Expert):
         except Exception as err:  # noqa: BLE001  (any unreadable file is a user error here)
             raise LamboInputError(f"cannot read {path}: {err}", where="checkpoint") from None
         self.load_state_dict(state)
+
+
+def config_from(cls: type, **values: Any) -> Any:
+    """Build a config dataclass from keyword values, naming unknown keys as a user error."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise LamboInputError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}", where="config")
+    return cls(**values)
 
 
 def seeded_module(seed: int, build: Any) -> Any:
