@@ -1,0 +1,195 @@
+"""Heuristic baselines and the incremental placement model, checked against the evaluator and brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lambo_ray.experts import get_expert
+from lambo_ray.experts.bruteforce import brute_force
+from lambo_ray.experts.heuristics import equal_shares, improve
+from lambo_ray.experts.placement import Assignment, build_tables
+from lambo_ray.mec.drift import apply_drift
+from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.mec.evaluator import evaluate
+from lambo_ray.mec.generator import generate_many
+from lambo_ray.mec.instance import PROMPTS
+from lambo_ray.mec.scenario import ScenarioConfig
+from lambo_ray.mec.shares import optimal_shares
+
+FEASIBLE_METHODS = ("greedy", "local_search")
+
+
+@pytest.fixture(scope="module")
+def drifted_instances():
+    out = {name: generate_many(apply_drift(ScenarioConfig(), name), 3, seed=11) for name in ("deadline", "outage")}
+    # The deadline drift must really force offloading, else the test below proves nothing.
+    assert all((~inst.local_feasible()).sum() >= 5 for inst in out["deadline"])
+    return out
+
+
+def _objective(inst, target, prompt):
+    """The evaluator's objective of an assignment at water-filled shares (inf if none exist)."""
+    share = optimal_shares(inst, target)
+    if share is None:
+        return np.inf
+    ev = evaluate(inst, target, share)
+    return ev.objective(prompt) if ev.feasible else np.inf
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("method", FEASIBLE_METHODS)
+def test_feasible_on_paper_and_drifted(paper_instances, drifted_instances, method, prompt):
+    expert = get_expert(method)
+    for inst in [*paper_instances, *drifted_instances["deadline"], *drifted_instances["outage"]]:
+        d = expert.solve(inst, prompt)
+        ev = evaluate(inst, d.target, d.share)
+        assert ev.feasible, ev.violations
+        assert d.objective == pytest.approx(ev.objective(prompt), rel=1e-12)
+        # The incremental model's own value is the evaluator's value.
+        assert d.stats["model_objective"] == pytest.approx(ev.objective(prompt), rel=1e-9)
+
+
+def test_all_local_feasible_unless_some_ue_must_offload(paper_instances, drifted_instances):
+    expert = get_expert("all_local")
+    for inst in [*paper_instances, *drifted_instances["outage"], *drifted_instances["deadline"]]:
+        d = expert.solve(inst, "min_energy")
+        assert np.all(d.target == 0) and np.all(d.share == 0)
+        assert d.stats["feasible"] == bool(inst.local_feasible().all())
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_local_search_never_worse_than_greedy(paper_instances, drifted_instances, prompt):
+    greedy, ls = get_expert("greedy"), get_expert("local_search")
+    for inst in [*paper_instances, *drifted_instances["deadline"], *drifted_instances["outage"]]:
+        g, s = greedy.solve(inst, prompt), ls.solve(inst, prompt)
+        assert s.objective <= g.objective * (1 + 1e-12)
+        assert s.stats["start_objective"] == pytest.approx(g.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_against_brute_force(small_instances, prompt):
+    greedy, ls = get_expert("greedy"), get_expert("local_search")
+    for inst in small_instances:
+        _, _, opt, _ = brute_force(inst, prompt)
+        g, s = greedy.solve(inst, prompt), ls.solve(inst, prompt)
+        assert g.stats["feasible"] and s.stats["feasible"]
+        assert g.objective >= opt * (1 - 1e-9)
+        assert opt * (1 - 1e-9) <= s.objective <= opt * 1.03
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_local_search_result_is_a_local_optimum(paper_instances, prompt):
+    """No single move and no swap improves the final decision, checked by re-solving the shares and
+    re-evaluating each neighbour from scratch (independent of the incremental model)."""
+    inst = paper_instances[0]
+    d = get_expert("local_search").solve(inst, prompt)
+    base = d.objective
+    n, m = inst.n_ues, inst.n_servers
+    for i in range(n):
+        for q in range(m + 1):
+            if q == d.target[i]:
+                continue
+            t = d.target.copy()
+            t[i] = q
+            assert _objective(inst, t, prompt) >= base * (1 - 1e-9), (i, q)
+    for i in range(n):
+        for k in range(i + 1, n):
+            if d.target[i] == d.target[k]:
+                continue
+            t = d.target.copy()
+            t[i], t[k] = t[k], t[i]
+            assert _objective(inst, t, prompt) >= base * (1 - 1e-9), (i, k)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_incremental_deltas_match_evaluator_and_bounds_hold(paper_instances, prompt):
+    """Exact move/swap deltas equal the evaluator's difference; the screening bounds never exceed them."""
+    inst = paper_instances[1]
+    tables = build_tables(inst, prompt)
+    a = Assignment(tables, get_expert("greedy").solve(inst, prompt).target)
+    base = _objective(inst, a.target, prompt)
+    assert a.objective == pytest.approx(base, rel=1e-9)
+    moves, swaps = a.move_bounds(), a.swap_bounds()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        i, q = int(rng.integers(inst.n_ues)), int(rng.integers(inst.n_servers + 1))
+        if q == a.target[i]:
+            continue
+        t = a.target.copy()
+        t[i] = q
+        exact = a.move_delta(i, q) * tables.scale
+        truth = _objective(inst, t, prompt) - base
+        assert (exact == truth == np.inf) or exact == pytest.approx(truth, abs=1e-9 * base)
+        assert moves[i, q] * tables.scale <= truth + 1e-9 * base
+    for _ in range(60):
+        i, k = sorted(rng.choice(inst.n_ues, 2, replace=False).tolist())
+        if a.target[i] == a.target[k]:
+            continue
+        t = a.target.copy()
+        t[i], t[k] = t[k], t[i]
+        truth = _objective(inst, t, prompt) - base
+        exact = a.swap_delta(i, k) * tables.scale
+        assert (exact == truth == np.inf) or exact == pytest.approx(truth, abs=1e-9 * base)
+        assert swaps[i, k] * tables.scale <= truth + 1e-9 * base
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_improve_from_random_starts(drifted_instances, prompt):
+    """improve() repairs infeasible starts and never worsens feasible ones."""
+    rng = np.random.default_rng(3)
+    for inst in drifted_instances["deadline"]:
+        for _ in range(3):
+            start = rng.integers(0, inst.n_servers + 1, size=inst.n_ues)
+            out = improve(inst, prompt, start)
+            value = _objective(inst, out, prompt)
+            assert np.isfinite(value)
+            assert value <= _objective(inst, start, prompt) * (1 + 1e-12)
+
+
+def test_improve_respects_max_moves_and_keeps_optimum(small_instances):
+    inst = small_instances[0]
+    opt_t, _, opt, _ = brute_force(inst, "min_latency")
+    assert _objective(inst, improve(inst, "min_latency", opt_t), "min_latency") == pytest.approx(opt, rel=1e-12)
+    start = np.zeros(inst.n_ues, dtype=np.int64)
+    assert np.array_equal(improve(inst, "min_latency", start, max_moves=0), start)
+    one = improve(inst, "min_latency", start, max_moves=1)
+    assert int((one != start).sum()) <= 2
+
+
+def test_improve_rejects_bad_targets(paper_instances):
+    inst = paper_instances[0]
+    with pytest.raises(LamboInputError, match="target"):
+        improve(inst, "min_energy", np.zeros(3, dtype=np.int64))
+    with pytest.raises(LamboInputError, match="target"):
+        improve(inst, "min_energy", np.full(inst.n_ues, inst.n_servers + 1))
+    with pytest.raises(LamboInputError, match="prompt"):
+        improve(inst, "max_fun", np.zeros(inst.n_ues, dtype=np.int64))
+
+
+def test_all_offload_equal_shares_and_seeded(paper_instances):
+    inst = paper_instances[0]
+    a, b = get_expert("all_offload", seed=5).solve(inst, "min_energy"), get_expert("all_offload", seed=5).solve(
+        inst, "min_energy")
+    assert np.array_equal(a.target, b.target) and np.all(a.target > 0)
+    load = np.bincount(a.target, weights=a.share, minlength=inst.n_servers + 1)[1:]
+    used = np.bincount(a.target, minlength=inst.n_servers + 1)[1:] > 0
+    np.testing.assert_allclose(load[used], 1.0)
+    for j in range(1, inst.n_servers + 1):  # equal within a server
+        on_j = a.share[a.target == j]
+        assert on_j.size == 0 or np.ptp(on_j) == 0.0
+    best = get_expert("all_offload", server="best_rate").solve(inst, "min_latency")
+    np.testing.assert_array_equal(best.target, np.argmax(inst.rate_bps, axis=1) + 1)
+    np.testing.assert_allclose(equal_shares(np.array([0, 1, 1, 2]), 2), [0, 0.5, 0.5, 1.0])
+    with pytest.raises(LamboInputError, match="server"):
+        get_expert("all_offload", server="nearest_star")
+
+
+def test_local_search_options(paper_instances):
+    inst = paper_instances[0]
+    with pytest.raises(LamboInputError, match="start"):
+        get_expert("local_search", start="random")
+    with pytest.raises(LamboInputError, match="option"):
+        get_expert("local_search", tabu=True)
+    d = get_expert("local_search", start="all_local", swaps=False).solve(inst, "min_energy")
+    assert d.stats["feasible"] and d.stats["swaps"] == 0
+    assert d.objective < get_expert("all_local").solve(inst, "min_energy").objective
