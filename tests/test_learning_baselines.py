@@ -162,14 +162,14 @@ def test_droo_adaptive_k_shrinks_from_n():
     assert agent.memory.count == 64 and len(agent.losses) == 64 // expert.config.train_interval
 
 
-def test_are_warmup_beats_its_untrained_self():
-    test = generate_many(SMALL, 6, seed=5)
-    untrained = ARE(AREConfig(seed=0, warmup_steps=0, online=False))
-    trained = ARE(AREConfig(seed=0, warmup_steps=0, online=False, damp_steps=30))
-    trained.warmup(generate_many(SMALL, 30, seed=100), "min_energy")
-    before = np.mean([untrained.solve(i, "min_energy").objective for i in test])
-    after = np.mean([trained.solve(i, "min_energy").objective for i in test])
-    assert after < before, (before, after)
+def test_are_warmup_beats_its_untrained_self(paper_instances):
+    """Same short SA budget (cooling 0.85 throughout) for both: the learned starting point matters."""
+    cfg = dict(seed=0, warmup_steps=0, online=False, damp_steps=0, damp_end=0.85)
+    untrained, trained = ARE(AREConfig(**cfg)), ARE(AREConfig(**cfg))
+    trained.warmup(generate_many(ScenarioConfig(), 40, seed=100), "min_energy")
+    before = np.mean([untrained.solve(i, "min_energy").objective for i in paper_instances[:3]])
+    after = np.mean([trained.solve(i, "min_energy").objective for i in paper_instances[:3]])
+    assert after < 0.95 * before, (before, after)
 
 
 # --- shapes, configs, checkpoints ----------------------------------------------------------------
