@@ -76,7 +76,8 @@ class LabelWorkerConfig:
     primary: str = "exact"
     fallback: str = "de"
     primary_kwargs: dict[str, Any] = field(default_factory=dict)
-    fallback_kwargs: dict[str, Any] = field(default_factory=dict)
+    # A label is worth the best DE can do: start its population from all-local and greedy.
+    fallback_kwargs: dict[str, Any] = field(default_factory=lambda: {"init": "seeded"})
 
 
 class LabelWorker:
@@ -213,13 +214,18 @@ class ExpertPool:
         in_flight: dict[Any, tuple[int, int]] = {}  # ObjectRef -> (actor slot, position)
         done: set[int] = set()
 
-        while queue or in_flight:
+        def dispatch() -> None:
+            # Every idle actor gets the next instance; called before each yield too, so actors keep
+            # working while the caller handles a label.
             while queue and idle:
                 slot, pos = idle.pop(), queue.popleft()
                 attempts[pos] += 1
                 ref = self.actors[slot].label.remote(ids[pos], refs[pos], prompts[pos], self.time_limit,
                                                      attempts[pos])
                 in_flight[ref] = (slot, pos)
+
+        while queue or in_flight:
+            dispatch()
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             slot, pos = in_flight.pop(ready[0])
             try:
@@ -242,6 +248,7 @@ class ExpertPool:
             done.add(pos)
             self.stats.labelled += 1
             self.stats.by_source[lab.source] = self.stats.by_source.get(lab.source, 0) + 1
+            dispatch()
             yield lab
 
     def _replace(self, slot: int) -> None:
