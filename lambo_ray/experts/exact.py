@@ -21,6 +21,7 @@ warm start. Every solve's termination condition is checked and the last one is r
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -442,7 +443,7 @@ class ExactExpert(Expert):
 
     def __init__(self, config: ExactConfig | None = None, **overrides: Any) -> None:
         base = config or ExactConfig()
-        self.config = ExactConfig(**{**base.__dict__, **overrides}) if overrides else base
+        self.config = dataclasses.replace(base, **overrides) if overrides else base
 
     def _solve(
         self, inst: Instance, prompt: str, time_limit: float | None
