@@ -234,6 +234,19 @@ class Decoder(nn.Module):
         self.local_key = nn.Parameter(torch.randn(d) * 0.02)
         self.local_ue = nn.Linear(d, d)
         self.share_head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 2))
+        self.reset_head_parameters()
+
+    def reset_head_parameters(self, scale: float = 0.01) -> None:
+        """Start near the uniform policy: pointer query and share output scaled down, biases zero.
+
+        With default init the pointer logits of an untrained model reach +-5 (tokens are not small),
+        so one option dominates and RL starts with almost no exploration; scaled down, the first
+        policy is near-uniform over the feasible options with shares ~ Beta(1.7, 1.7).
+        """
+        with torch.no_grad():
+            for lin in (self.ptr_q, self.share_head[-1]):
+                lin.weight.mul_(scale)
+                lin.bias.zero_()
 
     # -- pieces shared by decode and teacher forcing ------------------------------------------
     @staticmethod

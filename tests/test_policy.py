@@ -1,0 +1,427 @@
+"""The plain-torch LAMBO policy: features, masks, decode vs teacher forcing, scales, checkpoints, strategies.
+
+Independent references: the evaluator (feasibility and objectives of every decoded decision),
+``torch.distributions`` (entropies, log-probs), explicit numpy permutations of instances (augmentation),
+real parameter sums (meta-device counts), and re-decoding after a save/load round trip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lambo_ray.mec.drift import apply_drift
+from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.mec.evaluator import evaluate
+from lambo_ray.mec.generator import generate_many
+from lambo_ray.mec.instance import Instance
+from lambo_ray.mec.scenario import ScenarioConfig
+from lambo_ray.policy import (
+    SCALES, LamboPolicy, PolicyBatch, PolicyConfig, count_parameters, decide, featurize, fill_capacity,
+    load_decoder, load_policy, policy_fingerprint, save_decoder, save_policy,
+)
+from lambo_ray.policy.decoding import permute, unpermute
+from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, instance_features
+from lambo_ray.policy.model import categorical_entropy
+
+torch.set_num_threads(1)
+TINY = PolicyConfig(d_model=32, n_heads=4, enc_layers=2)
+
+
+def make_policy(cfg: PolicyConfig = TINY, seed: int = 0, sharp: bool = True) -> LamboPolicy:
+    """A random policy; ``sharp`` undoes the near-uniform head init so decisions depend on the inputs."""
+    torch.manual_seed(seed)
+    pol = LamboPolicy(cfg).eval()
+    if sharp:
+        with torch.no_grad():
+            for lin in (pol.decoder.ptr_q, pol.decoder.share_head[-1]):
+                lin.weight.mul_(30.0)
+                lin.bias.normal_(0.0, 0.3)
+    return pol
+
+
+@pytest.fixture(scope="module")
+def mixed_instances() -> list[Instance]:
+    """Different N and M in one batch, paper and deadline-drift (where ~40% of UEs must offload)."""
+    paper = generate_many(ScenarioConfig(n_ues=12), 2, seed=1)
+    tight = generate_many(apply_drift(ScenarioConfig(n_ues=20), "deadline"), 3, seed=2)
+    small = generate_many(ScenarioConfig(n_ues=5, n_servers=2, capacities_cps=(1.5e10, 3e10)), 2, seed=3)
+    six = generate_many(ScenarioConfig(n_ues=9, n_servers=6, capacities_cps=(1e10,) * 6), 1, seed=4)
+    return paper + tight + small + six
+
+
+def _scaled(inst: Instance, compute: float, comm: float, time_: float = 1.0) -> Instance:
+    """The same cell in other units: compute (cycles, speeds) x compute, bits and rates x comm."""
+    return dataclasses.replace(
+        inst, cycles=inst.cycles * compute * time_, local_cps=inst.local_cps * compute,
+        capacity_cps=inst.capacity_cps * compute, data_bits=inst.data_bits * comm * time_,
+        rate_bps=inst.rate_bps * comm, deadline_s=inst.deadline_s * time_)
+
+
+# ---------------------------------------------------------------------------------------------- features
+def test_features_are_scale_free(paper_instances):
+    inst = paper_instances[0]
+    ref = instance_features(inst)
+    got = instance_features(_scaled(inst, compute=7.0, comm=0.01, time_=3.0))
+    for name in ("ue", "server", "pair", "amin", "local_ok"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def test_featurize_pads_and_roundtrips(mixed_instances):
+    b = featurize(mixed_instances, "min_energy")
+    n, m = max(i.n_ues for i in mixed_instances), max(i.n_servers for i in mixed_instances)
+    assert b.ue.shape == (len(mixed_instances), n, UE_DIM)
+    assert b.server.shape == (len(mixed_instances), m, SERVER_DIM)
+    assert b.pair.shape == (len(mixed_instances), n, m, PAIR_DIM)
+    for k, inst in enumerate(mixed_instances):
+        assert b.ue_mask[k].sum() == inst.n_ues and b.server_mask[k].sum() == inst.n_servers
+        np.testing.assert_array_equal(b.amin[k, : inst.n_ues, : inst.n_servers].numpy(), inst.min_share())
+        assert torch.isinf(b.amin[k, inst.n_ues :]).all() and torch.isinf(b.amin[k, :, inst.n_servers :]).all()
+    assert torch.isfinite(b.ue).all() and torch.isfinite(b.pair).all() and torch.isfinite(b.server).all()
+    assert (b.prompt == 1).all()
+    d = b.to_numpy_dict()
+    assert all(v.dtype in (np.float32, np.int64) for v in d.values())
+    back = PolicyBatch.from_tensor_dict(d)
+    assert torch.equal(back.ue_mask, b.ue_mask) and torch.equal(back.local_ok, b.local_ok)
+    assert (back.amin >= b.amin).all()  # rounded up to float32: shares built on it still meet deadlines
+    assert torch.allclose(back.amin[torch.isfinite(b.amin)], b.amin[torch.isfinite(b.amin)], rtol=1e-6)
+    one = b.index(3)
+    assert one.batch_size == 1 and torch.equal(one.pair, b.pair[3:4])
+    with pytest.raises(LamboInputError, match="prompt"):
+        featurize(mixed_instances[:1], "min_cost")
+    with pytest.raises(LamboInputError, match="padding"):
+        featurize(mixed_instances, "min_energy", n_max=5)
+    with pytest.raises(LamboInputError, match="lacks"):
+        PolicyBatch.from_tensor_dict({"ue": d["ue"]})
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_batch_with_padding_matches_one_by_one(mixed_instances):
+    pol = make_policy()
+    prompts = ["min_latency", "min_energy"] * (len(mixed_instances) // 2) + ["min_latency"] * (len(mixed_instances) % 2)
+    with torch.no_grad():
+        b = featurize(mixed_instances, prompts)
+        out = pol.decode(b, pol.encode(b))
+        for k, inst in enumerate(mixed_instances):
+            s = featurize([inst], prompts[k])
+            one = pol.decode(s, pol.encode(s))
+            n = inst.n_ues
+            assert torch.equal(out.target[k, :n], one.target[0])
+            np.testing.assert_allclose(out.share[k, :n].numpy(), one.share[0].numpy(), rtol=1e-5, atol=1e-7)
+            assert abs(float(out.logp[k] - one.logp[0])) < 1e-4
+            assert (out.target[k, n:] == 0).all() and (out.share[k, n:] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_decoded_decisions_respect_capacity_and_deadlines(mode, paper_instances):
+    """Every decoded decision is feasible per the evaluator, except deadline misses of flagged dead ends."""
+    tight = generate_many(apply_drift(ScenarioConfig(), "deadline"), 4, seed=11)
+    insts = list(paper_instances) + tight
+    seen_dead = 0
+    for seed in range(2):
+        pol = make_policy(seed=seed)
+        with torch.no_grad():
+            b = featurize(insts, ["min_latency", "min_energy"][seed])
+            out = pol.decode(b, pol.encode(b), mode=mode, generator=torch.Generator().manual_seed(seed))
+            filled = fill_capacity(out.target, out.share, b.m_max)
+        for k, inst in enumerate(insts):
+            n = inst.n_ues
+            dead = set(np.flatnonzero(out.dead_ue[k, :n].numpy()))
+            assert bool(out.dead_end[k]) == bool(dead)
+            seen_dead += len(dead)
+            for share in (out.share, filled):
+                ev = evaluate(inst, out.target[k, :n].numpy(), share[k, :n].numpy())
+                for v in ev.violations:
+                    assert v["constraint"] == "deadline" and v["ue"] in dead, v
+                for i in dead:
+                    assert out.target[k, i] == 0
+    assert seen_dead > 0, "deadline drift should drive an untrained policy into some dead ends"
+
+
+def test_teacher_forced_logp_matches_decode(mixed_instances):
+    pol = make_policy(seed=3)
+    b = featurize(mixed_instances, "min_latency")
+    with torch.no_grad():
+        enc = pol.encode(b)
+        out = pol.decode(b, enc, mode="sample", generator=torch.Generator().manual_seed(5))
+        tf = pol.teacher_forced(b, enc, out.target, out.share)
+    assert (out.target > 0).sum() > 10 and (out.target == 0).sum() > 10
+    torch.testing.assert_close(tf.logp_target, out.logp_target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tf.logp_share, out.logp_share, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tf.entropy_target, out.entropy_target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tf.entropy_share, out.entropy_share, atol=1e-5, rtol=0)
+    torch.testing.assert_close((tf.logp_target + tf.logp_share).sum(-1), out.logp, atol=1e-4, rtol=0)
+
+    # Through an RLlib-style float32 observation and float32 actions, with gradients.
+    b32 = PolicyBatch.from_tensor_dict(b.to_numpy_dict())
+    pol.train()
+    with torch.no_grad():
+        out32 = pol.decode(b32, pol.encode(b32), mode="sample", generator=torch.Generator().manual_seed(6))
+    tf32 = pol.teacher_forced(b32, pol.encode(b32), out32.target.int(), out32.share.float())
+    torch.testing.assert_close((tf32.logp_target + tf32.logp_share).sum(-1), out32.logp, atol=2e-3, rtol=0)
+    tf32_exact = pol.teacher_forced(b32, pol.encode(b32), out32.target, out32.share, u=out32.u)
+    torch.testing.assert_close((tf32_exact.logp_target + tf32_exact.logp_share).sum(-1), out32.logp, atol=1e-4, rtol=0)
+    loss = -(tf32.logp_target + tf32.logp_share).sum() - tf32.entropy_share.sum()
+    loss.backward()
+    grads = [p.grad for p in pol.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert pol.decoder.share_head[0].weight.grad.abs().sum() > 0 and pol.embedding.pair.weight.grad.abs().sum() > 0
+
+
+def test_entropies_and_logps_match_torch_distributions(mixed_instances):
+    # A constructed case: masked logits.
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    allowed = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    masked = torch.where(allowed, logits, torch.tensor(-1e9))
+    ref = torch.distributions.Categorical(logits=torch.where(allowed, logits, torch.tensor(float("-inf"))))
+    torch.testing.assert_close(categorical_entropy(masked, allowed), ref.entropy())
+    assert abs(float(categorical_entropy(masked, allowed)[1]) - np.log(2)) < 1e-6
+    # On the policy's own outputs: the teacher-forced logits and Beta heads.
+    pol = make_policy(seed=4)
+    b = featurize(mixed_instances, "min_energy")
+    with torch.no_grad():
+        enc = pol.encode(b)
+        out = pol.decode(b, enc, mode="sample", generator=torch.Generator().manual_seed(1))
+        tf = pol.teacher_forced(b, enc, out.target, out.share)
+    allowed = tf.logits > -1e8
+    cat = torch.distributions.Categorical(logits=torch.where(allowed, tf.logits, torch.tensor(float("-inf"))))
+    real = b.ue_mask
+    torch.testing.assert_close(tf.entropy_target[real], cat.entropy()[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tf.logp_target[real], cat.log_prob(out.target)[real], atol=1e-5, rtol=1e-5)
+    assert (tf.entropy_share[out.target == 0] == 0).all() and (tf.entropy_share[out.target > 0] != 0).all()
+    # Beta: u = (share - a_min) / (remaining - a_min) must be in (0, 1) and give the stored log-prob.
+    off = out.target > 0
+    assert ((out.u[off] > 0) & (out.u[off] < 1)).all()
+
+
+def test_dead_end_goes_local_with_zero_logp():
+    """A UE that misses its deadline locally and fits nowhere: forced local, flagged, no log-prob mass."""
+    inst = generate_many(ScenarioConfig(n_ues=3, n_servers=1, capacities_cps=(1e10,)), 1, seed=0)[0]
+    inst = dataclasses.replace(inst, deadline_s=inst.local_latency() * np.array([0.5, 1.2, 1.2]),
+                               rate_bps=np.full((3, 1), 1.0))  # 1 bit/s: nothing can be offloaded
+    pol = make_policy()
+    with torch.no_grad():
+        b = featurize([inst], "min_latency")
+        out = pol.decode(b, pol.encode(b), mode="sample", generator=torch.Generator().manual_seed(0))
+    assert out.dead_end.tolist() == [True] and out.dead_ue[0].tolist() == [True, False, False]
+    assert out.target[0].tolist() == [0, 0, 0] and float(out.logp[0]) == 0.0
+
+
+def test_initial_policy_is_near_uniform_over_feasible_options(mixed_instances):
+    pol = make_policy(seed=0, sharp=False)
+    b = featurize(mixed_instances, "min_latency")
+    with torch.no_grad():
+        enc = pol.encode(b)
+        out = pol.decode(b, enc, "sample", torch.Generator().manual_seed(0))
+        tf = pol.teacher_forced(b, enc, out.target, out.share)
+    allowed = tf.logits > -1e8
+    n_allowed = allowed.sum(-1).float()
+    real = b.ue_mask
+    # Entropy within 5% of log(#feasible options): no option dominates before training.
+    assert (tf.entropy_target[real] >= 0.95 * torch.log(n_allowed[real]) - 1e-6).all()
+    assert (out.target[real] > 0).float().mean() > 0.5
+
+
+def test_parameter_groups_partition_the_model():
+    pol = make_policy()
+    enc = {id(p) for p in pol.encoder_parameters()}
+    dec = {id(p) for p in pol.decoder_parameters()}
+    assert enc and dec and not enc & dec and enc | dec == {id(p) for p in pol.parameters()}
+    assert {n.split(".")[0] for n, _ in pol.named_parameters()} == {"embedding", "encoder", "decoder"}
+
+
+def test_parameter_counts_on_meta_device():
+    s, m, l_ = (count_parameters(n) for n in ("S", "M", "L"))
+    assert s < 1e6 and 1e7 <= m <= 1e8 and 0.9e9 <= l_ <= 1.2e9
+    assert s == sum(p.numel() for p in LamboPolicy(SCALES["S"]).parameters())
+    assert count_parameters(TINY) == sum(p.numel() for p in LamboPolicy(TINY).parameters())
+    with pytest.raises(LamboInputError, match="scale"):
+        count_parameters("XL")
+    with pytest.raises(LamboInputError, match="divisible"):
+        PolicyConfig(d_model=30, n_heads=4)
+
+
+def test_sampling_is_reproducible_from_the_generator(mixed_instances):
+    pol = make_policy()
+    b = featurize(mixed_instances, "min_latency")
+    with torch.no_grad():
+        enc = pol.encode(b)
+        a = pol.decode(b, enc, "sample", torch.Generator().manual_seed(9))
+        c = pol.decode(b, enc, "sample", torch.Generator().manual_seed(9))
+        d = pol.decode(b, enc, "sample", torch.Generator().manual_seed(10))
+    assert torch.equal(a.target, c.target) and torch.equal(a.share, c.share)
+    assert not torch.equal(a.share, d.share)
+
+
+# ---------------------------------------------------------------------------------------------- output mapping
+def test_fill_capacity_grows_shares_and_fills_used_servers():
+    g = torch.Generator().manual_seed(0)
+    m = 4
+    target = torch.randint(0, m + 1, (50, 30), generator=g)
+    share = torch.where(target > 0, torch.rand(50, 30, generator=g, dtype=torch.float64) * 0.05, 0.0)
+    filled = fill_capacity(target, share, m)
+    assert (filled >= share).all() and (filled[target == 0] == 0).all()
+    for r in range(50):
+        for j in range(1, m + 1):
+            on = target[r] == j
+            if on.any():
+                assert abs(float(filled[r][on].sum()) - 1.0) < 1e-12
+                torch.testing.assert_close(filled[r][on] / share[r][on], (filled[r][on] / share[r][on])[:1].expand(int(on.sum())))
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+def test_permutation_augmentation_undoes_exactly(mixed_instances):
+    """Decoding a permuted copy via permuted encoder outputs == decoding the explicitly permuted instance."""
+    pol = make_policy(seed=2)
+    inst = mixed_instances[7]  # N=9, M=6
+    rng = np.random.default_rng(0)
+    p, q = rng.permutation(inst.n_ues), rng.permutation(inst.n_servers)
+    assert (p != np.arange(inst.n_ues)).any() and (q != np.arange(inst.n_servers)).any()
+    permuted = dataclasses.replace(
+        inst, data_bits=inst.data_bits[p], cycles=inst.cycles[p], deadline_s=inst.deadline_s[p],
+        local_cps=inst.local_cps[p], rate_bps=inst.rate_bps[p][:, q], capacity_cps=inst.capacity_cps[q])
+    with torch.no_grad():
+        b = featurize([inst], "min_latency")
+        pb, pe = permute(b, pol.encode(b), torch.tensor([0]), torch.from_numpy(p)[None], torch.from_numpy(q)[None])
+        via_perm = pol.decode(pb, pe, "sample", torch.Generator().manual_seed(1))
+        b2 = featurize([permuted], "min_latency")
+        direct = pol.decode(b2, pol.encode(b2), "sample", torch.Generator().manual_seed(1))
+        torch.testing.assert_close(pb.amin, b2.amin)
+        assert torch.equal(via_perm.target, direct.target) and len(set(direct.target[0].tolist())) >= 3
+        t, s = unpermute(via_perm.target, via_perm.share, torch.from_numpy(p)[None], torch.from_numpy(q)[None])
+    expect_t = np.zeros(inst.n_ues, int)
+    expect_s = np.zeros(inst.n_ues)
+    dt, ds = direct.target[0].numpy(), direct.share[0].numpy()
+    expect_t[p] = np.where(dt > 0, q[np.maximum(dt - 1, 0)] + 1, 0)
+    expect_s[p] = ds
+    assert t[0].tolist() == expect_t.tolist()
+    np.testing.assert_allclose(s[0].numpy(), expect_s, rtol=1e-5)
+    # The un-permuted decision means the same thing on the original instance.
+    e1 = evaluate(inst, t[0].numpy(), s[0].numpy())
+    e2 = evaluate(permuted, direct.target[0].numpy(), direct.share[0].numpy())
+    assert abs(e1.mean_latency_s - e2.mean_latency_s) < 1e-6 * e2.mean_latency_s
+
+
+@pytest.mark.parametrize("prompt", ["min_latency", "min_energy"])
+def test_best_of_k_and_refine_never_worse_than_greedy(prompt, mixed_instances):
+    pol = make_policy(seed=1)
+    insts = mixed_instances[:6]
+    greedy = decide(pol, insts, prompt, mode="greedy")
+    best = decide(pol, insts, prompt, mode="best_of_k", k=6, seed=3)
+    refined = decide(pol, insts, prompt, mode="refine", k=6, seed=3)
+    for inst, g, bk, rf in zip(insts, greedy, best, refined):
+        for d in (g, bk, rf):
+            ev = evaluate(inst, d.target, d.share)
+            assert d.objective == ev.objective(prompt) and d.stats["feasible"] == ev.feasible
+            assert d.method == "lambo" and d.stats["wall_s"] > 0
+        assert (bk.stats["feasible"], -bk.objective) >= (g.stats["feasible"], -g.objective)
+        assert bk.stats["greedy_objective"] == pytest.approx(g.objective)
+        assert (rf.stats["feasible"], -rf.objective) >= (bk.stats["feasible"], -bk.objective - 1e-12)
+        assert rf.stats["raw_objective"] == pytest.approx(bk.objective)
+    assert sum(g.objective for g in greedy) > sum(r.objective for r in refined)  # untrained: refine helps
+
+
+def test_decide_rejects_bad_requests(mixed_instances):
+    pol = make_policy()
+    with pytest.raises(LamboInputError, match="decode mode"):
+        decide(pol, mixed_instances[:1], "min_latency", mode="beam")
+    with pytest.raises(LamboInputError, match="prompt"):
+        decide(pol, mixed_instances[:1], "min_cost")
+    assert decide(pol, [], "min_latency") == []
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_is_bit_identical(tmp_path, mixed_instances):
+    pol = make_policy(SCALES["S"], seed=7)
+    fp = save_policy(tmp_path / "ck", pol, meta={"step": 3, "note": "x"})
+    assert fp == policy_fingerprint(pol)
+    loaded, meta = load_policy(tmp_path / "ck", expected_scale="S")
+    assert meta == {"step": 3, "note": "x"} and loaded.cfg == pol.cfg
+    b = featurize(mixed_instances, "min_latency")
+    with torch.no_grad():
+        a = pol.decode(b, pol.encode(b), "sample", torch.Generator().manual_seed(0))
+        c = loaded.decode(b, loaded.encode(b), "sample", torch.Generator().manual_seed(0))
+        ta = pol.teacher_forced(b, pol.encode(b), a.target, a.share)
+        tc = loaded.teacher_forced(b, loaded.encode(b), a.target, a.share)
+    assert torch.equal(a.target, c.target) and torch.equal(a.share, c.share) and torch.equal(a.logp, c.logp)
+    assert torch.equal(ta.logits, tc.logits)
+    # Overwriting keeps exactly one good checkpoint and no temp dirs.
+    save_policy(tmp_path / "ck", pol, meta={"step": 4})
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and load_policy(tmp_path / "ck")[1] == {"step": 4}
+
+
+def test_decoder_only_checkpoint_onto_fresh_encoder(tmp_path, mixed_instances):
+    base = make_policy(seed=1)
+    save_policy(tmp_path / "base", base)
+    tuned = make_policy(seed=1)
+    with torch.no_grad():  # "fine-tune" the decoder only
+        for p in tuned.decoder_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert policy_fingerprint(tuned) == policy_fingerprint(base)
+    save_decoder(tmp_path / "dec", tuned, "drift-deadline", meta={"labels": 40})
+    fresh, _ = load_policy(tmp_path / "base")
+    doc = load_decoder(fresh, tmp_path / "dec")
+    assert doc["decoder_id"] == "drift-deadline" and doc["meta"] == {"labels": 40}
+    b = featurize(mixed_instances, "min_energy")
+    with torch.no_grad():
+        x, y, z = (p.decode(b, p.encode(b)) for p in (tuned, fresh, base))
+    assert torch.equal(x.target, y.target) and torch.equal(x.share, y.share)
+    assert not torch.equal(x.share, z.share)
+    other = make_policy(seed=2)
+    before = {k: v.clone() for k, v in other.decoder.state_dict().items()}
+    with pytest.raises(LamboInputError, match="encoder"):
+        load_decoder(other, tmp_path / "dec")
+    assert all(torch.equal(before[k], v) for k, v in other.decoder.state_dict().items())
+    with pytest.raises(LamboInputError, match="decoder id"):
+        save_decoder(tmp_path / "bad", tuned, "no spaces/allowed")
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    pol = make_policy(seed=0)
+    good = tmp_path / "good"
+    save_policy(good, pol, meta={"v": 1})
+
+    with pytest.raises(LamboInputError, match="does not exist"):
+        load_policy(tmp_path / "nope")
+    for victim, pattern in (("policy.pt", "missing policy.pt"), ("policy.json", "missing policy.json")):
+        broken = tmp_path / f"no_{victim}"
+        save_policy(broken, pol)
+        (broken / victim).unlink()
+        with pytest.raises(LamboInputError, match=pattern):
+            load_policy(broken)
+    trunc = tmp_path / "trunc"
+    save_policy(trunc, pol)
+    data = (trunc / "policy.pt").read_bytes()
+    (trunc / "policy.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LamboInputError, match="corrupt weights"):
+        load_policy(trunc)
+    badjson = tmp_path / "badjson"
+    save_policy(badjson, pol)
+    (badjson / "policy.json").write_text("{not json")
+    with pytest.raises(LamboInputError, match="corrupt manifest"):
+        load_policy(badjson)
+    with pytest.raises(LamboInputError, match="scale 'custom', expected 'L'"):
+        load_policy(good, expected_scale="L")
+    shape = tmp_path / "shape"
+    save_policy(shape, pol)
+    doc = json.loads((shape / "policy.json").read_text())
+    doc["config"]["d_model"] = 64
+    (shape / "policy.json").write_text(json.dumps(doc))
+    with pytest.raises(LamboInputError, match="do not match the config"):
+        load_policy(shape)
+    mixed = tmp_path / "mixed"
+    save_policy(mixed, pol)
+    save_policy(tmp_path / "other", make_policy(seed=5))
+    (mixed / "policy.pt").write_bytes((tmp_path / "other" / "policy.pt").read_bytes())
+    with pytest.raises(LamboInputError, match="fingerprint"):
+        load_policy(mixed)
+    # A failing save leaves the existing good checkpoint untouched.
+    with pytest.raises(LamboInputError, match="JSON"):
+        save_policy(good, make_policy(seed=9), meta={"bad": object()})
+    again, meta = load_policy(good)
+    assert meta == {"v": 1} and policy_fingerprint(again) == policy_fingerprint(pol)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
