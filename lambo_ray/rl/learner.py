@@ -1,0 +1,204 @@
+"""ACRL loss: PPO-clipped actor-critic with a two-headed critic and an entropy bonus on both heads.
+
+The reward of an instance splits exactly as r = r_off + r_alloc (:mod:`lambo_ray.rl.env`), and the
+log-probability of a decision as log pi = log pi_target + log pi_share (the product over UEs of the
+target choice and, when offloaded, the share). Credit assignment follows that split:
+
+    A_off   = r_off   - V_off(s)     baselines the targets' log-prob   (offloading head)
+    A_alloc = r_alloc - V_alloc(s)   baselines the shares' log-prob    (allocation head)
+
+    L = - min(A_off rho_t, A_off clip(rho_t))  - min(A_alloc rho_s, A_alloc clip(rho_s))
+        + c_v [(V_off - r_off)^2 + (V_alloc - r_alloc)^2]
+        - beta_t H_target - beta_s H_share
+
+with rho_t, rho_s the new/old probability ratios of the two parts. With gamma = 0 (independent
+instances) the value targets are the immediate reward parts, so no GAE is needed; the advantages are
+computed once per training batch with the pre-update critic (as PPO does) by :class:`OneStepAdvantages`,
+which replaces RLlib's GAE piece. Dropping the cross terms (r_alloc's effect on the target head and
+vice versa) trades a small bias for lower variance; the ``critic="single_head"`` ablation is the plain
+unbiased PPO: one value of r and one advantage for the whole log-probability.
+
+Ablation switches come from ``config.learners(learner_config_dict=...)``: ``critic`` ("two_head" |
+"single_head"), ``entropy_bonus`` (bool), ``entropy_coeff_target``, ``entropy_coeff_share``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
+from ray.rllib.core.columns import Columns
+from ray.rllib.evaluation.postprocessing import Postprocessing
+
+from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.rl.env import INFO_R_ALLOC, INFO_R_OFF
+
+CRITICS = ("two_head", "single_head")
+# Train-batch columns written by this module's connector pieces / read by the loss.
+R_OFF, R_ALLOC, FEASIBLE = INFO_R_OFF, INFO_R_ALLOC, "feasible"
+OLD_LOGP_TARGET, OLD_LOGP_SHARE = "logp_target", "logp_share"  # exploration outputs (behaviour policy)
+
+
+def critic_heads(critic: str) -> int:
+    if critic not in CRITICS:
+        raise LamboInputError(f"unknown critic {critic!r}; expected one of {', '.join(CRITICS)}", where="critic")
+    return 2 if critic == "two_head" else 1
+
+
+class AddRewardParts(ConnectorV2):
+    """Learner connector piece: the env's ``info[r_off]``, ``info[r_alloc]``, ``info[feasible]`` of each
+    step -> batch columns.
+
+    Runs after RLlib's AddOneTsToEpisodesAndTruncate, so episodes are one (phantom) step longer and
+    infos[t + 1] belongs to step t; the phantom row gets a copy of the last info and is masked out of
+    the loss anyway.
+    """
+
+    def __call__(self, *, rl_module: Any, batch: dict, episodes: list, **kwargs: Any) -> dict:
+        for ep in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            infos = ep.get_infos(slice(1, len(ep) + 1))
+            for key in (R_OFF, R_ALLOC, FEASIBLE):
+                self.add_n_batch_items(batch, key, [float(i.get(key, 0.0)) for i in infos], len(ep), ep)
+        return batch
+
+
+def _normalise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Standardise over the valid rows only (RLlib's GAE also counts the phantom rows)."""
+    valid = x[mask]
+    if valid.numel() < 2:
+        return x - valid.mean() if valid.numel() else x
+    return (x - valid.mean()) / valid.std().clamp_min(1e-6)
+
+
+class OneStepAdvantages(ConnectorV2):
+    """Replaces GAE for gamma = 0: value targets are the reward parts, advantages = targets - V_old.
+
+    Writes ``value_targets`` and ``advantages`` as (B, H) tensors, H = critic heads (2: offloading,
+    allocation; 1: whole reward), advantages standardised per head over the valid rows.
+    """
+
+    def __call__(self, *, rl_module: Any, batch: dict, episodes: list, metrics: Any = None,
+                 **kwargs: Any) -> dict:
+        for mid, mbatch in batch.items():
+            module = rl_module[mid]
+            mask = mbatch[Columns.LOSS_MASK].bool()
+            values = module.compute_head_values(mbatch)  # (B, H), no grad
+            reward = mbatch[Columns.REWARDS].to(values.dtype)
+            if values.shape[-1] == 2:
+                r_off = mbatch[R_OFF].to(values.dtype)
+                targets = torch.stack([r_off, reward - r_off], dim=-1)
+            else:
+                targets = reward[:, None]
+            targets = torch.where(mask[:, None], targets, torch.zeros_like(targets))
+            adv = targets - values
+            mbatch[Postprocessing.VALUE_TARGETS] = targets
+            mbatch[Postprocessing.ADVANTAGES] = torch.stack(
+                [_normalise(adv[:, h], mask) for h in range(adv.shape[-1])], dim=-1)
+            if metrics is not None:
+                metrics.log_dict(_batch_stats(mbatch, mask), key=mid, window=1)
+        return batch
+
+
+def _batch_stats(mbatch: dict, mask: torch.Tensor) -> dict[str, float]:
+    """Whole-training-batch reward statistics (the per-instance learning curve), overall and per prompt."""
+    from lambo_ray.policy import PROMPT_IDS
+
+    reward = mbatch[Columns.REWARDS][mask].double()
+    r_off = mbatch[R_OFF][mask].double()
+    out = {"batch_reward_mean": float(reward.mean()), "batch_r_off_mean": float(r_off.mean()),
+           "batch_r_alloc_mean": float((reward - r_off).mean()),
+           "batch_feasible": float(mbatch[FEASIBLE][mask].double().mean())}
+    prompt = mbatch[Columns.OBS]["prompt"].reshape(-1)[mask]
+    for name, pid in PROMPT_IDS.items():
+        sel = prompt == pid
+        if bool(sel.any()):
+            out[f"batch_reward_mean/{name}"] = float(reward[sel].mean())
+    return out
+
+
+def _clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, clip: float) -> torch.Tensor:
+    return torch.min(adv * ratio, adv * ratio.clamp(1.0 - clip, 1.0 + clip))
+
+
+class AcrlLearner(PPOTorchLearner):
+    """PPOTorchLearner with the ACRL loss (module docstring); keeps PPO's build, schedulers, metrics."""
+
+    def build(self) -> None:
+        super().build()
+        if float(self.config.gamma) != 0.0:
+            raise LamboInputError(
+                f"ACRL needs gamma = 0 (independent instances per step), got {self.config.gamma}", where="gamma")
+        lc = self._acrl_settings()
+        critic_heads(lc["critic"])
+        if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
+            self._learner_connector.remove(GeneralAdvantageEstimation)
+            self._learner_connector.append(OneStepAdvantages())
+
+    def _acrl_settings(self) -> dict[str, Any]:
+        lc = {"critic": "two_head", "entropy_bonus": True, "entropy_coeff_target": 0.01,
+              "entropy_coeff_share": 0.001}
+        lc.update(self.config.learner_config_dict or {})
+        return lc
+
+    def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict, fwd_out: dict) -> torch.Tensor:
+        lc = self._acrl_settings()
+        mask = batch[Columns.LOSS_MASK].bool()
+
+        def mmean(x: torch.Tensor) -> torch.Tensor:
+            return x[mask].mean()
+
+        clip = config.clip_param
+        adv, targets, values = batch[Postprocessing.ADVANTAGES], batch[Postprocessing.VALUE_TARGETS], fwd_out["vf"]
+        d_t = fwd_out["logp_target"] - batch[OLD_LOGP_TARGET]
+        d_s = fwd_out["logp_share"] - batch[OLD_LOGP_SHARE]
+        metrics: dict[str, Any] = {}
+        if lc["critic"] == "two_head":
+            ratio_t, ratio_s = torch.exp(d_t), torch.exp(d_s)
+            surr_t = _clipped_surrogate(adv[:, 0], ratio_t, clip)
+            surr_s = _clipped_surrogate(adv[:, 1], ratio_s, clip)
+            surrogate = surr_t + surr_s
+            clipped = ((ratio_t - 1).abs() > clip) | ((ratio_s - 1).abs() > clip)
+            metrics.update(policy_loss_target=-mmean(surr_t), policy_loss_share=-mmean(surr_s))
+        else:
+            ratio = torch.exp(d_t + d_s)
+            surrogate = _clipped_surrogate(adv[:, 0], ratio, clip)
+            clipped = (ratio - 1).abs() > clip
+        vf_err = (values - targets).pow(2).clamp(0.0, config.vf_clip_param)  # (B, H)
+        vf_loss = vf_err.sum(-1)
+        entropy_bonus = torch.zeros_like(vf_loss)
+        if lc["entropy_bonus"]:
+            entropy_bonus = (lc["entropy_coeff_target"] * fwd_out["entropy_target"]
+                             + lc["entropy_coeff_share"] * fwd_out["entropy_share"])
+        total = mmean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_bonus)
+
+        metrics.update(
+            policy_loss=-mmean(surrogate),
+            entropy_target=mmean(fwd_out["entropy_target"]),
+            entropy_share=mmean(fwd_out["entropy_share"]),
+            approx_kl=mmean(-(d_t + d_s)),
+            clip_fraction=mmean(clipped.float()),
+            valid_rows=float(mask.sum()),
+            mean_reward=mmean(targets.sum(-1)),
+        )
+        if lc["critic"] == "two_head":
+            metrics.update(vf_off_loss=mmean(vf_err[:, 0]), vf_alloc_loss=mmean(vf_err[:, 1]),
+                           mean_r_off=mmean(targets[:, 0]), mean_r_alloc=mmean(targets[:, 1]))
+        else:
+            metrics.update(vf_loss=mmean(vf_err[:, 0]))
+        metrics["vf_explained_var"] = _explained_variance(targets.sum(-1)[mask], values.sum(-1)[mask])
+        self.metrics.log_dict({k: (v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()},
+                              key=module_id, window=1)
+        return total
+
+
+def _explained_variance(y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    var = y.var() if y.numel() > 1 else torch.zeros((), dtype=y.dtype)
+    if float(var) <= 0:
+        return torch.full((), float("nan"))
+    return (1.0 - (y - pred).var() / var).detach()
+
+
+__all__ = ["AcrlLearner", "AddRewardParts", "OneStepAdvantages", "CRITICS", "critic_heads"]
