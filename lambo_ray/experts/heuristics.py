@@ -114,13 +114,9 @@ def greedy_assignment(tables: PlacementTables) -> tuple[Assignment, bool]:
     benefit = alone.max(axis=1)
     todo = np.flatnonzero((a.target == 0) & (benefit > 0))
     for i in todo[np.argsort(-benefit[todo], kind="stable")]:
-        fits = np.flatnonzero(np.isfinite(tables.a_min[i]) & (a.load + tables.a_min[i] <= 1.0 + CAP_TOL))
-        if fits.size == 0:
-            continue
-        deltas = np.array([a.move_delta(int(i), int(j) + 1) for j in fits])
-        best = int(np.argmin(deltas))
-        if deltas[best] < -_tol(a):
-            a.move(int(i), int(fits[best]) + 1)
+        best = a.best_move_of(int(i), _tol(a))
+        if best is not None:
+            a.move(int(i), best[1])
     return a, placed
 
 

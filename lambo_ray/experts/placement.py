@@ -292,5 +292,10 @@ class Assignment:
         """Most improving single move (i, q) with its exact delta, or None when none improves by > tol."""
         return self._best(self.move_bounds(), self.move_delta, tol)
 
+    def best_move_of(self, i: int, tol: float) -> tuple[float, int] | None:
+        """Most improving new target q for UE i alone (exact delta), or None."""
+        best = self._best(self.move_bounds()[i:i + 1], lambda _, q: self.move_delta(i, q), tol)
+        return None if best is None else (best[0], best[1][1])
+
     def best_swap(self, tol: float) -> tuple[float, tuple[int, int]] | None:
         return self._best(self.swap_bounds(), self.swap_delta, tol)
