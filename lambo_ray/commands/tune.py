@@ -1,0 +1,74 @@
+"""`lambo tune`: a Ray Tune sweep of LAMBO pretraining from a tune_configs/*.yaml search space.
+
+    lambo tune --config tune_configs/small.yaml --num-samples 4 --storage runs/tune
+    lambo tune --config tune_configs/small.yaml --storage runs/tune --resume     # after Ctrl+C / a crash
+
+Prints the trial table (best first) and the best config; writes ``summary.json`` into the experiment
+directory next to Tune's own files. Under `ray job submit` it joins that cluster (RAY_ADDRESS).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lambo_ray.mec.errors import LamboInputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="search space, e.g. tune_configs/small.yaml")
+    p.add_argument("--storage", type=Path, required=True,
+                   help="directory that holds experiments (Tune's storage_path); the sweep goes to STORAGE/NAME")
+    p.add_argument("--name", help="experiment name (default: the config file's name)")
+    p.add_argument("--num-samples", type=int, help="trials to sample (default: the config's num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once (default: the config's, else "
+                   "as many as the cluster's resources allow)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the experiment STORAGE/NAME: finished trials are kept, interrupted and "
+                        "errored ones continue from their last checkpoint, pending ones start")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (ignored with RAY_ADDRESS)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lambo_ray.commands.common import init_ray
+    from lambo_ray.tuning import (
+        SPEC_FILE, SUMMARY_FILE, check_experiment, experiment_dir, format_table, load_tune_spec, run_sweep, summarize,
+    )
+
+    spec = load_tune_spec(args.config)  # checked before Ray starts: bad files fail in a second
+    name = args.name or spec.name
+    exp = experiment_dir(args.storage, name)
+    check_experiment(exp, resume=args.resume)
+    if args.resume:
+        stored = exp / SPEC_FILE
+        if stored.exists() and stored.read_text() != spec.source:
+            raise LamboInputError(f"{args.config} differs from the spec this experiment was started with "
+                                  f"({stored}); a resume continues the stored one", where="--config")
+        if args.num_samples is not None or args.max_concurrent is not None:
+            print("lambo tune: --resume keeps the experiment's own --num-samples / --max-concurrent",
+                  file=sys.stderr)
+    else:
+        spec = spec.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+
+    init_ray(num_cpus=args.num_cpus)
+    results = run_sweep(spec, args.storage, name=name, resume=args.resume, verbose=0 if args.quiet else 1)
+    summary = summarize(results, spec)
+    (exp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(format_table(summary, [p.name for p in spec.params]))
+        best = summary["best"]
+        if best is None:
+            print(f"\nno trial reported {spec.metric}", file=sys.stderr)
+        else:
+            print(f"\nbest trial {best['trial_id']}: {spec.metric} = {best['best']:.4g} with "
+                  + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+            if best["checkpoint"]:
+                print(f"best checkpoint: {best['checkpoint']}/checkpoint  "
+                      "(lambo solve --method lambo --checkpoint <it>)")
+        print(f"experiment: {exp}")
+    return 1 if summary["best"] is None else 0
