@@ -150,5 +150,7 @@ def test_time_limit_returns_feasible_uncertified_decision(paper_instance: Instan
 def test_config_validation_and_overrides() -> None:
     with pytest.raises(ValueError):
         ExactConfig(gap_tol=-1.0)
+    with pytest.raises(LamboInputError, match="time limit"):
+        ExactExpert().solve(family("paper_n6_m2", 0)[0], "min_energy", time_limit=0.0)
     expert = get_expert("exact", gap_tol=1e-3, threads=1)
     assert isinstance(expert, ExactExpert) and expert.config.gap_tol == 1e-3

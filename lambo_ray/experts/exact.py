@@ -17,7 +17,17 @@
 Pyomo's persistent APPSI HiGHS interface is used (``pyomo.contrib.appsi.solvers.Highs``): cuts go to
 the live HiGHS model without rebuilding it, and it is the Pyomo 6.10 HiGHS interface that takes a MIP
 start (``config.warmstart``); ``pyomo.contrib.solver``'s ``highs`` is persistent too but has no
-warm start. Every solve's termination condition is checked and the last one is reported.
+warm start. Every solve's termination condition is checked and reported.
+
+Stats of a decision (besides the common ones of :mod:`lambo_ray.experts.base`): ``status``
+("optimal" = certified gap <= gap_tol; "time_limit"; "max_rounds"; "stalled"; "infeasible";
+"solver_error"; ``<status>_no_incumbent`` when no feasible decision was found at all), ``objective``
+(the evaluator's), ``lower_bound``, ``gap``, ``proven_optimal``, ``rounds``, ``n_cuts``,
+``termination`` (HiGHS's last) and ``terminations`` (one per round).
+
+Public API: ``get_expert("exact", **ExactConfig fields)`` or ``ExactExpert(ExactConfig(...))``, then
+``.solve(instance, prompt, time_limit)``; ``build_model`` / ``read_assignment`` for anyone who wants
+the Pyomo model itself.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ from pyomo.contrib.appsi.base import TerminationCondition
 from pyomo.contrib.appsi.solvers import Highs
 
 from lambo_ray.experts.base import Expert, register
+from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -448,6 +459,8 @@ class ExactExpert(Expert):
     def _solve(
         self, inst: Instance, prompt: str, time_limit: float | None
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        if time_limit is not None and not time_limit > 0:
+            raise LamboInputError(f"time limit must be > 0 seconds (got {time_limit})", where="time_limit")
         limit = self.config.time_limit_s if time_limit is None else float(time_limit)
         s = ExactSolver(inst, prompt, self.config, limit)
         status, termination = s.run()
@@ -460,6 +473,7 @@ class ExactExpert(Expert):
             "proven_optimal": status == "optimal",
             "rounds": s.rounds,
             "n_cuts": s.n_cuts,
+            "terminations": s.terminations,
         }
         if inc is None:  # infeasible instance, or no feasible assignment found in time
             target = np.zeros(inst.n_ues, dtype=np.int64)
