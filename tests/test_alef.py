@@ -34,8 +34,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def pool(ray_session):
-    """One pool of two exact actors for the module (actor start-up costs seconds on 2 cores)."""
-    with ExpertPool(2, time_limit=10.0) as p:
+    """One pool of two exact actors for the module (actor start-up costs seconds on 2 cores); half a
+    CPU each, so the CLI test can still start its own one-CPU actor on the 2-CPU test Ray."""
+    with ExpertPool(2, time_limit=10.0, cpus_per_actor=0.5) as p:
         p.warm_up()
         yield p
 
@@ -270,3 +271,38 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     assert after["target_ce"] < 0.9 * before["target_ce"]
     assert after["feasible"] >= before["feasible"]
     assert after["gap"] <= before["gap"] + 0.01
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
+    from lambo_ray.cli import main
+    from lambo_ray.policy.checkpoint import load_decoder, load_policy, policy_fingerprint, save_policy
+
+    base = tiny_policy(5)
+    save_policy(tmp_path / "pre" / "policy", base)
+    out = tmp_path / "dec"
+    common = ["finetune", "--checkpoint", str(tmp_path / "pre"), "--out", str(out), "--experts", "1"]
+    tiny = ["--n-ues", "6", "--n-servers", "2", "--prompt", "min_energy", "--rounds", "1", "--pool-size", "8",
+            "--heldout", "4", "--n-replay", "2", "--epochs", "2"]
+    assert main(common + ["--drift", "storm", "--budget", "4"]) == 2
+    assert main(common + ["--drift", "load", "--budget", "0"]) == 2
+    assert main(["finetune", "--checkpoint", str(tmp_path / "missing"), "--out", str(out), "--drift", "load"]) == 2
+    assert not out.exists()
+
+    assert main(common + ["--drift", "load", "--budget", "4", *tiny]) == 0
+    policy, _ = load_policy(tmp_path / "pre" / "policy")
+    doc = load_decoder(policy, out)
+    assert doc["decoder_id"] == "load-entropy" and doc["base_fingerprint"] == policy_fingerprint(base)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.decoder.parameters(), base.decoder.parameters()))
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels_used"] == 4 and metrics["config"]["drift"] == "load"
+    assert set(metrics["before"]) == {"drifted", "undrifted"} and "git_revision" in metrics
+
+    # An existing output is never touched without --overwrite.
+    before = (out / "decoder.pt").read_bytes()
+    assert main(common + ["--drift", "load", "--budget", "4", *tiny]) == 2
+    assert (out / "decoder.pt").read_bytes() == before

@@ -154,7 +154,9 @@ class ExpertPool:
     """
 
     def __init__(self, n_actors: int = 2, time_limit: float | None = 10.0,
-                 worker: LabelWorkerConfig | None = None, max_attempts: int = 3) -> None:
+                 worker: LabelWorkerConfig | None = None, max_attempts: int = 3, cpus_per_actor: float = 1.0) -> None:
+        """``cpus_per_actor`` stays 1 in production (HiGHS runs single-threaded, one instance per
+        actor); tests sharing a 2-CPU Ray with other actors may pass a fraction."""
         import ray
 
         if n_actors < 1:
@@ -164,16 +166,16 @@ class ExpertPool:
         if not ray.is_initialized():
             raise RuntimeError("ExpertPool needs a running Ray (lambo_ray.commands.common.init_ray)")
         cpus = ray.cluster_resources().get("CPU", 0)
-        if n_actors > cpus:
-            # Each actor reserves a whole CPU: more actors than CPUs would wait forever to be placed.
-            raise LamboInputError(f"{n_actors} expert actors need {n_actors} CPUs, the cluster has {cpus:g}",
-                                  where="experts")
+        if n_actors * cpus_per_actor > cpus:
+            # Each actor reserves its CPU: more than the cluster has would wait forever to be placed.
+            raise LamboInputError(f"{n_actors} expert actors need {n_actors * cpus_per_actor:g} CPUs, "
+                                  f"the cluster has {cpus:g}", where="experts")
         self.n_actors = n_actors
         self.time_limit = time_limit
         self.worker_cfg = worker or LabelWorkerConfig()
         self.max_attempts = max_attempts
         self.stats = PoolStats()
-        self._remote_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(LabelWorker)
+        self._remote_cls = ray.remote(num_cpus=cpus_per_actor, max_restarts=0, max_task_retries=0)(LabelWorker)
         self.actors = [self._new_actor() for _ in range(n_actors)]
 
     def _new_actor(self):
