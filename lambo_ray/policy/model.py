@@ -290,7 +290,7 @@ class Decoder(nn.Module):
         idx = (target - 1).clamp_min(0)
         chosen = torch.gather(srv, 2, idx[..., None, None].expand(*idx.shape, 1, srv.shape[-1]))[..., 0, :]
         ab = F.softplus(self.share_head(torch.cat([g, chosen], -1))) + 1.0
-        return torch.distributions.Beta(ab[..., 0], ab[..., 1])
+        return torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
 
     def run_layers(
         self, x: torch.Tensor, mems: list[tuple[torch.Tensor, torch.Tensor]], mem_bias: torch.Tensor,
