@@ -1,0 +1,169 @@
+"""Which decoders exist (the catalog) and which are in memory (a bounded LRU cache per policy replica).
+
+Why our own cache rather than Serve model multiplexing (``@serve.multiplexed``): multiplexing ties one
+model id to one request context (``serve.get_multiplexed_model_id()``), but ``@serve.batch`` groups
+requests of *different* callers into one call, and those may name different decoders; a batch must be
+split by decoder inside the handler, which a per-request model id cannot express. Decoders are also
+small next to the shared encoder that every one of them reuses, so multiplexing's routing to the replica
+that already holds a model buys little, while pinning the default decoder (never evicted) and evicting the
+rest by recency is exactly what this module does in a few lines.
+
+Decoder ids are immutable: an id always names the same checkpoint directory, so replicas may cache the
+id -> path mapping forever and registering a new decoder can never change the meaning of a request in
+flight (a "swap" is registering a new id and sending requests to it). Re-registering an id with the same
+path is idempotent; with another path it is refused (409).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from lambo_ray.mec.errors import LamboInputError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DecoderEntry:
+    """A servable decoder: its id, the checkpoint directory it comes from and where it was declared."""
+
+    id: str
+    path: str | None  # None for the pretrained checkpoint's own decoder (held with the encoder)
+    source: str  # "checkpoint" | "decoders_dir" | "registered"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "source": self.source, "meta": self.meta}
+
+
+class DecoderCatalog:
+    """id -> :class:`DecoderEntry` for the whole app (one instance, in the catalog deployment).
+
+    ``is_decoder_dir`` tells a decoder checkpoint directory from any other directory; it is injected so
+    that this class knows nothing about the checkpoint format.
+    """
+
+    def __init__(self, default: DecoderEntry, decoders_dir: str | None,
+                 is_decoder_dir: Callable[[Path], bool]) -> None:
+        self._entries: dict[str, DecoderEntry] = {default.id: default}
+        self._default = default.id
+        self._dir = Path(decoders_dir) if decoders_dir else None
+        self._is_decoder_dir = is_decoder_dir
+        self._lock = threading.Lock()
+        self.rescan()
+
+    @property
+    def default_id(self) -> str:
+        return self._default
+
+    def rescan(self) -> None:
+        """Pick up checkpoints dropped into ``decoders_dir`` (sub-directory name = id) since the last scan."""
+        if self._dir is None or not self._dir.is_dir():
+            return
+        with self._lock:
+            for sub in sorted(self._dir.iterdir()):
+                if sub.name not in self._entries and sub.is_dir() and self._is_decoder_dir(sub):
+                    self._entries[sub.name] = DecoderEntry(sub.name, str(sub.resolve()), "decoders_dir")
+
+    def resolve(self, decoder_id: str) -> DecoderEntry | None:
+        entry = self._entries.get(decoder_id)
+        if entry is None:
+            self.rescan()
+            entry = self._entries.get(decoder_id)
+        return entry
+
+    def register(self, entry: DecoderEntry) -> bool:
+        """Add an entry (already validated by a policy replica). True if new, False if already identical."""
+        with self._lock:
+            old = self._entries.get(entry.id)
+            if old is not None:
+                if old.path == entry.path:
+                    return False
+                raise LamboInputError(f"decoder id {entry.id!r} is already registered for {old.path}; decoder ids "
+                                      "are immutable, register the new checkpoint under a new id", where="id",
+                                      status=409)
+            self._entries[entry.id] = entry
+            return True
+
+    def entries(self) -> list[DecoderEntry]:
+        self.rescan()
+        return list(self._entries.values())
+
+
+class LRUCache(Generic[T]):
+    """At most ``capacity`` loaded values besides the pinned ones; least recently used evicted first.
+
+    Thread-safe: loads happen on the policy replica's compute thread while the event loop may list them.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._pinned: dict[str, T] = {}
+        self._items: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.evictions = 0
+
+    def pin(self, key: str, value: T) -> None:
+        with self._lock:
+            self._pinned[key] = value
+
+    def get(self, key: str, load: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._pinned:
+                return self._pinned[key]
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = load()  # outside the lock: loading reads a checkpoint from disk
+        with self._lock:
+            self.loads += 1
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+                self.evictions += 1
+            return value
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return [*self._pinned, *self._items]
+
+
+# == lambo_ray.policy.checkpoint's POLICY_MANIFEST / DECODER_MANIFEST (a test asserts it): spelled out
+# here so that the catalog and ingress processes never import torch just to recognise a directory.
+POLICY_MANIFEST = "policy.json"
+DECODER_MANIFEST = "decoder.json"
+
+
+def policy_dir(path: str | Path) -> Path:
+    """``DIR`` when it holds policy.json, else ``DIR/policy`` (what `lambo pretrain --out DIR` writes).
+
+    When neither does, ``DIR`` is returned and the checkpoint loader names what is missing.
+    """
+    p = Path(path)
+    for cand in (p, p / "policy"):
+        if (cand / POLICY_MANIFEST).is_file():
+            return cand
+    return p
+
+
+def is_decoder_checkpoint(path: Path) -> bool:
+    return (Path(path) / DECODER_MANIFEST).is_file()
+
+
+def public_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON-safe scalar part of a checkpoint's meta (what GET /v1/decoders shows)."""
+    out: dict[str, Any] = {}
+    for key, value in (meta or {}).items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+            out[key] = dict(value)
+    return out
