@@ -22,11 +22,11 @@ from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy import (
     SCALES, LamboPolicy, PolicyBatch, PolicyConfig, count_parameters, decide, featurize, fill_capacity,
-    load_decoder, load_policy, policy_fingerprint, save_decoder, save_policy,
+    load_decoder, load_policy, policy_fingerprint, resolve_policy_dir, save_decoder, save_policy,
 )
 from lambo_ray.policy.decoding import permute, unpermute
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, instance_features
-from lambo_ray.policy.model import categorical_entropy
+from lambo_ray.policy.model import allowed_options, categorical_entropy
 
 torch.set_num_threads(1)
 TINY = PolicyConfig(d_model=32, n_heads=4, enc_layers=2)
@@ -170,6 +170,31 @@ def test_teacher_forced_logp_matches_decode(mixed_instances):
     grads = [p.grad for p in pol.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert pol.decoder.share_head[0].weight.grad.abs().sum() > 0 and pol.embedding.pair.weight.grad.abs().sum() > 0
+
+
+def test_expert_labels_are_never_masked_under_teacher_forcing():
+    """ALEF trains on expert decisions: every feasible one (servers filled to exactly 1 by water-filling)
+    must be an allowed path of the decoder, with finite log-probabilities."""
+    from lambo_ray.experts import get_expert
+
+    insts = generate_many(apply_drift(ScenarioConfig(n_ues=15), "deadline"), 4, seed=21)
+    pol = make_policy(seed=0)
+    for prompt in ("min_latency", "min_energy"):
+        labels = [get_expert("local_search").solve(inst, prompt) for inst in insts]
+        assert all(d.stats["feasible"] for d in labels)
+        b = featurize(insts, prompt)
+        target = torch.tensor(np.stack([d.target for d in labels]))
+        share = torch.tensor(np.stack([d.share for d in labels]))
+        with torch.no_grad():
+            tf = pol.teacher_forced(b, pol.encode(b), target, share)
+        assert (target > 0).sum() > 20
+        assert torch.isfinite(tf.logp_share).all() and (tf.logp_target > -100).all()
+    # A label filling a server to exactly 1 may leave round-off: a_min a hair above what remains.
+    rem = torch.tensor([[[0.3, 0.3, 0.3]]], dtype=torch.float64)
+    amin = torch.tensor([[[0.3 * (1 + 1e-12), 0.3 * (1 + 1e-6), float("inf")]]], dtype=torch.float64)
+    ok, dead = allowed_options(rem, amin, torch.tensor([[False]]), torch.ones(1, 3, dtype=torch.bool),
+                               torch.tensor([[True]]))
+    assert ok.tolist() == [[[False, True, False, False]]] and not dead.any()
 
 
 def test_entropies_and_logps_match_torch_distributions(mixed_instances):
@@ -352,6 +377,18 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, mixed_instances):
     # Overwriting keeps exactly one good checkpoint and no temp dirs.
     save_policy(tmp_path / "ck", pol, meta={"step": 4})
     assert sorted(os.listdir(tmp_path)) == ["ck"] and load_policy(tmp_path / "ck")[1] == {"step": 4}
+
+
+def test_resolve_policy_dir(tmp_path):
+    pol = make_policy()
+    save_policy(tmp_path / "run" / "policy", pol)
+    assert resolve_policy_dir(tmp_path / "run") == tmp_path / "run" / "policy"
+    assert resolve_policy_dir(tmp_path / "run" / "policy") == tmp_path / "run" / "policy"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LamboInputError, match="no policy checkpoint"):
+        resolve_policy_dir(tmp_path / "empty")
+    with pytest.raises(LamboInputError, match="does not exist"):
+        resolve_policy_dir(tmp_path / "missing")
 
 
 def test_decoder_only_checkpoint_onto_fresh_encoder(tmp_path, mixed_instances):

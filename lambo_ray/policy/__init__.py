@@ -13,7 +13,8 @@ from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, 
 from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, fill_capacity
 from lambo_ray.policy.decoding import available_strategies, decide
 from lambo_ray.policy.checkpoint import (
-    load_decoder, load_policy, policy_fingerprint, read_decoder, read_manifest, save_decoder, save_policy,
+    load_decoder, load_policy, policy_fingerprint, read_decoder, read_manifest, resolve_policy_dir, save_decoder,
+    save_policy,
 )
 
 __all__ = [
@@ -21,6 +22,6 @@ __all__ = [
     "SCALES", "PolicyConfig", "count_parameters", "scale_config",
     "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "fill_capacity",
     "available_strategies", "decide",
-    "load_decoder", "load_policy", "policy_fingerprint", "read_decoder", "read_manifest", "save_decoder",
-    "save_policy",
+    "load_decoder", "load_policy", "policy_fingerprint", "read_decoder", "read_manifest", "resolve_policy_dir",
+    "save_decoder", "save_policy",
 ]

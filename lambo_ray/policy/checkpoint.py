@@ -215,6 +215,17 @@ def save_policy(directory: str | os.PathLike[str], policy: LamboPolicy, meta: di
     return fp
 
 
+def resolve_policy_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it holds policy.json, else ``path/policy`` (the layout of a training run's
+    output directory, e.g. ``lambo pretrain --out RUN``)."""
+    path = _require_dir(Path(path), "policy checkpoint")
+    for cand in (path, path / "policy"):
+        if (cand / POLICY_MANIFEST).is_file():
+            return cand
+    raise LamboInputError(f"no policy checkpoint here (expected {POLICY_MANIFEST} in DIR or DIR/policy)",
+                          where=str(path))
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The policy.json of a checkpoint (validated), without loading weights."""
     d = _require_dir(Path(directory), "policy checkpoint")

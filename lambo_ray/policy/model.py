@@ -41,6 +41,7 @@ from lambo_ray.policy.config import PolicyConfig
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, PolicyBatch
 
 _NEG = -1e9  # additive mask value (finite: a fully masked row never turns into NaN)
+FIT_RTOL = 1e-9  # relative round-off allowed when testing a_min_ij <= remaining_j
 N_DYN = 4  # dynamic (MEC state) features per (UE, server): see _dynamic_features
 
 
@@ -253,7 +254,7 @@ class Decoder(nn.Module):
     def dynamic_features(rem: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
         """(B,Q,M) remaining capacity and minimum shares (float64) -> (B,Q,M,N_DYN) float32."""
         finite = torch.isfinite(amin)
-        fits = finite & (amin <= rem)
+        fits = finite & (amin <= rem * (1.0 + FIT_RTOL))
         ratio = torch.where(finite & (rem > 0), amin / rem.clamp_min(1e-12), torch.full_like(amin, 2.0))
         slack = torch.where(finite, rem - amin, torch.full_like(amin, -1.0))
         return torch.stack([rem, ratio.clamp(0.0, 2.0), fits.to(rem.dtype), slack.clamp(-1.0, 1.0)], -1).float()
@@ -307,10 +308,13 @@ def allowed_options(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feasible options (B,Q,M+1) given remaining capacity before each query UE; and dead ends (B,Q).
 
+    ``FIT_RTOL`` lets an expert's label whose share equals the remaining capacity up to round-off stay
+    allowed under teacher forcing; a share built on such a server exceeds capacity or misses the
+    deadline by at most that relative 1e-9, far inside the evaluator's tolerance.
     A dead end (nothing fits) and a padded UE both get "local" as their only option, so their
     distribution is deterministic (log-prob 0, entropy 0) and never NaN.
     """
-    srv_ok = server_mask[:, None, :] & torch.isfinite(amin) & (amin <= rem)
+    srv_ok = server_mask[:, None, :] & torch.isfinite(amin) & (amin <= rem * (1.0 + FIT_RTOL))
     opts = torch.cat([local_ok[..., None], srv_ok], dim=-1) & ue_mask[..., None]
     dead = ~opts.any(-1)
     opts = opts.clone()
