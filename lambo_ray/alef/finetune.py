@@ -260,11 +260,6 @@ class LabelledSet:
                 for i, p, lab in zip(self.instances, self.prompts, self.labels)]
 
 
-def label_set(pool: ExpertPool, instances: list[Instance], prompts: list[str], id_base: int) -> LabelledSet:
-    labels = pool.label(instances, prompts, ids=[id_base + k for k in range(len(instances))])
-    return LabelledSet(instances, prompts, labels)
-
-
 def gap_report(policy: torch.nn.Module, ref: LabelledSet) -> dict[str, float]:
     """Greedy decode against the expert: mean relative gap over feasible decisions, feasibility rate,
     and the imitation losses on the reference labels (all objectives from the evaluator)."""
@@ -343,30 +338,65 @@ def _seeds(seed: int) -> dict[str, int]:
     return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children)}
 
 
-def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool,
+@dataclass
+class References:
+    """The labelled sets a run is measured on and replays: held-out drifted instances (gap), held-out
+    undrifted ones (forgetting) and the pre-drift replay set. They depend on the config's scenario,
+    drift, prompts, sizes and seed only, so runs that differ in query or experts can share them."""
+
+    heldout: LabelledSet
+    undrifted: LabelledSet
+    replay: LabelledSet
+    label_s: float
+
+    def sources(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in (self.heldout, self.undrifted, self.replay):
+            for lab in s.labels:
+                out[lab.source] = out.get(lab.source, 0) + 1
+        return out
+
+
+def prepare_references(cfg: AlefConfig, pool: ExpertPool) -> References:
+    """Draw and label the reference sets in one parallel pool call (negative ids: the stream's are >= 0)."""
+    seeds = _seeds(cfg.seed)
+    sets = [
+        (snapshot_set(apply_drift(cfg.scenario, cfg.drift), cfg.n_heldout, seeds["heldout_drifted"]),
+         cycle_prompts(cfg.prompts, cfg.n_heldout)),
+        (snapshot_set(cfg.scenario, cfg.n_heldout, seeds["heldout_undrifted"]), cycle_prompts(cfg.prompts, cfg.n_heldout)),
+        (snapshot_set(cfg.scenario, cfg.n_replay, seeds["replay"]) if cfg.n_replay else [],
+         cycle_prompts(cfg.prompts, cfg.n_replay)),
+    ]
+    instances = [i for insts, _ in sets for i in insts]
+    prompts = [p for _, ps in sets for p in ps]
+    t0 = time.perf_counter()
+    labels = pool.label(instances, prompts, ids=[-1 - k for k in range(len(instances))])
+    label_s = time.perf_counter() - t0
+    out, lo = [], 0
+    for insts, ps in sets:
+        out.append(LabelledSet(list(insts), list(ps), labels[lo:lo + len(insts)]))
+        lo += len(insts)
+    return References(out[0], out[1], out[2], label_s)
+
+
+def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, references: References | None = None,
              log: Callable[[str], None] = lambda s: None) -> AlefResult:
-    """Fine-tune ``policy``'s decoder in place under ``cfg.drift``; returns per-round metrics."""
+    """Fine-tune ``policy``'s decoder in place under ``cfg.drift``; returns per-round metrics.
+
+    ``references`` (from :func:`prepare_references` with the same config) skips labelling them again.
+    """
     start = time.perf_counter()
     seeds = _seeds(cfg.seed)
     torch.manual_seed(seeds["train"])
     rng_train = np.random.default_rng(seeds["train"])
     rng_query = np.random.default_rng(seeds["query"])
-    drifted_cfg = apply_drift(cfg.scenario, cfg.drift)
     query = get_query(cfg.query, **({"share_weight": cfg.query_share_weight} if cfg.query == "entropy" else {}))
     opt = make_optimizer(policy, cfg)
     policy.eval()
 
-    # Reference sets, labelled once (ids are disjoint from the stream's, which start at 0).
-    t0 = time.perf_counter()
-    held_cfg = drifted_cfg.replace(walk_s=600.0) if cfg.drift == "mobility" else drifted_cfg
-    heldout = label_set(pool, snapshot_set(held_cfg, cfg.n_heldout, seeds["heldout_drifted"]),
-                        cycle_prompts(cfg.prompts, cfg.n_heldout), id_base=-1_000_000)
-    undrifted = label_set(pool, snapshot_set(cfg.scenario, cfg.n_heldout, seeds["heldout_undrifted"]),
-                          cycle_prompts(cfg.prompts, cfg.n_heldout), id_base=-2_000_000)
-    replay_set = (label_set(pool, snapshot_set(cfg.scenario, cfg.n_replay, seeds["replay"]),
-                            cycle_prompts(cfg.prompts, cfg.n_replay), id_base=-3_000_000)
-                  if cfg.n_replay else LabelledSet([], [], []))
-    setup_label_s = time.perf_counter() - t0
+    refs = references if references is not None else prepare_references(cfg, pool)
+    setup_label_s = refs.label_s if references is None else 0.0
+    heldout, undrifted, replay_set = refs.heldout, refs.undrifted, refs.replay
     replay = LabelBuffer(replay_set.examples())
     before = {"drifted": gap_report(policy, heldout), "undrifted": gap_report(policy, undrifted)}
     log(f"before: drifted gap {before['drifted']['gap']:.4f}, undrifted gap {before['undrifted']['gap']:.4f}"
