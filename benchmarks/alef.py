@@ -34,8 +34,7 @@ from lambo_ray.results import print_table, write_results
 
 def load_base_policy(checkpoint: Path | None, seed: int) -> tuple[torch.nn.Module, str]:
     if checkpoint is not None:
-        from lambo_ray.commands.finetune import resolve_policy_dir
-        from lambo_ray.policy.checkpoint import load_policy
+        from lambo_ray.policy.checkpoint import load_policy, resolve_policy_dir
 
         policy, _ = load_policy(resolve_policy_dir(checkpoint))
         return policy, str(checkpoint)

@@ -62,17 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             action.choices, action.help = None, f"drift scenario: {', '.join(DRIFTS)} (required)"
 
 
-def resolve_policy_dir(path: Path) -> Path:
-    """``DIR`` itself when it holds policy.json, else ``DIR/policy`` (what `lambo pretrain --out` writes)."""
-    if not path.exists():
-        raise LamboInputError("checkpoint directory does not exist", where=str(path))
-    for cand in (path, path / "policy"):
-        if (cand / "policy.json").is_file():
-            return cand
-    raise LamboInputError("no policy checkpoint here (expected policy.json in DIR or DIR/policy)",
-                          where=str(path))
-
-
 def config_from_args(args: argparse.Namespace):
     from lambo_ray.alef.finetune import AlefConfig
     from lambo_ray.alef.query import query_strategies
@@ -132,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from lambo_ray.alef.expert_pool import ExpertPool
     from lambo_ray.alef.finetune import run_alef
     from lambo_ray.mec.io import write_json
-    from lambo_ray.policy.checkpoint import DECODER_ID_RE, load_policy, policy_fingerprint, save_decoder
+    from lambo_ray.policy.checkpoint import (DECODER_ID_RE, load_policy, policy_fingerprint, resolve_policy_dir,
+                                             save_decoder)
     from lambo_ray.results import print_table, run_metadata
 
     if not DECODER_ID_RE.match(decoder_id):
