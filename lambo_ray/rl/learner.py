@@ -178,7 +178,7 @@ class AcrlLearner(PPOTorchLearner):
             policy_loss=-mmean(surrogate),
             entropy_target=mmean(fwd_out["entropy_target"]),
             entropy_share=mmean(fwd_out["entropy_share"]),
-            approx_kl=mmean(-(d_t + d_s)),
+            approx_kl=mmean(torch.expm1(d_t + d_s) - (d_t + d_s)),  # k3 estimator of KL(old || new), >= 0
             clip_fraction=mmean(clipped.float()),
             valid_rows=float(mask.sum()),
             mean_reward=mmean(targets.sum(-1)),

@@ -10,19 +10,21 @@ TensorBoard), and :class:`Pretrainer` reads like the algorithm:
              expert per prompt                                                     -> :meth:`validate`
              atomic checkpoint                                                     -> :meth:`save`
 
-Run directory (``out``)::
+Run directory (``out``), which is also the checkpoint::
 
-    out/checkpoint/policy/      the policy in its own format (policy.checkpoint.save_policy): what
-                                `lambo solve --method lambo --checkpoint out/checkpoint` and Serve load,
-                                no RLlib needed
-    out/checkpoint/rllib/       the RLlib Algorithm (learner, optimizer, env-runner connector state)
-    out/checkpoint/state.json   iteration, config, metrics history (written last: completeness marker)
-    out/tb/                     TensorBoard scalars
-    out/val_labels.json         exact-expert labels of the validation set (computed once, cached)
+    out/policy/        the policy in its own format (:func:`lambo_ray.policy.checkpoint.save_policy`): what
+                       `lambo solve --method lambo --checkpoint out`, `lambo finetune` and Serve load; no
+                       RLlib needed
+    out/rllib/         the RLlib Algorithm (learner, optimizer, env-runner connector state) plus
+                       ``lambo_state.json``: the run state it belongs to (the source of truth on resume)
+    out/state.json     a copy of that run state (iteration, config, metrics history) for people and tools
+    out/tb/            TensorBoard scalars
+    out/val_labels.json  exact-expert objectives of the validation set (computed once, cached)
 
-The checkpoint directory is replaced atomically: the new one is written beside it and renamed into
-place; the previous one is kept (as ``.checkpoint.old``) until the new one is complete, and
-:meth:`Pretrainer.restore` falls back to it if a crash hit between the two renames.
+Saving is crash-safe: ``rllib/`` is written complete into a temporary sibling and swapped in, the
+previous one kept as ``.rllib.old`` until the swap is done (:func:`resolve_checkpoint` falls back to it);
+``policy/`` is swapped the same way by ``save_policy``, and ``state.json`` is replaced last. A crash can
+only leave ``policy/`` one iteration behind ``rllib/``, and the next save rewrites it.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ from lambo_ray.rl.env import MecEnvConfig
 from lambo_ray.rl.learner import critic_heads
 
 STATE_FORMAT = "lambo.pretrain/1"
-STATE_FILE, POLICY_DIR, RLLIB_DIR = "state.json", "policy", "rllib"
-CHECKPOINT_DIR, TB_DIR, LABELS_FILE = "checkpoint", "tb", "val_labels.json"
+STATE_FILE, RLLIB_STATE_FILE, POLICY_DIR, RLLIB_DIR = "state.json", "lambo_state.json", "policy", "rllib"
+TB_DIR, LABELS_FILE = "tb", "val_labels.json"
 MODULE_ID = "default_policy"
 # Fields that fix the shapes of the networks: a checkpoint can only be resumed with the same values.
 ARCHITECTURE_FIELDS = ("scale", "policy_overrides", "critic", "n_max", "m_max")
@@ -189,24 +191,26 @@ def build_algo_config(cfg: PretrainConfig) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Checkpoint files
 # ----------------------------------------------------------------------------------------------
-def read_state(path: Path) -> dict[str, Any]:
-    """state.json of a checkpoint directory, checked for completeness; LamboInputError otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LamboInputError("checkpoint directory not found", where=str(path))
-    missing = [n for n in (STATE_FILE, POLICY_DIR, RLLIB_DIR) if not (path / n).exists()]
-    if missing:
-        raise LamboInputError(f"incomplete checkpoint: missing {', '.join(missing)}", where=str(path))
+def read_state(run: Path) -> tuple[Path, dict[str, Any]]:
+    """The RLlib checkpoint of a run directory and the run state stored in it; LamboInputError when it is
+    missing, incomplete or not ours."""
+    run = Path(run)
+    rllib = resolve_checkpoint(run)
+    if rllib is None:
+        raise LamboInputError(f"no checkpoint: {RLLIB_DIR}/ is missing", where=str(run))
+    state_file = rllib / RLLIB_STATE_FILE
+    if not state_file.exists():
+        raise LamboInputError(f"incomplete checkpoint: {RLLIB_DIR}/{RLLIB_STATE_FILE} is missing", where=str(run))
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads(state_file.read_text())
     except (OSError, ValueError) as err:
-        raise LamboInputError(f"unreadable {STATE_FILE}: {err}", where=str(path)) from None
+        raise LamboInputError(f"unreadable {state_file.name}: {err}", where=str(rllib)) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise LamboInputError(f"{STATE_FILE} is not a {STATE_FORMAT} document", where=str(path))
+        raise LamboInputError(f"{state_file.name} is not a {STATE_FORMAT} document", where=str(rllib))
     for key in ("iteration", "config", "history"):
         if key not in state:
-            raise LamboInputError(f"{STATE_FILE} lacks {key!r}", where=str(path))
-    return state
+            raise LamboInputError(f"{state_file.name} lacks {key!r}", where=str(rllib))
+    return rllib, state
 
 
 def check_compatible(saved: dict[str, Any], cfg: PretrainConfig, where: Path) -> None:
@@ -219,14 +223,12 @@ def check_compatible(saved: dict[str, Any], cfg: PretrainConfig, where: Path) ->
                               where=str(where))
 
 
-def resolve_checkpoint(path: Path) -> Path | None:
-    """The complete checkpoint at ``path``, or the previous one if a save crashed mid-swap; None if none."""
-    path = Path(path)
-    old = path.parent / f".{path.name}.old"
-    if path.exists():
-        return path
-    if old.exists():
-        return old
+def resolve_checkpoint(run: Path) -> Path | None:
+    """``run/rllib``, or the previous one if a save crashed between its two renames; None if neither."""
+    run = Path(run)
+    for cand in (run / RLLIB_DIR, run / f".{RLLIB_DIR}.old"):
+        if cand.exists():
+            return cand
     return None
 
 
@@ -237,6 +239,12 @@ def _atomic_replace(tmp: Path, path: Path) -> None:
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
 
 
 def _jsonable(x: Any) -> Any:
@@ -251,6 +259,25 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def check_run_dir(out: Path, cfg: PretrainConfig, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """Cheap checks before anything starts: an existing checkpoint needs ``resume`` and a matching
+    architecture; returns (rllib checkpoint dir, run state) to resume from, or (None, None)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LamboInputError(f"{out} exists and is not a directory", where="out")
+    if resolve_checkpoint(out) is None:
+        if resume and (out / STATE_FILE).exists():
+            raise LamboInputError(f"incomplete checkpoint: {STATE_FILE} present but {RLLIB_DIR}/ missing",
+                                  where=str(out))
+        return None, None
+    if not resume:
+        raise LamboInputError(f"{out} already holds a checkpoint; pass --resume to continue it or choose "
+                              "another --out", where="out")
+    rllib, state = read_state(out)
+    check_compatible(state["config"], cfg, rllib)
+    return rllib, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +391,7 @@ def supervised_warm_start(policy: LamboPolicy, cfg: PretrainConfig) -> dict[str,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         if epoch == 0:
             first = float(np.mean(losses))
         last = float(np.mean(losses))
@@ -388,34 +415,29 @@ class Pretrainer:
         self.history: list[dict[str, Any]] = []
         self.warm_started = False
         torch.set_num_threads(cfg.driver_threads)
-        existing = resolve_checkpoint(self.checkpoint_path)
-        if existing is not None and not resume:
-            raise LamboInputError(f"{existing} already holds a checkpoint; pass --resume to continue it or "
-                                  "choose another --out", where="out")
-        saved = None
-        if existing is not None:
-            saved = read_state(existing)
-            check_compatible(saved["config"], cfg, existing)
+        existing, saved = check_run_dir(self.out, cfg, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         self.algo = build_algo_config(cfg).build_algo()
-        if existing is not None:
-            try:
-                self.algo.restore_from_path(str((existing / RLLIB_DIR).resolve()))
-            except Exception as err:  # RLlib raises assorted types for broken files
-                self.algo.stop()
-                raise LamboInputError(f"cannot restore the RLlib state: {type(err).__name__}: {err}",
-                                      where=str(existing / RLLIB_DIR)) from None
-            self.iteration = int(saved["iteration"])
-            self.history = list(saved["history"])
-            self.warm_started = bool(saved.get("warm_started", False))
+        if saved is not None:
+            self.restore(existing, saved)
         self.vset = ValidationSet.build(cfg, self.out / LABELS_FILE)
         self._writer = None
         self._lifetime_steps = self._sampled_lifetime({})
 
-    # -- paths ----------------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT_DIR
+    def restore(self, rllib_dir: Path, state: dict[str, Any]) -> None:
+        """Load a checkpoint's RLlib state (weights, optimizer, connector state) and run state."""
+        try:
+            self.algo.restore_from_path(str(Path(rllib_dir).resolve()))
+        except Exception as err:  # RLlib raises assorted types for broken files
+            self.algo.stop()
+            raise LamboInputError(f"cannot restore the RLlib state: {type(err).__name__}: {err}",
+                                  where=str(rllib_dir)) from None
+        # Env runners hold inference-only copies: push the restored weights to them now.
+        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
+                                                inference_only=True, timeout_seconds=60.0)
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.warm_started = bool(state.get("warm_started", False))
 
     # -- weights ----------------------------------------------------------------------------------
     def learner_state(self) -> dict[str, torch.Tensor]:
@@ -435,7 +457,7 @@ class Pretrainer:
         state.update({f"policy.{k}": v.detach().cpu().numpy() for k, v in policy.state_dict().items()})
         self.algo.learner_group.set_weights({MODULE_ID: state})
         self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
-                                                inference_only=True)
+                                                inference_only=True, timeout_seconds=60.0)
 
     # -- the loop -------------------------------------------------------------------------------
     def warm_start(self) -> dict[str, float]:
@@ -447,6 +469,8 @@ class Pretrainer:
         self.set_policy(policy)
         self.warm_started = True
         metrics.update(validate(self.policy(), self.vset, self.cfg.prompts))
+        metrics = {"iteration": self.iteration, "phase": "warm_start", **metrics}
+        self.history.append(_jsonable(metrics))
         self._log(metrics, step=self.iteration)
         return metrics
 
@@ -468,7 +492,7 @@ class Pretrainer:
         instances = lifetime - self._lifetime_steps
         self._lifetime_steps = lifetime
         learner = res.get("learners", {}).get(MODULE_ID, {})
-        m: dict[str, Any] = {"iteration": self.iteration, "time_s": wall, "instances": instances,
+        m: dict[str, Any] = {"iteration": self.iteration, "phase": "acrl", "time_s": wall, "instances": instances,
                              "instances_per_s": instances / wall if wall > 0 else float("nan")}
         for key in ("batch_reward_mean", "batch_r_off_mean", "batch_r_alloc_mean", "batch_feasible",
                     "policy_loss", "policy_loss_target", "policy_loss_share", "vf_off_loss", "vf_alloc_loss",
@@ -495,12 +519,12 @@ class Pretrainer:
     def run(self) -> list[dict[str, Any]]:
         """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
         run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``."""
+        if self.iteration == 0 and not self.history:
+            init = {"iteration": 0, "phase": "init", **validate(self.policy(), self.vset, self.cfg.prompts)}
+            self.history.append(_jsonable(init))
+            self._log(init, step=0)
         if self.iteration == 0:
             self.warm_start()
-            if self.cfg.val_size and not self.history:
-                base = {"iteration": 0, **validate(self.policy(), self.vset, self.cfg.prompts)}
-                self.history.append(_jsonable(base))
-                self._log(base, step=0)
         while self.iteration < self.cfg.iterations:
             self.train_iteration()
             if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration == self.cfg.iterations:
@@ -508,28 +532,28 @@ class Pretrainer:
         return self.history
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write policy/, rllib/ and state.json into a fresh sibling directory, then swap it in."""
+    def save(self) -> Path:
+        """Checkpoint into the run directory (layout and crash safety: module docstring)."""
         from lambo_ray.policy.checkpoint import save_policy
 
-        path = Path(path) if path is not None else self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = _jsonable({"format": STATE_FORMAT, "iteration": self.iteration, "config": self.cfg.to_dict(),
+                           "warm_started": self.warm_started, "history": self.history,
+                           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        tmp = self.out / f".{RLLIB_DIR}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            self.algo.save_to_path(str((tmp / RLLIB_DIR).resolve()))
-            save_policy(tmp / POLICY_DIR, self.policy(), scale=self.cfg.scale if not self.cfg.policy_overrides
-                        else None, meta={"trained_by": "lambo pretrain", "iteration": self.iteration,
-                                         "n_max": self.cfg.n_max, "m_max": self.cfg.m_max})
-            state = {"format": STATE_FORMAT, "iteration": self.iteration, "config": self.cfg.to_dict(),
-                     "warm_started": self.warm_started, "history": self.history,
-                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            (tmp / STATE_FILE).write_text(json.dumps(_jsonable(state), indent=1))
-            _atomic_replace(tmp, path)
+            self.algo.save_to_path(str(tmp.resolve()))
+            (tmp / RLLIB_STATE_FILE).write_text(json.dumps(state, indent=1))
+            _atomic_replace(tmp, self.out / RLLIB_DIR)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        save_policy(self.out / POLICY_DIR, self.policy(),
+                    scale=None if self.cfg.policy_overrides else self.cfg.scale,
+                    meta={"trained_by": "lambo pretrain", "iteration": self.iteration,
+                          "n_max": self.cfg.n_max, "m_max": self.cfg.m_max, "prompts": list(self.cfg.prompts)})
+        _write_json_atomic(self.out / STATE_FILE, state)
+        return self.out
 
     # -- logging ----------------------------------------------------------------------------------
     def _log(self, metrics: dict[str, Any], step: int) -> None:
@@ -539,7 +563,7 @@ class Pretrainer:
             self._writer = SummaryWriter(str(self.out / TB_DIR))
             self._writer.add_text("config", json.dumps(self.cfg.to_dict(), indent=1), 0)
         for k, v in metrics.items():
-            if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v):
+            if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 self._writer.add_scalar(k, v, step)
         self._writer.flush()
         if self.progress:
@@ -555,7 +579,7 @@ class Pretrainer:
 
 
 def progress_line(m: dict[str, Any], cfg: PretrainConfig) -> str:
-    parts = [f"iter {m.get('iteration', '-')}/{cfg.iterations}"]
+    parts = [f"iter {m.get('iteration', '-')}/{cfg.iterations} {m.get('phase', '')}".rstrip()]
     if "time_s" in m:
         parts.append(f"{m['time_s']:.1f}s {m['instances_per_s']:.0f} inst/s")
     if "train/batch_reward_mean" in m:
