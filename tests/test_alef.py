@@ -271,6 +271,12 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     assert after["target_ce"] < 0.9 * before["target_ce"]
     assert after["feasible"] >= before["feasible"]
     assert after["gap"] <= before["gap"] + 0.01
+    # Every arrival was served and recorded once; the queried ones carry their (proven-optimal) label,
+    # which no served decision can beat beyond the exact expert's certified tolerance.
+    assert len(res.online) == 2 * 16 and len({o.instance_id for o in res.online}) == 32
+    queried = [o for o in res.online if o.queried]
+    assert len(queried) == 16 and all(o.label_source == "exact" for o in queried)
+    assert all(o.gap >= -1e-4 for o in queried if o.gap is not None)
 
 
 # ------------------------------------------------------------------------------------- CLI

@@ -281,6 +281,28 @@ def gap_report(policy: torch.nn.Module, ref: LabelledSet) -> dict[str, float]:
 
 
 @dataclass
+class OnlineRecord:
+    """One served decision of the stream: what was decided online and, if queried, what the expert said."""
+
+    instance_id: int
+    round: int
+    prompt: str
+    objective: float
+    feasible: bool
+    score: float  # query score
+    queried: bool = False
+    label_objective: float | None = None
+    label_source: str | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Gap of the *online* decision to its label (only queried instances have one)."""
+        if self.label_objective is None or not self.feasible:
+            return None
+        return relative_gap(self.objective, self.label_objective)
+
+
+@dataclass
 class RoundMetrics:
     round: int
     labels_used: int  # cumulative
@@ -288,6 +310,7 @@ class RoundMetrics:
     label_sources: dict[str, int]
     online_objective: dict[str, float]  # per prompt: mean objective of the round's served decisions
     online_feasible: float  # feasibility rate of those decisions (no labels exist for most of them)
+    queried_online_gap: float  # gap of the online decisions of the queried instances to their labels
     query_score_mean: float  # mean query score of the queried instances
     pool_score_mean: float  # ... and of the whole arrival pool (entropy query: queried > pool)
     train: dict[str, float]
@@ -306,6 +329,7 @@ class AlefResult:
     setup_label_s: float
     wall_s: float
     pool_stats: dict[str, Any]
+    online: list[OnlineRecord] = field(default_factory=list)  # every served decision, in arrival order
 
     @property
     def after(self) -> dict[str, dict[str, float]]:
@@ -326,6 +350,7 @@ class AlefResult:
             "setup_label_s": self.setup_label_s,
             "wall_s": self.wall_s,
             "pool_stats": self.pool_stats,
+            "online": [dataclasses.asdict(o) | {"gap": o.gap} for o in self.online],
         }
 
 
@@ -348,6 +373,7 @@ class References:
     undrifted: LabelledSet
     replay: LabelledSet
     label_s: float
+    key: tuple = ()  # reference_key(cfg) of the config they were drawn for
 
     def sources(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -355,6 +381,10 @@ class References:
             for lab in s.labels:
                 out[lab.source] = out.get(lab.source, 0) + 1
         return out
+
+
+def reference_key(cfg: AlefConfig) -> tuple:
+    return (cfg.scenario, cfg.drift, cfg.prompts, cfg.n_heldout, cfg.n_replay, cfg.seed)
 
 
 def prepare_references(cfg: AlefConfig, pool: ExpertPool) -> References:
@@ -376,7 +406,7 @@ def prepare_references(cfg: AlefConfig, pool: ExpertPool) -> References:
     for insts, ps in sets:
         out.append(LabelledSet(list(insts), list(ps), labels[lo:lo + len(insts)]))
         lo += len(insts)
-    return References(out[0], out[1], out[2], label_s)
+    return References(out[0], out[1], out[2], label_s, reference_key(cfg))
 
 
 def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, references: References | None = None,
@@ -394,6 +424,8 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
     opt = make_optimizer(policy, cfg)
     policy.eval()
 
+    if references is not None and references.key != reference_key(cfg):
+        raise ValueError("references were prepared for another config (scenario, drift, prompts, sizes or seed)")
     refs = references if references is not None else prepare_references(cfg, pool)
     setup_label_s = refs.label_s if references is None else 0.0
     heldout, undrifted, replay_set = refs.heldout, refs.undrifted, refs.replay
@@ -406,6 +438,7 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
     budget = LabelBudget(cfg.budget, cfg.rounds, cfg.budget_per_round)
     buffer = LabelBuffer()
     rounds: list[RoundMetrics] = []
+    records: list[OnlineRecord] = []
     arrived = 0
     for r in range(cfg.rounds):
         k = budget.this_round()
@@ -422,6 +455,9 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
         # 2. Query the most uncertain decisions within this round's budget.
         scores = query(online.query_input, rng_query)
         chosen = select(scores, k)
+        served = [OnlineRecord(ids[i], r + 1, prompts[i], evals[i].objective(prompts[i]), evals[i].feasible,
+                               float(scores[i])) for i in range(len(arrivals))]
+        records.extend(served)  # recorded before any label exists: labels only change later decisions
 
         # 3. The expert pool labels them in parallel.
         t0 = time.perf_counter()
@@ -430,6 +466,9 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
         budget.spend(len(labels))
         buffer.add([Example(arrivals[i], prompts[i], lab.target, lab.share, lab.source, lab.objective)
                     for i, lab in zip(chosen, labels)])
+        for i, lab in zip(chosen, labels):
+            served[i].queried, served[i].label_objective, served[i].label_source = True, lab.objective, lab.source
+        queried_gaps = [g for g in (served[i].gap for i in chosen) if g is not None]
 
         # 4. Train the decoder on the labelled buffer (+ pre-drift replay), encoder frozen.
         t0 = time.perf_counter()
@@ -448,6 +487,7 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             online_objective={p: float(np.mean([e.objective(p) for e, q in zip(evals, prompts) if q == p]))
                               for p in sorted(set(prompts))},
             online_feasible=float(np.mean([e.feasible for e in evals])),
+            queried_online_gap=float(np.mean(queried_gaps)) if queried_gaps else float("nan"),
             query_score_mean=float(np.mean(scores[chosen])) if len(chosen) else float("nan"),
             pool_score_mean=float(np.mean(scores)),
             train=train,
@@ -462,4 +502,4 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             f"drifted gap {m.drifted['gap']:.4f}, undrifted gap {m.undrifted['gap']:.4f}, "
             f"label {label_s:.1f} s, train {train_s:.1f} s")
     return AlefResult(config=cfg.to_dict(), before=before, rounds=rounds, setup_label_s=setup_label_s,
-                      wall_s=time.perf_counter() - start, pool_stats=dataclasses.asdict(pool.stats))
+                      wall_s=time.perf_counter() - start, pool_stats=dataclasses.asdict(pool.stats), online=records)
