@@ -211,6 +211,11 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _json(content: dict[str, Any]) -> JSONResponse:
+    """Already JSON-safe (plain lists and floats): skip FastAPI's recursive jsonable_encoder pass."""
+    return JSONResponse(content)
+
+
 _ERRORS = {s: {"model": api.ErrorOut} for s in (404, 409, 413, 422)}
 
 
@@ -224,7 +229,7 @@ class LamboIngress:
 
     @fastapi_app.post("/v1/decide", responses={200: {"model": api.DecideOut}, **_ERRORS},
                       openapi_extra=api.openapi_body(api.DECIDE_DOC))
-    async def decide(self, request: Request) -> dict[str, Any]:
+    async def decide(self, request: Request) -> JSONResponse:
         """Decide one instance. Concurrent callers are batched on the policy replica."""
         start = time.perf_counter()
         req = api.parse_decide(await read_body(request, self._cfg.max_body_bytes), self._cfg)
@@ -232,11 +237,11 @@ class LamboIngress:
         decision = _unwrap(await self._policy.decide.remote(inst, req.prompt, req.decoder, req.decode, req.k,
                                                             req.seed))
         decoder = req.decoder or self._cfg.default_decoder
-        return api.decide_result(inst, decision, decoder, 0.0) | {"timing_ms": _ms(start)}
+        return _json(api.decide_result(inst, decision, decoder, 0.0) | {"timing_ms": _ms(start)})
 
     @fastapi_app.post("/v1/decide_batch", responses={200: {"model": api.DecideBatchOut}, **_ERRORS},
                       openapi_extra=api.openapi_body(api.DECIDE_BATCH_DOC))
-    async def decide_batch(self, request: Request) -> dict[str, Any]:
+    async def decide_batch(self, request: Request) -> JSONResponse:
         """Decide many instances in order, in one policy call per chunk (the bulk path)."""
         start = time.perf_counter()
         req = api.parse_decide_batch(await read_body(request, self._cfg.max_body_bytes), self._cfg)
@@ -244,7 +249,7 @@ class LamboIngress:
             req.instances, req.prompt, req.decoder, req.decode, req.k, req.seed))
         per_item = _ms(start) / len(decisions)
         results = [api.decide_result(inst, dec, decoder, per_item) for inst, dec in zip(req.instances, decisions)]
-        return {"results": results, "timing_ms": _ms(start)}
+        return _json({"results": results, "timing_ms": _ms(start)})
 
     @fastapi_app.get("/v1/decoders")
     async def decoders(self) -> dict[str, Any]:

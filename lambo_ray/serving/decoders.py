@@ -67,7 +67,8 @@ class DecoderCatalog:
         with self._lock:
             for sub in sorted(self._dir.iterdir()):
                 if sub.name not in self._entries and sub.is_dir() and self._is_decoder_dir(sub):
-                    self._entries[sub.name] = DecoderEntry(sub.name, str(sub.resolve()), "decoders_dir")
+                    self._entries[sub.name] = DecoderEntry(sub.name, str(sub.resolve()), "decoders_dir",
+                                                           decoder_manifest_summary(sub))
 
     def resolve(self, decoder_id: str) -> DecoderEntry | None:
         entry = self._entries.get(decoder_id)
@@ -156,6 +157,23 @@ def policy_dir(path: str | Path) -> Path:
 
 def is_decoder_checkpoint(path: Path) -> bool:
     return (Path(path) / DECODER_MANIFEST).is_file()
+
+
+def decoder_manifest_summary(path: Path) -> dict[str, Any]:
+    """What a decoder's manifest says about it (id, base encoder, caller's meta), read without torch.
+
+    For listing only: the decoder is validated (fingerprint, shapes) when a replica loads it.
+    """
+    import json
+
+    try:
+        doc = json.loads((Path(path) / DECODER_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {**public_meta(doc.get("meta") if isinstance(doc.get("meta"), dict) else {}),
+            "decoder_id": doc.get("decoder_id"), "base_fingerprint": doc.get("base_fingerprint")}
 
 
 def public_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
