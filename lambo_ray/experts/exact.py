@@ -68,6 +68,7 @@ class ExactConfig:
     initial_cut_points: int = 4  # geometric grid of tangent points per pair in [a_min, 1], ends included
     warm_start: bool = True  # hand the incumbent to HiGHS as a MIP start
     server_cuts: bool = True  # also the aggregated Cauchy-Schwarz cuts per server (see ExactSolver.add_server_cut)
+    neighbour_cuts: bool = True  # per round, cuts where single-UE moves would put the shares
     highs_options: dict[str, Any] = field(default_factory=dict)  # any further HiGHS option
 
     def __post_init__(self) -> None:
@@ -384,6 +385,18 @@ class ExactSolver:
     def cuts_at(self, target: np.ndarray, share: np.ndarray) -> list[pyo.Constraint | None]:
         return [self.add_cut(i, int(target[i]) - 1, share[i]) for i in np.flatnonzero(target > 0)]
 
+    def neighbour_cuts(self, target: np.ndarray) -> list[pyo.Constraint | None]:
+        """For every pair not in use: a cut at the share UE i would get if it alone moved to server j
+        (sqrt(c)-proportional next to j's current UEs, at least a_min). Single-UE moves are where
+        the next assignments come from, so their terms are under-estimated tightly in advance."""
+        if not self.cfg.neighbour_cuts:
+            return []
+        sqrt_c = np.sqrt(self.inst.cycles)
+        a_min = self.inst.min_share()
+        mass = np.array([sqrt_c[target == j + 1].sum() for j in range(self.inst.n_servers)])
+        return [self.add_cut(i, j, min(1.0, max(a_min[i, j], sqrt_c[i] / (mass[j] + sqrt_c[i]))))
+                for (i, j) in self.model.P if target[i] != j + 1]
+
     def cuts_at_milp_point(self) -> list[pyo.Constraint | None]:
         """Cuts at the MILP's own shares where its epigraph value under-estimates the true term:
         they remove the current MILP point, which the cuts at the water-filled shares may not."""
@@ -439,6 +452,7 @@ class ExactSolver:
             cuts = self.cuts_at_milp_point()
             if out.target is not None and share is not None:
                 cuts += self.cuts_at(out.target, share) + self.server_cuts_at(out.target)
+                cuts += self.neighbour_cuts(out.target)
             if not any(c is not None for c in cuts) and not out.loose:
                 # Nothing new: the MILP point's epigraph is exact, so its value is its assignment's
                 # true value and the bound cannot move; what is left is HiGHS's own tolerance.
