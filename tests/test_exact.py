@@ -154,3 +154,15 @@ def test_config_validation_and_overrides() -> None:
         ExactExpert().solve(family("paper_n6_m2", 0)[0], "min_energy", time_limit=0.0)
     expert = get_expert("exact", gap_tol=1e-3, threads=1)
     assert isinstance(expert, ExactExpert) and expert.config.gap_tol == 1e-3
+
+
+@pytest.mark.slow
+def test_deadline_drift_paper_size_proves_optimality() -> None:
+    """N = 50 under the `deadline` drift (15 UEs must offload, minimum shares bind): the hardest
+    case measured, about 20-35 s of CPU, so opt-in."""
+    inst = generate_many(apply_drift(ScenarioConfig(), "deadline"), 1, seed=3)[0]
+    assert (~inst.local_feasible()).sum() > 0
+    got = ExactExpert().solve(inst, "min_latency", time_limit=300)
+    assert got.stats["status"] == "optimal" and got.stats["gap"] <= 1e-4
+    assert evaluate(inst, got.target, got.share).feasible
+    assert got.stats["lower_bound"] <= got.objective
