@@ -9,7 +9,7 @@ import torch
 
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.are import ARE, AREConfig, equal_shares, refine_to_local, _Fitness
-from lambo_ray.experts.droo import DROO, DROOConfig, order_preserving_quantise
+from lambo_ray.experts.droo import DROO, DROOConfig, order_preserving_quantise, project_feasible
 from lambo_ray.experts.online import fallback_assignment, fits_equal, fits_optimal
 from lambo_ray.mec.drift import apply_drift
 from lambo_ray.mec.errors import LamboInputError
@@ -93,6 +93,27 @@ def test_are_local_refinement_never_worsens_a_feasible_decision(paper_instances)
             assert after.feasible
             assert after.objective(prompt) <= before.objective(prompt) + 1e-12
             assert np.all(refined[target == 0] == 0)  # only moves towards local
+
+
+def test_projection_unloads_servers_by_largest_consumer_only_as_far_as_needed(paper_instances):
+    rng = np.random.default_rng(2)
+    for inst in paper_instances:
+        a_min = inst.min_share()
+        for _ in range(5):
+            target = rng.integers(1, inst.n_servers + 1, inst.n_ues)  # everything offloaded: overloads
+            projected = project_feasible(inst, target)
+            moved = projected != target
+            assert np.all(projected[moved] == 0)
+            share = optimal_shares(inst, projected)
+            assert share is not None and evaluate(inst, projected, share).feasible
+            for j in range(1, inst.n_servers + 1):
+                kept = np.flatnonzero(projected == j)
+                removed = np.flatnonzero(moved & (target == j))
+                removed = removed[np.isfinite(a_min[removed, j - 1])]  # unreachable ones always go
+                if removed.size:
+                    # the removed ones are the largest consumers, and putting the smallest back overloads
+                    assert a_min[removed, j - 1].min() >= a_min[kept, j - 1].max(initial=0)
+                    assert a_min[kept, j - 1].sum() + a_min[removed, j - 1].min() > 1.0
 
 
 # --- order-preserving quantisation ---------------------------------------------------------------

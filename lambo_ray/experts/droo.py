@@ -6,8 +6,9 @@ The loop of the paper (public code revenol/DROO), one step per instance:
    {local, server 1..M} per UE (the paper: one sigmoid per UE for {local, offload});
 2. order-preserving quantisation turns it into K candidate assignments (:func:`order_preserving_quantise`,
    which reduces exactly to the paper's eq. (8)-(9) when there are two options);
-3. each candidate is completed with the optimal (water-filled) shares, scored by the evaluator
-   (``objectives_batch``); infeasible ones are rejected; the best is the decision;
+3. each candidate is projected onto the capacity constraint (:func:`project_feasible`: an overloaded
+   server sends its largest consumers local), completed with the optimal (water-filled) shares and
+   scored by the evaluator (``objectives_batch``); infeasible ones are rejected; the best is the decision;
 4. the decision is stored in a FIFO replay memory and every ``train_interval`` steps the DNN takes one
    Adam step on a random batch from it (cross-entropy to the stored best action; binary cross-entropy
    in the paper);
@@ -20,10 +21,16 @@ weight decay 1e-4, memory 1024, batch 128, training interval 10, Delta 32, K_max
 
 Adaptation choices: the input is dimensionless per-UE features instead of raw channel gains (which the
 paper scales by 1e6 "to be close to 1"); targets that cannot meet a UE's deadline even with a whole
-server (or locally) are masked out of the relaxed action, so no candidate wastes a slot on them.
+server (or locally) are masked out of the relaxed action, so no candidate wastes a slot on them; the
+projection of step 3 (``project=False`` turns it off: without it an untrained DNN's candidates are
+all infeasible and the memory fills with fallbacks). If none of the K candidates is feasible, all
+K_max are tried (``stats["widened"]``); if still none, the decision falls back to all-local with the
+must-offload UEs placed first-fit (``stats["fallback"]``).
 The DNN's widths depend on (N, M): one trained model serves one cell shape (LamboInputError otherwise).
-If no candidate is feasible the decision falls back to all-local with the must-offload UEs placed
-first-fit (``stats["fallback"]``).
+
+Measured on the paper scenario (N=50, M=4): learning is fast and then plateaus (min_energy mean
+objective 266 untrained, 249 after 300 steps, 250 after 10000; K shrinks to ~5): the flat DNN imitates
+the best of its own K neighbours and does not generalise far beyond them at this input width.
 """
 from __future__ import annotations
 
@@ -63,6 +70,7 @@ class DROOConfig:
     k_update_interval: int = 32  # Delta; 0 disables adaptive K (K stays K_max)
     warmup_steps: int = 300  # generated instances to learn from before the first decision of a prompt
     online: bool = True  # keep learning on the instances it is asked to solve
+    project: bool = True  # send overloaded servers' largest consumers local (see project_feasible)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,17 +85,27 @@ class DROOConfig:
         self.adam_betas = tuple(self.adam_betas)
 
 
+# The minimum share a_min_ij is clipped here (above 1 the server cannot host the UE at all).
+MAX_SHARE_FEATURE = 2.0
+
+
+def feature_width(n: int, m: int) -> int:
+    return n * (3 * m + 3)
+
+
 def droo_features(inst: Instance) -> np.ndarray:
-    """Dimensionless per-UE features, flattened to one vector of N (2M + 3) values.
+    """Dimensionless per-UE features, flattened to one vector of N (3M + 3) values.
 
     Per UE: log(d_i/r_ij / (c_i/f_i)) and log(c_i/F_j / (c_i/f_i)) for every server (transmission and
     remote compute time relative to the local time: what decides local vs offload for both prompts),
-    log(T_i / (c_i/f_i)) (deadline slack), c_i and d_i relative to the instance mean.
+    the minimum share a_min_ij that meets the deadline on server j (the "weight" of the UE in server j's
+    capacity, clipped at 2), log(T_i / (c_i/f_i)) (deadline slack), c_i and d_i relative to the mean.
     """
     local = inst.local_latency()
     tx = np.log(inst.tx_latency() / local[:, None])
     compute = np.log(inst.local_cps[:, None] / inst.capacity_cps[None, :])
-    per_ue = np.column_stack([tx, compute, np.log(inst.deadline_s / local),
+    a_min = np.minimum(inst.min_share(), MAX_SHARE_FEATURE)
+    per_ue = np.column_stack([tx, compute, a_min, np.log(inst.deadline_s / local),
                               inst.cycles / inst.cycles.mean(), inst.data_bits / inst.data_bits.mean()])
     return per_ue.astype(np.float32).ravel()
 
@@ -119,12 +137,37 @@ def order_preserving_quantise(prob: np.ndarray, k: int) -> np.ndarray:
     return out[np.sort(first)]
 
 
+def project_feasible(inst: Instance, target: np.ndarray, a_min: np.ndarray | None = None) -> np.ndarray:
+    """Make a quantised assignment respect the servers' capacity: while the minimum shares of a
+    server's UEs sum above 1, send its largest consumer that can run locally back to local.
+
+    DROO's candidates are always feasible (binary offloading cannot overload anything) and its
+    completion step only allocates resources; with deadlines and shared servers a quantised assignment
+    can overload a server, so this projection keeps the paper's "every candidate is a decision" property.
+    Must-offload UEs are never moved; if they alone overload a server the candidate stays infeasible.
+    """
+    target = np.array(target, dtype=np.int64, copy=True)
+    a_min = inst.min_share() if a_min is None else a_min
+    can_local = inst.local_feasible()
+    for j in range(inst.n_servers):
+        members = np.flatnonzero(target == j + 1)
+        load = a_min[members, j]
+        total = load[np.isfinite(load)].sum()
+        for i in members[np.argsort(-load, kind="stable")]:  # unreachable (a_min = inf) ones first
+            if total <= 1.0 and np.isfinite(a_min[i, j]):
+                break
+            if can_local[i]:
+                target[i] = 0
+                total -= a_min[i, j] if np.isfinite(a_min[i, j]) else 0.0
+    return target
+
+
 class _Agent:
     """DNN + optimiser + replay memory + adaptive K for one prompt."""
 
     def __init__(self, cfg: DROOConfig, n: int, m: int, seed: int) -> None:
         self.cfg, self.n, self.m = cfg, n, m
-        in_dim, out_dim = n * (2 * m + 3), n * (m + 1)
+        in_dim, out_dim = feature_width(n, m), n * (m + 1)
         h1, h2 = cfg.hidden
         self.net = seeded_module(seed, lambda: nn.Sequential(
             nn.Linear(in_dim, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, out_dim)))
@@ -196,25 +239,40 @@ class DROO(OnlineExpert):
         agent = self.agent(prompt)
         agent.k = agent.k_max = k
 
-    def candidates(self, agent: _Agent, inst: Instance) -> tuple[np.ndarray, np.ndarray]:
-        """The K quantised assignments for ``inst`` and the relaxed action they came from."""
+    def candidates(self, agent: _Agent, inst: Instance, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k quantised assignments for ``inst`` (projected onto the capacity constraint when
+        ``config.project``) and the relaxed action they came from."""
         prob = agent.relaxed_action(droo_features(inst), reachable_targets(inst))
-        return order_preserving_quantise(prob, agent.k), prob
+        targets = order_preserving_quantise(prob, k)
+        if self.config.project:
+            a_min = inst.min_share()
+            targets = np.stack([project_feasible(inst, t, a_min) for t in targets])
+        return targets, prob
 
-    def _step(self, agent: _Agent, inst: Instance, prompt: str, learn: bool):
-        targets, _ = self.candidates(agent, inst)
+    @staticmethod
+    def _select(inst: Instance, targets: np.ndarray, prompt: str) -> tuple[int, list[np.ndarray | None]]:
+        """Index of the best feasible candidate (-1 if none) under optimal shares, and those shares."""
         shares = [optimal_shares(inst, t) for t in targets]
         ok = np.array([s is not None for s in shares])
-        best, fallback = -1, False
-        if ok.any():
-            obj, feasible = objectives_batch(inst, targets[ok], np.stack([s for s in shares if s is not None]), prompt)
-            if feasible.any():
-                idx = np.flatnonzero(ok)[feasible]
-                best = int(idx[np.argmin(obj[feasible])])
+        if not ok.any():
+            return -1, shares
+        obj, feasible = objectives_batch(inst, targets[ok], np.stack([s for s in shares if s is not None]), prompt)
+        if not feasible.any():
+            return -1, shares
+        idx = np.flatnonzero(ok)[feasible]
+        return int(idx[np.argmin(obj[feasible])]), shares
+
+    def _step(self, agent: _Agent, inst: Instance, prompt: str, learn: bool):
+        targets, _ = self.candidates(agent, inst, agent.k)
+        best, shares = self._select(inst, targets, prompt)
+        widened = best < 0 and agent.k < agent.k_max
+        if widened:  # nothing feasible among the K: search all K_max candidates before falling back
+            targets, _ = self.candidates(agent, inst, agent.k_max)
+            best, shares = self._select(inst, targets, prompt)
+        fallback = best < 0
         if best >= 0:
             target, share = targets[best], shares[best]
         else:
-            fallback = True
             target = fallback_assignment(inst, fits_optimal)
             share = None if target is None else optimal_shares(inst, target)
             if share is None:  # nothing feasible found: all-local, which the evaluator reports infeasible
@@ -224,8 +282,7 @@ class DROO(OnlineExpert):
             if agent.memory.count % self.config.train_interval == 0:
                 agent.learn()
             agent.adapt_k(max(best, 0))
-        stats = {"k": int(len(targets)), "best_index": best, "fallback": fallback,
-                 "feasible_candidates": int(ok.sum())}
+        stats = {"k": int(len(targets)), "best_index": best, "fallback": fallback, "widened": widened}
         return target, share, stats
 
 
