@@ -5,12 +5,13 @@ Public API (other modules should import from here):
 * :func:`featurize`, :class:`PolicyBatch`, :data:`PROMPT_IDS` -- instances -> padded tensors
 * :class:`PolicyConfig`, :data:`SCALES`, :func:`scale_config`, :func:`count_parameters`
 * :class:`LamboPolicy` (``encode`` / ``decode`` / ``teacher_forced`` / ``pooled``), :func:`fill_capacity`
+  (output mapping) and :func:`claims_from_shares` (its inverse, for expert labels before teacher forcing)
 * :func:`decide` and the decode-strategy registry (``greedy``, ``sample``, ``best_of_k``, ``refine``)
 * :func:`save_policy` / :func:`load_policy`, :func:`save_decoder` / :func:`load_decoder`
 """
 from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
 from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
-from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, fill_capacity
+from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, claims_from_shares, fill_capacity
 from lambo_ray.policy.decoding import available_strategies, decide
 from lambo_ray.policy.checkpoint import (
     load_decoder, load_policy, policy_fingerprint, read_decoder, read_manifest, resolve_policy_dir, save_decoder,
@@ -20,7 +21,7 @@ from lambo_ray.policy.checkpoint import (
 __all__ = [
     "FEATURE_VERSION", "PROMPT_IDS", "PolicyBatch", "featurize",
     "SCALES", "PolicyConfig", "count_parameters", "scale_config",
-    "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "fill_capacity",
+    "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "claims_from_shares", "fill_capacity",
     "available_strategies", "decide",
     "load_decoder", "load_policy", "policy_fingerprint", "read_decoder", "read_manifest", "resolve_policy_dir",
     "save_decoder", "save_policy",
