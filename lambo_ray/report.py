@@ -49,6 +49,7 @@ class ReportConfig:
     scaling_exact_time_limit: float = 30.0
     best_of_k: int = 16
     sections: tuple[str, ...] = ("comparison", "drift", "scaling")
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)  # the undrifted held-out regime
 
 
 @dataclass
@@ -114,7 +115,7 @@ def comparison_section(instances: list[Instance], policy: PolicySource, cfg: Rep
 def drift_section(policy: PolicySource, cfg: ReportConfig, log=print) -> list[dict[str, Any]]:
     rows = []
     for drift in cfg.drifts:
-        instances = generate_many(apply_drift(ScenarioConfig(), drift), cfg.drift_count, cfg.seed + 1)
+        instances = generate_many(apply_drift(cfg.scenario, drift), cfg.drift_count, cfg.seed + 1)
         methods = ["exact", "local_search", "greedy", "lambo"]
         part = comparison_section(instances, policy, cfg, label=drift, methods=methods, log=log)
         for r in part:
@@ -242,16 +243,22 @@ SCALING_COLUMNS = ["n_ues", "n_servers", "prompt", "method", "gap_to_bound_pct",
                    "exact_proven"]
 
 
-def build_report(out: Path, policy: PolicySource, cfg: ReportConfig, log=print) -> dict[str, Any]:
+def build_report(out: Path, policy: PolicySource, cfg: ReportConfig, log=print,
+                 instances: list[Instance] | None = None) -> dict[str, Any]:
+    """Run the configured sections and write report.json, report.md and the PNGs into ``out``.
+
+    ``instances`` replaces the generated held-out set of the comparison section (e.g. a file).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {**run_metadata(), "config": cfg.__dict__,
+    result: dict[str, Any] = {**run_metadata(), "config": {**cfg.__dict__, "scenario": cfg.scenario.to_dict()},
                               "checkpoint": str(policy.checkpoint) if policy.checkpoint else None}
     md = ["# LAMBO reproduction report", "",
-          f"Held-out set: {cfg.count} paper-scenario instances (seed {cfg.seed}); every number below is "
+          f"Held-out set: {len(instances) if instances else cfg.count} instances of the scenario (N={cfg.scenario.n_ues}, M={cfg.scenario.n_servers}) (seed {cfg.seed}); every number below is "
           "recomputed from the decisions by `lambo_ray.mec.evaluator`. Gaps are relative to the exact "
           "expert (Pyomo + HiGHS, certified). CI95 = half-width of a 95% normal confidence interval.", ""]
     if "comparison" in cfg.sections:
-        instances = generate_many(ScenarioConfig(), cfg.count, cfg.seed)
+        if instances is None:
+            instances = generate_many(cfg.scenario, cfg.count, cfg.seed)
         rows = comparison_section(instances, policy, cfg, log=log)
         result["comparison"] = rows
         plot_comparison(rows, "min_latency", out / "fig5_latency.png",
