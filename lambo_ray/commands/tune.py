@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nbest trial {best['trial_id']}: {spec.metric} = {best['best']:.4g} with "
                   + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
             if best["checkpoint"]:
-                print(f"best checkpoint: {best['checkpoint']}/checkpoint  "
-                      "(lambo solve --method lambo --checkpoint <it>)")
+                print(f"best checkpoint: {best['checkpoint']}  (a `lambo pretrain` run directory: "
+                      "policy/, rllib/, state.json)")
         print(f"experiment: {exp}")
     return 1 if summary["best"] is None else 0

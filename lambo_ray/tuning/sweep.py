@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.tuning.spec import TuneSpec, load_tune_spec
-from lambo_ray.tuning.trainable import pretrain_config_from_trial, pretrain_trial
+from lambo_ray.tuning.trainable import pretrain_config_from_trial, pretrain_trial, remove_run_dirs
 
 SPEC_FILE = "tune_spec.yaml"
 LABELS_FILE = "val_labels.json"
@@ -95,7 +95,7 @@ def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, r
         stored = load_tune_spec(exp / SPEC_FILE)
         tuner = tune.Tuner.restore(str(exp), build_trainable(stored, exp), resume_unfinished=True,
                                    resume_errored=True)
-        return tuner.fit()
+        return _fit(tuner)
 
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SPEC_FILE).write_text(spec.source or json.dumps({"name": spec.name}))
@@ -115,7 +115,16 @@ def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, r
                                                     checkpoint_score_order=spec.mode),
             failure_config=tune.FailureConfig(max_failures=0)),
     )
-    return tuner.fit()
+    return _fit(tuner)
+
+
+def _fit(tuner: Any) -> Any:
+    """Tuner.fit, then remove the run directories that stopped trials left on this node (all trials of
+    one experiment run share the id prefix before the ``_``)."""
+    results = tuner.fit()
+    ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
+    remove_run_dirs({i.rsplit("_", 1)[0] + "_" for i in ids if "_" in i})
+    return results
 
 
 # ------------------------------------------------------------------------------------------ summary

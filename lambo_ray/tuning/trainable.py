@@ -10,15 +10,16 @@ checkpoints (``checkpoint/policy`` loads in ``lambo solve --method lambo`` and S
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from lambo_ray.mec.errors import LamboInputError
 
 GAP_METRIC = "val/gap"
-TRIAL_OUT = "pretrain"  # Pretrainer's run directory inside the trial directory
+TRIAL_ROOT = "lambo-tune-trials"  # Pretrainer run directories: <tmp>/lambo-tune-trials/<trial id>
 
 
 def pretrain_config_from_trial(trial: dict[str, Any]) -> Any:
@@ -64,26 +65,33 @@ def tune_metrics(metrics: dict[str, Any], prompts: tuple[str, ...]) -> dict[str,
 def pretrain_trial(config: dict[str, Any], *, metric: str, checkpoint_every: int = 1,
                    val_labels: str | None = None) -> None:
     """Tune function trainable. ``val_labels``: the text of a Pretrainer validation-label cache
-    computed once by the driver, so trials do not each re-solve the validation set exactly."""
+    computed once by the driver, so trials do not each re-solve the validation set exactly.
+
+    The Pretrainer's run directory is the trial's local working copy; each Tune checkpoint is a copy of its
+    checkpoint files (``rllib/``, ``policy/``, ``state.json``), i.e. a `lambo pretrain` run directory
+    that ``lambo solve --checkpoint``, ``lambo finetune`` and Serve load as they are.
+    """
     import torch
     from ray import tune
 
-    from lambo_ray.rl.pretrain import CHECKPOINT_DIR, LABELS_FILE, Pretrainer
+    from lambo_ray.rl.pretrain import LABELS_FILE, Pretrainer
 
     cfg = pretrain_config_from_trial(config)
     torch.set_num_threads(cfg.driver_threads)
-    out = Path(tune.get_context().get_trial_dir()) / TRIAL_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"):
-        shutil.rmtree(stale, ignore_errors=True)  # only Tune's checkpoint says where this trial stands
-    if val_labels is not None and not (out / LABELS_FILE).exists():
+    # The run directory lives outside the trial directory: Tune uploads trial directories to storage
+    # while trials run, and a checkpoint being rewritten there would race with that upload.
+    trial_id = tune.get_context().get_trial_id()
+    out = run_dir_root() / trial_id
+    _clear_run_dir(out)  # only Tune's checkpoint says where this trial stands
+    if val_labels is not None:
         (out / LABELS_FILE).write_text(val_labels)  # ValidationSet.build checks its key and recomputes if stale
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            shutil.copytree(Path(ckpt_dir) / CHECKPOINT_DIR, out / CHECKPOINT_DIR)
+            _copy_checkpoint(Path(ckpt_dir), out)
     trainer = Pretrainer(cfg, out, resume=checkpoint is not None, progress=False)
+    closed = False
     try:
         if trainer.iteration == 0:
             trainer.warm_start()
@@ -92,12 +100,72 @@ def pretrain_trial(config: dict[str, Any], *, metric: str, checkpoint_every: int
             if metric not in metrics:
                 raise LamboInputError(f"metric {metric!r} is not reported; available: {', '.join(sorted(metrics))}",
                                       where="tune config")
-            due = trainer.iteration % checkpoint_every == 0 or trainer.iteration == cfg.iterations
-            if not due:
+            last = trainer.iteration == cfg.iterations
+            if not (last or trainer.iteration % checkpoint_every == 0):
                 tune.report(metrics)
                 continue
-            with tempfile.TemporaryDirectory(prefix="lambo-ckpt-") as tmp:
-                trainer.save(Path(tmp) / CHECKPOINT_DIR)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            trainer.save()
+            snapshot = Path(tempfile.mkdtemp(prefix=f"{trial_id}.ckpt-", dir=out.parent))
+            _copy_checkpoint(out, snapshot, link=True)
+            if last:  # Tune may end the process as soon as it sees the final result: clean up first
+                trainer.close()
+                closed = True
+                shutil.rmtree(out, ignore_errors=True)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(snapshot)))
+            # Removed only after report() returns: when Tune stops the trial (ASHA, Ctrl+C) report()
+            # raises while Tune's uploader thread may still be copying this directory.
+            shutil.rmtree(snapshot, ignore_errors=True)
     finally:
-        trainer.close()
+        if not closed:
+            trainer.close()
+
+
+def run_dir_root() -> Path:
+    """Where trials keep their Pretrainer run directories on a node: ``<tmp>/lambo-tune-trials``."""
+    return Path(tempfile.gettempdir()) / TRIAL_ROOT
+
+
+def remove_run_dirs(trial_ids: Iterable[str]) -> int:
+    """Remove what trials with these ids left on this node (a trial that ASHA or Ctrl+C stops between
+    two iterations is ended without running its clean-up); returns how many entries were removed."""
+    root = run_dir_root()
+    removed = 0
+    for tid in set(trial_ids):
+        for path in root.glob(f"{tid}*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _checkpoint_entries() -> tuple[str, ...]:
+    from lambo_ray.rl.pretrain import POLICY_DIR, RLLIB_DIR, STATE_FILE
+
+    return (RLLIB_DIR, POLICY_DIR, STATE_FILE)
+
+
+def _clear_run_dir(out: Path) -> None:
+    """Remove a previous attempt's files (a checkpoint there would make Pretrainer refuse to start)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def _copy_checkpoint(src: Path, dst: Path, *, link: bool = False) -> None:
+    """Copy a run directory's checkpoint files. ``link``: hard links where possible -- Pretrainer.save
+    replaces files by rename, never in place, so a linked snapshot stays what it was."""
+
+    def copy(a: str, b: str) -> None:
+        try:
+            if link:
+                os.link(a, b)
+                return
+        except OSError:
+            pass
+        shutil.copy2(a, b)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _checkpoint_entries():
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, copy_function=copy)
+        elif (src / name).exists():
+            copy(str(src / name), str(dst / name))
