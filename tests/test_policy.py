@@ -143,8 +143,9 @@ def test_decoded_decisions_respect_capacity_and_deadlines(mode, paper_instances)
     assert seen_dead > 0, "deadline drift should drive an untrained policy into some dead ends"
 
 
-def test_teacher_forced_logp_matches_decode(mixed_instances):
-    pol = make_policy(seed=3)
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
+def test_teacher_forced_logp_matches_decode(cfg, mixed_instances):
+    pol = make_policy(cfg, seed=3)
     b = featurize(mixed_instances, "min_latency")
     with torch.no_grad():
         enc = pol.encode(b)

@@ -22,7 +22,7 @@ class PolicyConfig:
     enc_layers: int = 3
     dec_layers: int = 1  # the paper's shallow decoder; >1 stacks identical decoder layers
     ffn_mult: int = 4
-    dropout: float = 0.0
+    dropout: float = 0.0  # encoder only; > 0 makes train-mode log-probs differ from sampling-time ones
     share_eps: float = 1e-4  # u in [eps, 1 - eps]: keeps Beta log-densities finite
     logit_clip: float = 10.0  # C * tanh(score) on pointer logits (Bello et al.), stabilises RL
     n_prompts: int = 2

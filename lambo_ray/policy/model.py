@@ -443,6 +443,7 @@ class LamboPolicy(nn.Module):
             k[:, :, :1], v[:, :, :1] = k0, v0
             mems.append((k, v))
         slots = torch.arange(n, device=dev)
+        step_bias = torch.where(slots[None, :] <= slots[:, None], 0.0, _NEG).to(enc.ue.dtype)  # row i: slots <= i
 
         rem = torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64)
         zeros_f = torch.zeros(b, n, device=dev)
@@ -455,7 +456,7 @@ class LamboPolicy(nn.Module):
             amin = batch.amin[:, rows]  # (B,1,M)
             srv = dec.dynamic_servers(enc, rows, rem[:, None], amin)
             x = dec.query(enc, rows, srv)
-            mem_bias = torch.where(slots <= i, 0.0, _NEG).to(x.dtype)[None, None, None, :]
+            mem_bias = step_bias[i][None, None, None, :]
             g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)  # (B,1,d)
             allowed, dead = allowed_options(rem[:, None], amin, batch.local_ok[:, rows], batch.server_mask,
                                             batch.ue_mask[:, rows])
