@@ -45,6 +45,7 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
     import httpx
 
     latencies: list[float] = []
+    batch_sizes: list[int] = []  # policy call size each /v1/decide answer was part of
     errors: list[str] = []
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -65,6 +66,8 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
                     errors.append(repr(err))
                     continue
                 latencies.append(time.perf_counter() - start)
+                if path == "/v1/decide":
+                    batch_sizes.append(r.json()["decision"].get("stats", {}).get("serve_batch_size", 1))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -73,7 +76,8 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
     return {"ok": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
             "wall_s": wall, "rps": len(latencies) / wall,
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None}
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+            "mean_policy_batch": float(np.mean(batch_sizes)) if batch_sizes else None}
 
 
 def client_main(args: argparse.Namespace) -> None:
@@ -161,6 +165,7 @@ def main() -> None:
     instances_file = tmp / "instances.jsonl"
     write_instances(instances_file, generate_many(ScenarioConfig(n_ues=args.n_ues), 64, seed=4242))
 
+    load_at_start = os.getloadavg()
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -190,16 +195,18 @@ def main() -> None:
                     "requests": m["ok"], "errors": m["errors"], "req_per_s": m["rps"],
                     "instances_per_s": m["rps"] * per_request, "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"],
                     "ratio_to_echo": (m["rps"] / echo[m["concurrency"]]) if m["concurrency"] in echo else None,
+                    "mean_policy_batch": m["mean_policy_batch"],
                 })
             serve.delete("serve_load")
     finally:
         serve.shutdown()
     cols = ["config", "endpoint", "concurrency", "requests", "errors", "req_per_s", "instances_per_s", "p50_ms",
-            "p99_ms", "ratio_to_echo"]
+            "p99_ms", "ratio_to_echo", "mean_policy_batch"]
     print_table(rows, cols, title=f"Serve load, N={args.n_ues}, {args.prompt}, greedy, checkpoint {checkpoint}")
     load = os.getloadavg()
     write_results(args.out, rows, n_ues=args.n_ues, prompt=args.prompt, decode="greedy", batch=args.batch,
                   checkpoint=str(checkpoint), untrained=args.checkpoint is None,
+                  load_average_at_start=[round(x, 2) for x in load_at_start],
                   load_average_at_end=[round(x, 2) for x in load],
                   note="ratio_to_echo = req/s over /v1/echo req/s at the same concurrency in the same deployment; "
                        "decide_batch ratio is per request (it carries `batch` instances)")

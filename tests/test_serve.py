@@ -166,6 +166,29 @@ def test_catalog_ids_are_immutable(setup):
     assert err.value.status == 409
 
 
+def test_engine_views_share_the_encoder_and_decide_like_load_decoder(setup, local, instances):
+    from lambo_ray.mec.errors import LamboInputError
+    from lambo_ray.serving.engine import PolicyEngine
+
+    engine = PolicyEngine(ServeConfig.from_dict({"checkpoint": str(setup / "ckpt"), "decoder_cache_size": 1}))
+    view, meta = engine.load_view(str(setup / "decoders" / "drift_a"))
+    assert meta["base_fingerprint"] == engine.fingerprint
+    assert view.embedding is engine.policy.embedding and view.encoder is engine.policy.encoder
+    assert view.decoder is not engine.policy.decoder
+    ours = {id(p) for p in view.decoder.parameters()}
+    assert not ours & {id(p) for p in engine.policy.decoder.parameters()}
+    entry = DecoderEntry("drift_a", str(setup / "decoders" / "drift_a"), "decoders_dir")
+    for inst in instances[:2]:
+        got = engine.decide([inst], "min_energy", entry, "greedy", 1, 0)[0]
+        want = local.decide("drift_a", inst, "min_energy")
+        np.testing.assert_array_equal(got.target, want.target)
+        np.testing.assert_allclose(got.share, want.share, atol=SHARE_ATOL)
+    engine.decide(instances[:1], "min_energy", DecoderEntry("late", str(setup / "late"), "registered"), "greedy", 1, 0)
+    assert engine.loaded_decoders() == ["default", "late"]  # cache of 1 besides the pinned default: LRU evicted
+    with pytest.raises(LamboInputError, match="encoder"):
+        engine.load_view(str(setup / "alien"))
+
+
 def test_config_rejects_bad_values():
     from lambo_ray.mec.errors import LamboInputError
 

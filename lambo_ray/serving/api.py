@@ -75,7 +75,8 @@ class DecideOut(BaseModel):
     decision: dict[str, Any] = Field(description="a lambo.decision/1 document")
     evaluation: EvaluationOut
     decoder: str
-    timing_ms: float
+    timing_ms: float = Field(description="server-side wall time of the request in ms; for /v1/decide_batch "
+                                         "items, the request's time divided by its number of instances")
 
 
 class DecideBatchOut(BaseModel):

@@ -173,11 +173,6 @@ class PolicyDeployment:
             "checkpoint": self._engine.default_entry.meta,
         }
 
-    def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose compute thread died is restarted."""
-        if self._pool._shutdown:  # noqa: SLF001 (no public accessor)
-            raise RuntimeError("policy compute thread is shut down")
-
 
 # ---------------------------------------------------------------------------------------------- ingress
 fastapi_app = FastAPI(
@@ -236,8 +231,9 @@ class LamboIngress:
         inst = req.instances[0]
         decision = _unwrap(await self._policy.decide.remote(inst, req.prompt, req.decoder, req.decode, req.k,
                                                             req.seed))
-        decoder = req.decoder or self._cfg.default_decoder
-        return _json(api.decide_result(inst, decision, decoder, 0.0) | {"timing_ms": _ms(start)})
+        body = api.decide_result(inst, decision, req.decoder or self._cfg.default_decoder, timing_ms=0.0)
+        body["timing_ms"] = _ms(start)  # the whole request: parse, queue, batch, policy, evaluation
+        return _json(body)
 
     @fastapi_app.post("/v1/decide_batch", responses={200: {"model": api.DecideBatchOut}, **_ERRORS},
                       openapi_extra=api.openapi_body(api.DECIDE_BATCH_DOC))
