@@ -77,11 +77,11 @@ class AREConfig:
     sa_k: float = 0.01
     damp_start: float = 0.85
     damp_end: float = 0.965
-    damp_steps: int = 100  # online steps over which the cooling factor rises from damp_start to damp_end
+    damp_steps: int = 300  # online steps over which the cooling factor rises from damp_start to damp_end
     channel_threshold: float = 1.6  # fth: below it, a move goes to the best channel instead of the roulette
     sa_max_tries: int = 50  # proposals per temperature before giving up on that temperature
     deadline_penalty: float = 100.0
-    warmup_steps: int = 100
+    warmup_steps: int = 300
     online: bool = True
     seed: int = 0
 
