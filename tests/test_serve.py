@@ -277,6 +277,10 @@ def test_stochastic_decode_is_reproducible_and_unbatched(client, local, instance
     assert first.status_code == second.status_code == 200, first.text
     assert first.json()["decision"]["target"] == second.json()["decision"]["target"]
     _check_result(first.json(), inst, local.decide("default", inst, "min_latency", mode="best_of_k", k=4, seed=3))
+    refined = client.post("/v1/decide", json={**body, "decode": "refine", "k": 1})
+    assert refined.status_code == 200, refined.text
+    assert refined.json()["decision"]["stats"]["decode"] == "refine"
+    _check_result(refined.json(), inst, local.decide("default", inst, "min_latency", mode="refine", k=1, seed=3))
 
 
 def test_decoders_listing_and_health(client, served, setup):

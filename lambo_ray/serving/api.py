@@ -34,7 +34,8 @@ class _Envelope(BaseModel):
     decoder: str | None = Field(default=None, description="decoder id (GET /v1/decoders); default decoder if omitted")
     decode: str | None = Field(default=None, description=f"decode mode, one of {', '.join(DECODE_MODES)}")
     k: int | None = Field(default=None, description="samples for best_of_k / sample decoding")
-    seed: int = Field(default=0, description="seed of stochastic decode modes (same seed, same decision)")
+    seed: int = Field(default=0, ge=0, lt=2**63,
+                      description="seed of stochastic decode modes (same seed, same decision)")
 
 
 class DecideBody(_Envelope):
