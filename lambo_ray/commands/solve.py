@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="decisions .jsonl (same order)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per instance (exact, de)")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic methods")
-    p.add_argument("--checkpoint", type=Path, help="lambo: pretrained checkpoint directory")
+    p.add_argument("--checkpoint", type=Path, help="lambo: pretrained checkpoint directory; droo/are: a saved expert")
     p.add_argument("--decoder", type=Path, help="lambo: decoder-only checkpoint (from `lambo finetune`)")
     p.add_argument("--decode", default="greedy", help="lambo: decode mode (greedy, sample, best_of_k, refine)")
     p.add_argument("--k", type=int, default=16, help="lambo best_of_k: samples per instance")
@@ -38,6 +38,8 @@ def solve_all(method: str, instances: list[Instance], prompt: str, *, time_limit
     from lambo_ray.experts import get_expert
 
     kwargs = {"seed": seed} if method in ("de", "droo", "are", "all_offload") else {}
+    if method in ("droo", "are") and checkpoint is not None:
+        kwargs["checkpoint"] = checkpoint  # a saved online expert (`save(path)`) instead of a fresh warm-up
     expert = get_expert(method, **kwargs)
     iterator = instances
     if progress:
