@@ -12,7 +12,7 @@ what ``ray up`` runs before it touches the cloud. KubeRay manifests (``ray.io/v1
 RayJob, RayService) are checked against the fields the CRDs require; a RayService's
 ``serveConfigV2`` is parsed and validated with Ray Serve's own ``ServeDeploySchema``.
 
-Usage: ``python -m lambo_ray.cluster_validation cluster/aws.yaml cluster/kuberay/*.yaml``.
+Usage: ``python -m lambo_ray.cluster_validation cluster/aws.yaml cluster/kuberay/*.yaml serve/config.yaml``.
 """
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ class ClusterConfigError(LamboInputError):
 
 
 def validate_file(path: str | Path) -> list[str]:
-    """Validate every YAML document of ``path``; return what each one was (``"launcher"``, ``"RayJob"``...).
+    """Validate every YAML document of ``path``; return what each one was (``"launcher"``, ``"RayJob"``,
+    ``"serve"``...).
 
-    A document with ``apiVersion``/``kind`` is a Kubernetes manifest, anything else a launcher config.
+    A document with ``apiVersion``/``kind`` is a Kubernetes manifest, one with ``applications`` a Serve
+    config (``serve run`` / ``serve deploy``), anything else a launcher config.
     """
     path = Path(path)
     if not path.exists():
@@ -60,6 +62,9 @@ def validate_file(path: str | Path) -> list[str]:
         if isinstance(doc, dict) and ("apiVersion" in doc or "kind" in doc):
             validate_kuberay(doc, where=where)
             kinds.append(str(doc["kind"]))
+        elif isinstance(doc, dict) and "applications" in doc and "cluster_name" not in doc:
+            validate_serve_config(doc, where=where)
+            kinds.append("serve")
         else:
             validate_launcher(doc, where=where)
             kinds.append("launcher")

@@ -56,16 +56,29 @@ def test_launcher_config_uses_rays_own_schema_and_has_an_optional_gpu_type():
 
 
 def test_rayservice_mirrors_the_serve_config():
+    """Same applications, import paths, argument keys and deployment names as serve/config.yaml (values
+    such as checkpoint paths and replica counts are the cluster's own)."""
     svc = _load(CLUSTER / "kuberay" / "rayservice.yaml")
-    apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    ours = yaml.safe_load(svc["spec"]["serveConfigV2"])
     serve_cfg = ROOT / "serve" / "config.yaml"
-    if serve_cfg.exists():
-        theirs = _load(serve_cfg)
-        validate_serve_config(theirs, where=str(serve_cfg))
-        expected = [(a.get("name"), a["import_path"]) for a in theirs["applications"]]
-    else:
-        expected = [("lambo", "lambo_ray.serving.app:build_app")]
-    assert [(a.get("name"), a["import_path"]) for a in apps] == expected
+    if not serve_cfg.exists():
+        assert [a["import_path"] for a in ours["applications"]] == ["lambo_ray.serving.app:build_app"]
+        return
+    theirs = _load(serve_cfg)
+    validate_serve_config(theirs, where=str(serve_cfg))
+
+    def shape(cfg):
+        return [(a.get("name"), a["import_path"], a.get("route_prefix"), sorted(a.get("args", {})),
+                 [d["name"] for d in a.get("deployments", [])]) for a in cfg["applications"]]
+
+    assert shape(ours) == shape(theirs)
+    # The checkpoints are on the volume every pod mounts.
+    mounts = {m["mountPath"] for grp in [svc["spec"]["rayClusterConfig"]["headGroupSpec"],
+                                         *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+              for c in grp["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+    for app in ours["applications"]:
+        for key in ("checkpoint", "decoders_dir"):
+            assert any(app["args"][key].startswith(m + "/") for m in mounts), (key, app["args"][key], mounts)
 
 
 # ---------------------------------------------------------------------------- broken copies fail
@@ -160,6 +173,15 @@ def test_broken_kuberay_manifest_fails_naming_the_field(fname, field, value, nam
     with pytest.raises(ClusterConfigError) as err:
         validate_kuberay(_set(good, field, value), where=fname)
     assert named in str(err.value) and str(err.value).startswith(f"{fname}: ")
+
+
+def test_validate_file_recognises_serve_configs(tmp_path):
+    serve_cfg = tmp_path / "serve.yaml"
+    serve_cfg.write_text("applications:\n  - name: a\n    import_path: lambo_ray.serving.app:build_app\n")
+    assert validate_file(serve_cfg) == ["serve"]
+    serve_cfg.write_text("applications:\n  - name: a\n    import_path: app.py\n")
+    with pytest.raises(ClusterConfigError, match=r"serve.yaml: applications\[0\].import_path"):
+        validate_file(serve_cfg)
 
 
 def test_validate_file_reports_unparsable_and_missing_files(tmp_path):

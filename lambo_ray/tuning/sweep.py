@@ -107,7 +107,10 @@ def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, r
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent if spec.search.type == "optuna" else None,
             search_alg=spec.search.build(spec.max_concurrent),
-            scheduler=spec.scheduler.build(spec.max_t)),
+            scheduler=spec.scheduler.build(spec.max_t),
+            # A finished trial's process runs the next one: torch/RLlib imports and Ray worker
+            # start-up (seconds each) are paid once per concurrent slot, not once per trial.
+            reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=str(exp.parent), verbose=verbose, callbacks=list(callbacks),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints,
