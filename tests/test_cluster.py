@@ -179,7 +179,7 @@ def test_validate_file_recognises_serve_configs(tmp_path):
     serve_cfg = tmp_path / "serve.yaml"
     serve_cfg.write_text("applications:\n  - name: a\n    import_path: lambo_ray.serving.app:build_app\n")
     assert validate_file(serve_cfg) == ["serve"]
-    serve_cfg.write_text("applications:\n  - name: a\n    import_path: app.py\n")
+    serve_cfg.write_text("applications:\n  - name: a\n    import_path: serving/app.py\n")
     with pytest.raises(ClusterConfigError, match=r"serve.yaml: applications\[0\].import_path"):
         validate_file(serve_cfg)
 
