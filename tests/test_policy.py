@@ -28,6 +28,7 @@ from lambo_ray.policy import (
 from lambo_ray.policy.decoding import permute, unpermute
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, instance_features
 from lambo_ray.policy.model import allowed_options, categorical_entropy
+from lambo_ray.policy.sampling import batch_noise, beta_from_noise, categorical_from_uniform
 
 torch.set_num_threads(1)
 TINY = PolicyConfig(d_model=32, n_heads=4, enc_layers=2)
@@ -282,6 +283,40 @@ def test_sampling_is_reproducible_from_the_generator(mixed_instances):
         d = pol.decode(b, enc, "sample", torch.Generator().manual_seed(10))
     assert torch.equal(a.target, c.target) and torch.equal(a.share, c.share)
     assert not torch.equal(a.share, d.share)
+
+
+def test_noise_samplers_match_the_distributions():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+    for a, b in ((1.0, 1.0), (1.5, 4.0), (20.0, 3.0), (1.01, 150.0)):
+        noise = batch_noise(n, 1, g)
+        u = beta_from_noise(torch.full((n,), a), torch.full((n,), b), noise.normal[:, 0], noise.accept[:, 0])
+        assert ((u > 0) & (u < 1)).all()
+        assert stats.kstest(u.numpy(), stats.beta(a, b).cdf).pvalue > 1e-3, (a, b)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    allowed = probs > 0
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    idx = categorical_from_uniform(probs.log().expand(n, 4), allowed.expand(n, 4), u)
+    freq = torch.bincount(idx, minlength=4).double() / n
+    assert freq[1] == 0 and torch.allclose(freq, probs.double(), atol=0.01)
+    edge = categorical_from_uniform(probs.log()[None].expand(3, 4), allowed[None].expand(3, 4),
+                                    torch.tensor([0.0, 1.0 - 1e-16, 0.1], dtype=torch.float64))
+    assert edge.tolist() == [0, 3, 2]
+
+
+def test_sampled_decisions_do_not_depend_on_the_batch(mixed_instances):
+    """Same seed + same instance -> same decision, alone or batched with others (Serve batches callers)."""
+    pol = make_policy(seed=6)
+    inst = mixed_instances[3]
+    for mode in ("sample", "best_of_k"):
+        alone = decide(pol, [inst], "min_latency", mode=mode, k=5, seed=11)[0]
+        mixed = decide(pol, [mixed_instances[0], inst, mixed_instances[7]], "min_latency", mode=mode, k=5, seed=11)[1]
+        assert alone.target.tolist() == mixed.target.tolist()
+        np.testing.assert_allclose(alone.share, mixed.share, rtol=1e-6)
+        other = decide(pol, [inst], "min_latency", mode=mode, k=5, seed=12)[0]
+        assert not np.array_equal(alone.share, other.share)
 
 
 # ---------------------------------------------------------------------------------------------- output mapping

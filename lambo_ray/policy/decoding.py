@@ -29,6 +29,7 @@ from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 from lambo_ray.policy.features import PolicyBatch, featurize
 from lambo_ray.policy.model import Encoded, LamboPolicy, fill_capacity
+from lambo_ray.policy.sampling import instance_seed, row_noise
 
 METHOD = "lambo"
 MAX_ROWS = 256  # decoder rows per forward pass: bounds memory of best_of_k on big batches
@@ -73,16 +74,28 @@ def _unpad(insts: Sequence[Instance], target: torch.Tensor, share: torch.Tensor,
     return out
 
 
+def _instance_key(inst: Instance) -> list[np.ndarray]:
+    return [inst.data_bits, inst.cycles, inst.deadline_s, inst.local_cps, inst.rate_bps, inst.capacity_cps,
+            np.array([inst.tx_w, inst.local_w])]
+
+
 def decode_instances(
-    policy: LamboPolicy, instances: Sequence[Instance], prompts: Sequence[str], mode: str,
-    generator: torch.Generator | None = None,
+    policy: LamboPolicy, instances: Sequence[Instance], prompts: Sequence[str], mode: str, seed: int = 0,
 ) -> list[Candidate]:
-    """One decision per instance (greedy or sampled), batched, shares after :func:`fill_capacity`."""
+    """One decision per instance (greedy or sampled), batched, shares after :func:`fill_capacity`.
+
+    Sampling noise comes from a per-instance seed (user seed + instance data), so a decision does not
+    depend on which other instances share the batch.
+    """
     out: list[Candidate] = []
     for lo in range(0, len(instances), MAX_ROWS):
         chunk = list(instances[lo : lo + MAX_ROWS])
         batch = featurize(chunk, list(prompts[lo : lo + MAX_ROWS])).to(_device(policy))
-        res = policy.decode(batch, policy.encode(batch), mode=mode, generator=generator)
+        noise = None
+        if mode == "sample":
+            seeds = [instance_seed(seed, _instance_key(inst), "sample") for inst in chunk]
+            noise = row_noise(seeds, [inst.n_ues for inst in chunk], batch.n_max)
+        res = policy.decode(batch, policy.encode(batch), mode=mode, noise=noise)
         out += _unpad(chunk, res.target, fill_capacity(res.target, res.share, batch.m_max), res.dead_ue)
     return out
 
@@ -91,11 +104,10 @@ def _device(policy: LamboPolicy) -> torch.device:
     return next(policy.parameters()).device
 
 
-def _random_perms(mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random permutations per row of ``mask`` (B, L) that keep padded entries last: (B, count, L)."""
-    b, length = mask.shape
-    keys = torch.rand(b, count, length, generator=generator) + (~mask.cpu())[:, None, :].float() * 2.0
-    return keys.argsort(-1).to(mask.device)
+def _instance_perms(n: int, n_max: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` permutations of the first ``n`` of ``n_max`` slots (padding stays last), (count, n_max)."""
+    tail = torch.arange(n, n_max)
+    return torch.stack([torch.cat([torch.randperm(n, generator=generator), tail]) for _ in range(count)])
 
 
 def permute(batch: PolicyBatch, enc: Encoded, rows: torch.Tensor, ue_perm: torch.Tensor,
@@ -151,13 +163,12 @@ def greedy(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: in
 
 @register_strategy("sample")
 def sample(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
-    return decode_instances(policy, insts, prompts, "sample", torch.Generator().manual_seed(seed))
+    return decode_instances(policy, insts, prompts, "sample", seed)
 
 
 @register_strategy("best_of_k")
 def best_of_k(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
     """Greedy + ``k`` samples on augmented copies; the evaluator picks the best."""
-    gen = torch.Generator().manual_seed(seed)
     greedy_c = decode_instances(policy, insts, prompts, "greedy")
     if k < 1:
         return greedy_c
@@ -170,12 +181,20 @@ def best_of_k(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k:
         enc = policy.encode(batch)
         b = batch.batch_size
         rows = torch.arange(b, device=dev).repeat_interleave(k)
-        ue_perm = _random_perms(batch.ue_mask, k, gen).reshape(b * k, -1)
-        srv_perm = _random_perms(batch.server_mask, k, gen).reshape(b * k, -1)
-        ue_perm[::k] = torch.arange(batch.n_max, device=dev)  # the first copy keeps the original order
-        srv_perm[::k] = torch.arange(batch.m_max, device=dev)
+        ue_perm, srv_perm, seeds = [], [], []
+        for inst in chunk:  # everything random is drawn per instance: independent of the batch
+            key = _instance_key(inst)
+            g = torch.Generator().manual_seed(instance_seed(seed, key, "augment"))
+            up = _instance_perms(inst.n_ues, batch.n_max, k, g)
+            sp = _instance_perms(inst.n_servers, batch.m_max, k, g)
+            up[0], sp[0] = torch.arange(batch.n_max), torch.arange(batch.m_max)  # copy 0: original order
+            ue_perm.append(up)
+            srv_perm.append(sp)
+            seeds += [instance_seed(seed, key, "copy", a) for a in range(k)]
+        ue_perm, srv_perm = torch.cat(ue_perm).to(dev), torch.cat(srv_perm).to(dev)
+        noise = row_noise(seeds, [inst.n_ues for inst in chunk for _ in range(k)], batch.n_max)
         pb, pe = permute(batch, enc, rows, ue_perm, srv_perm)
-        res = policy.decode(pb, pe, mode="sample", generator=gen)
+        res = policy.decode(pb, pe, mode="sample", noise=noise)
         share = fill_capacity(res.target, res.share, pb.m_max)
         t, s = unpermute(res.target, share, ue_perm, srv_perm)
         dead = torch.zeros_like(res.dead_ue).scatter_(1, ue_perm, res.dead_ue)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from lambo_ray.policy.config import PolicyConfig
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, PolicyBatch
+from lambo_ray.policy.sampling import DecodeNoise, batch_noise, beta_from_noise, categorical_from_uniform
 
 _NEG = -1e9  # additive mask value (finite: a fully masked row never turns into NaN)
 FIT_RTOL = 1e-9  # relative round-off allowed when testing a_min_ij <= remaining_j
@@ -415,19 +416,25 @@ class LamboPolicy(nn.Module):
 
     # -- autoregressive decoding ----------------------------------------------------------------
     def decode(
-        self, batch: PolicyBatch, enc: Encoded, mode: str = "greedy", generator: torch.Generator | None = None
+        self, batch: PolicyBatch, enc: Encoded, mode: str = "greedy", generator: torch.Generator | None = None,
+        noise: DecodeNoise | None = None,
     ) -> DecodeOut:
-        """Decide every UE in index order, batched over instances, with cached self-attention K/V."""
+        """Decide every UE in index order, batched over instances, with cached self-attention K/V.
+
+        ``sample`` draws its randomness up front (:mod:`lambo_ray.policy.sampling`): from ``noise`` if
+        given (per-instance seeds: the decision then does not depend on batch composition or padding),
+        else from ``generator`` (or torch's global RNG) for the whole batch.
+        """
         if mode not in ("greedy", "sample"):
             raise ValueError(f"decode mode must be 'greedy' or 'sample', got {mode!r}")
-        if mode == "sample" and generator is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self._decode(batch, enc, greedy=False)
-        return self._decode(batch, enc, greedy=mode == "greedy")
+        if mode == "sample" and noise is None:
+            noise = batch_noise(batch.batch_size, batch.n_max, generator)
+        if noise is not None:
+            noise = noise.to(enc.ue.device)
+        return self._decode(batch, enc, noise=noise if mode == "sample" else None)
 
-    def _decode(self, batch: PolicyBatch, enc: Encoded, greedy: bool) -> DecodeOut:
+    def _decode(self, batch: PolicyBatch, enc: Encoded, noise: DecodeNoise | None) -> DecodeOut:
+        """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it."""
         dec, eps = self.decoder, self.cfg.share_eps
         b, n, m = batch.batch_size, batch.n_max, batch.m_max
         dev = enc.ue.device
@@ -462,9 +469,16 @@ class LamboPolicy(nn.Module):
                                             batch.ue_mask[:, rows])
             logits = dec.logits(enc, rows, g, srv, allowed)  # (B,1,M+1)
             logp_all = torch.log_softmax(logits, -1)
-            t = logits.argmax(-1) if greedy else torch.multinomial(logp_all[:, 0].exp(), 1)
+            if noise is None:
+                t = logits.argmax(-1)
+            else:
+                t = categorical_from_uniform(logp_all[:, 0], allowed[:, 0], noise.uniform[:, i])[:, None]
             beta = dec.beta(g, srv, t)
-            u = beta.mean if greedy else beta.sample()
+            if noise is None:
+                u = beta.mean
+            else:
+                u = beta_from_noise(beta.concentration1, beta.concentration0, noise.normal[:, rows],
+                                    noise.accept[:, rows]).float()
             u = u.clamp(eps, 1.0 - eps)
             off = t > 0
             j = (t - 1).clamp_min(0)
