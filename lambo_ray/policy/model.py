@@ -18,7 +18,8 @@ Structure, and why:
   UE runs locally so the evaluator reports the miss).
 
 Decoding is incremental (self-attention keys/values are cached, the encoder is never re-run) and
-batched over instances; :meth:`LamboPolicy.teacher_forced` recomputes the same log-probabilities in
+batched over instances; sampling maps pre-drawn noise to actions (:mod:`lambo_ray.policy.sampling`),
+so a per-instance seed fixes a decision whatever batch it is decoded in; :meth:`LamboPolicy.teacher_forced` recomputes the same log-probabilities in
 one parallel pass for training. The share log-probability is that of ``u`` (the action actually
 sampled): the map u -> share is fixed by the state, so its Jacobian does not depend on the
 parameters and cancels in every likelihood ratio.
