@@ -153,9 +153,9 @@ def test_lru_cache_is_bounded_and_keeps_pinned():
 def test_catalog_ids_are_immutable(setup):
     from lambo_ray.mec.errors import LamboInputError
     from lambo_ray.policy import checkpoint
-    from lambo_ray.serving.decoders import DECODER_MANIFEST, POLICY_MANIFEST, is_decoder_checkpoint
+    from lambo_ray.serving.decoders import DECODER_MANIFEST, is_decoder_checkpoint
 
-    assert (DECODER_MANIFEST, POLICY_MANIFEST) == (checkpoint.DECODER_MANIFEST, checkpoint.POLICY_MANIFEST)
+    assert DECODER_MANIFEST == checkpoint.DECODER_MANIFEST
 
     cat = DecoderCatalog(DecoderEntry("default", None, "checkpoint"), str(setup / "decoders"), is_decoder_checkpoint)
     assert cat.resolve("drift_a").path == str((setup / "decoders" / "drift_a").resolve())

@@ -9,7 +9,6 @@ Nothing here touches Ray or torch, so it is tested and reused without a running 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import PROMPTS, Decision, Instance, check_prompt
-from lambo_ray.mec.io import decision_to_dict, instance_from_dict
+from lambo_ray.mec.io import _jsonable, decision_to_dict, instance_from_dict
 from lambo_ray.mec.schema import InstanceModel, describe
 from lambo_ray.serving.config import DECODE_MODES, ServeConfig
 
@@ -63,10 +62,10 @@ class _DecideBatchDoc(_Envelope):
 
 
 class EvaluationOut(BaseModel):
-    objective: float
+    objective: float | None
     feasible: bool
     latency_s: list[float | None]
-    energy_j: list[float]
+    energy_j: list[float | None]
     mean_latency_s: float | None = None
     total_energy_j: float | None = None
     violations: list[dict[str, Any]] = []
@@ -186,29 +185,12 @@ def parse_register(body: bytes, cfg: ServeConfig) -> RegisterDecoderBody:
 
 
 # ---------------------------------------------------------------- responses
-def _finite(values: list[float]) -> list[float | None]:
-    """JSON has no inf/NaN: an infinite latency (offloaded with share 0, reported infeasible) becomes null."""
-    return [v if math.isfinite(v) else None for v in values]
-
-
 def decide_result(inst: Instance, decision: Decision, decoder: str, timing_ms: float) -> dict[str, Any]:
-    """The response of one decided instance; the evaluation comes from the one evaluator."""
+    """The response of one decided instance; the evaluation is the one evaluator's, made JSON-safe
+    (an infinite latency, offloaded with share 0 and reported infeasible, becomes null)."""
     ev = evaluate(inst, decision.target, decision.share)
-    objective = ev.objective(decision.prompt)
-    return {
-        "decision": decision_to_dict(decision),
-        "evaluation": {
-            "objective": objective if math.isfinite(objective) else None,
-            "feasible": ev.feasible,
-            "latency_s": _finite(ev.latency_s.tolist()),
-            "energy_j": _finite(ev.energy_j.tolist()),
-            "mean_latency_s": ev.mean_latency_s if math.isfinite(ev.mean_latency_s) else None,
-            "total_energy_j": ev.total_energy_j,
-            "violations": ev.violations,
-        },
-        "decoder": decoder,
-        "timing_ms": timing_ms,
-    }
+    return {"decision": decision_to_dict(decision), "evaluation": _jsonable(ev.to_dict(decision.prompt)),
+            "decoder": decoder, "timing_ms": timing_ms}
 
 
 def error_body(err: LamboInputError) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.serving import api
 from lambo_ray.serving.config import ServeConfig
-from lambo_ray.serving.decoders import DecoderCatalog, DecoderEntry, is_decoder_checkpoint, policy_dir, public_meta
+from lambo_ray.serving.decoders import DecoderCatalog, DecoderEntry, is_decoder_checkpoint, public_meta
 
 
 @dataclass(frozen=True)
@@ -279,9 +279,9 @@ def check_checkpoint(cfg: ServeConfig, *, load_weights: bool = False) -> Decoder
     loads the weights once (truncated files, mismatched shapes), which ``lambo serve`` does before
     starting Ray; the app builder skips it because an L checkpoint is gigabytes.
     """
-    from lambo_ray.policy.checkpoint import POLICY_WEIGHTS, load_policy, read_manifest
+    from lambo_ray.policy.checkpoint import POLICY_WEIGHTS, load_policy, read_manifest, resolve_policy_dir
 
-    directory = policy_dir(cfg.checkpoint)
+    directory = resolve_policy_dir(cfg.checkpoint)
     manifest = read_manifest(directory)
     if not (directory / POLICY_WEIGHTS).is_file():
         raise LamboInputError(f"missing {POLICY_WEIGHTS}", where=str(directory))

@@ -137,22 +137,9 @@ class LRUCache(Generic[T]):
             return [*self._pinned, *self._items]
 
 
-# == lambo_ray.policy.checkpoint's POLICY_MANIFEST / DECODER_MANIFEST (a test asserts it): spelled out
-# here so that the catalog and ingress processes never import torch just to recognise a directory.
-POLICY_MANIFEST = "policy.json"
+# == lambo_ray.policy.checkpoint.DECODER_MANIFEST (a test asserts it): spelled out here so that the
+# catalog and ingress processes never import torch (lambo_ray.policy does) to recognise a directory.
 DECODER_MANIFEST = "decoder.json"
-
-
-def policy_dir(path: str | Path) -> Path:
-    """``DIR`` when it holds policy.json, else ``DIR/policy`` (what `lambo pretrain --out DIR` writes).
-
-    When neither does, ``DIR`` is returned and the checkpoint loader names what is missing.
-    """
-    p = Path(path)
-    for cand in (p, p / "policy"):
-        if (cand / POLICY_MANIFEST).is_file():
-            return cand
-    return p
 
 
 def is_decoder_checkpoint(path: Path) -> bool:

@@ -24,7 +24,7 @@ import torch
 from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.serving.config import ServeConfig
-from lambo_ray.serving.decoders import DecoderEntry, LRUCache, policy_dir, public_meta
+from lambo_ray.serving.decoders import DecoderEntry, LRUCache, public_meta
 
 
 # Modes whose decision depends only on the instance: safe to batch with other callers' instances.
@@ -64,11 +64,11 @@ class PolicyEngine:
     """Load a pretrained checkpoint, serve its decoder and any decoder-only checkpoint by id."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        from lambo_ray.policy.checkpoint import load_policy, policy_fingerprint
+        from lambo_ray.policy.checkpoint import load_policy, policy_fingerprint, resolve_policy_dir
 
         torch.set_num_threads(cfg.torch_threads)
         self.cfg = cfg
-        self.policy, self.meta = load_policy(policy_dir(cfg.checkpoint))
+        self.policy, self.meta = load_policy(resolve_policy_dir(cfg.checkpoint))
         self.policy.eval()
         # Hashing the encoder is O(parameters): once here, not at every decoder load.
         self.fingerprint = policy_fingerprint(self.policy)
