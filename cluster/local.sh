@@ -10,8 +10,10 @@
 #   tear down exactly the raylet/GCS/dashboard it spawned, so the exit trap stops what this script
 #   started and nothing else. `ray stop` is never used: it kills every Ray process of the user,
 #   including other people's clusters and test sessions on the same machine.
-# * Its own --temp-dir, so the cluster does not register itself in /tmp/ray/ray_current_cluster
-#   (where a plain `ray.init()` elsewhere on the machine would find it and attach to it).
+# * Its own temp dirs, so the cluster does not register itself in /tmp/ray/ray_current_cluster
+#   (where a plain `ray.init()` elsewhere on the machine would find it and attach to it), and one per
+#   node: each node's runtime-env agent garbage-collects the job's working_dir copy under its temp dir,
+#   so with a shared one the worker node deletes the directory the job driver on the head runs in.
 # * Token authentication is on (RAY_AUTH_MODE=token) with a fresh token in RAY_AUTH_TOKEN for this
 #   cluster only; every process started here (nodes, the jobs CLI) inherits both variables. Without
 #   them the second node is refused (InvalidAuthToken) and the jobs CLI gets "Missing authentication
@@ -49,7 +51,9 @@ node_ports() {  # $1 = offset
 }
 
 if [[ $# -eq 0 ]]; then
-  set -- lambo pretrain --scale S --iterations 2 --num-env-runners 1 --out /tmp/lambo-local-pretrain
+  # Tiny on purpose (10 UEs, 2 servers, 4 validation instances): it shows the path, not a result.
+  set -- lambo pretrain --scale S --iterations 2 --num-env-runners 1 --n-ues 10 --n-servers 2 --val-size 4 \
+    --out "/tmp/lambo-local-pretrain-$(date +%Y%m%d-%H%M%S)"
 fi
 
 TMP="$(mktemp -d /tmp/lambo-rc.XXXXXX)"   # short: Ray puts unix sockets under it (108-byte limit)
@@ -112,14 +116,14 @@ echo "local.sh: head on 127.0.0.1:$GCS_PORT (dashboard :$DASH_PORT, $HEAD_CPUS C
 # shellcheck disable=SC2046
 ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus="$HEAD_CPUS" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$CLIENT_PORT" \
-  --temp-dir="$TMP" $(node_ports 10) --disable-usage-stats >"$TMP/head.log" 2>&1 &
+  --temp-dir="$TMP/h" $(node_ports 10) --disable-usage-stats >"$TMP/head.log" 2>&1 &
 HEAD_PID=$!
 wait_for "the head's dashboard" 120 ray job list --address "http://127.0.0.1:$DASH_PORT"
 
 echo "local.sh: worker node ($WORKER_CPUS CPU)"
 # shellcheck disable=SC2046
 ray start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
-  --temp-dir="$TMP" $(node_ports 30) >"$TMP/worker.log" 2>&1 &
+  --temp-dir="$TMP/w" $(node_ports 30) >"$TMP/worker.log" 2>&1 &
 WORKER_PID=$!
 wait_for "2 alive nodes" 120 has_two_nodes
 

@@ -256,3 +256,33 @@ def test_tiny_sweep_reports_the_best_trial_and_resumes_without_repeating_finishe
     assert state["config"]["lr"] == pytest.approx(summary["best"]["params"]["lr"])
     policy, _ = load_policy(ckpt / "policy")
     assert policy.cfg.enc_layers == summary["best"]["params"]["enc_layers"]
+
+
+@pytest.mark.slow
+def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothing(tmp_path):
+    """`lambo tune` as users run it (its own embedded Ray in a subprocess)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
+    env.pop("RAY_ADDRESS", None)
+    base = [sys.executable, "-m", "lambo_ray.cli", "tune", "--config", str(ROOT / "tune_configs" / "small.yaml"),
+            "--storage", str(tmp_path), "--name", "cli", "--quiet", "--num-cpus", "2"]
+
+    def run(*extra):
+        return subprocess.run(base + list(extra), capture_output=True, text=True, env=env, timeout=600)
+
+    first = run("--num-samples", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "best trial" in first.stdout and "best val/gap" in first.stdout
+    exp = tmp_path / "cli"
+    summary = json.loads((exp / "summary.json").read_text())
+    assert len(summary["trials"]) == 2 and summary["best"]["trial_id"] in first.stdout
+    files = {p: p.read_text() for p in exp.glob("*/result.json")}
+    assert len(files) == 2
+
+    again = run("--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.read_text() for p in exp.glob("*/result.json")} == files  # nothing re-ran
+    clobber = run()
+    assert clobber.returncode == 2 and "already exists" in clobber.stderr
