@@ -240,11 +240,14 @@ def test_imitation_loss_is_the_teacher_forced_likelihood(small_instances):
     policy = tiny_policy(3)
     ex = exact_examples(small_instances[:3], "min_latency")
     from lambo_ray.policy.features import featurize
+    from lambo_ray.policy.model import claims_from_shares
 
     batch = featurize([e.instance for e in ex], [e.prompt for e in ex])
     target = torch.as_tensor(np.stack([e.target for e in ex]))
     with torch.no_grad():
-        tf = policy.teacher_forced(batch, policy.encode(batch), target, torch.as_tensor(np.stack([e.share for e in ex])))
+        share = torch.as_tensor(np.stack([e.share for e in ex]))
+        claims = claims_from_shares(target, share, batch.amin)  # what the decoder imitates (see finetune)
+        tf = policy.teacher_forced(batch, policy.encode(batch), target, claims)
         il = imitation_losses(policy, ex)
     logp = torch.log_softmax(tf.logits, -1).gather(-1, target[..., None])[..., 0]
     assert il.masked_labels == 0

@@ -38,6 +38,7 @@ from lambo_ray.mec.evaluator import evaluate, relative_gap
 from lambo_ray.mec.generator import generate, generate_series
 from lambo_ray.mec.instance import Instance, check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
+from lambo_ray.policy.model import claims_from_shares
 
 MASKED_LOGP = -1e6  # teacher-forced log-probs below this are masked options (the mask adds -1e9)
 
@@ -209,7 +210,9 @@ def imitation_losses(policy: torch.nn.Module, examples: Sequence[Example]) -> Im
         share[k, :e.share.size] = torch.as_tensor(np.array(e.share, dtype=np.float64))
     with torch.no_grad():
         enc = policy.encode(batch)
-    tf = policy.teacher_forced(batch, enc, target, share)
+    # Decode-time claims behind the expert's shares (claims_from_shares): imitating full-server
+    # shares literally would teach early UEs to take the capacity later UEs need.
+    tf = policy.teacher_forced(batch, enc, target, claims_from_shares(target, share, batch.amin))
     real = batch.ue_mask
     masked = real & (tf.logp_target < MASKED_LOGP)
     keep = real & ~masked

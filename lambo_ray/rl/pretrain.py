@@ -47,6 +47,7 @@ from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS, Instance, check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy import SCALES, LamboPolicy, PolicyConfig, featurize, scale_config
+from lambo_ray.policy.model import claims_from_shares
 from lambo_ray.rl.env import MecEnvConfig
 from lambo_ray.rl.learner import critic_heads
 
@@ -381,7 +382,10 @@ def supervised_warm_start(policy: LamboPolicy, cfg: PretrainConfig) -> dict[str,
         for lo in range(0, len(insts), cfg.minibatch_size):
             idx = perm[lo: lo + cfg.minibatch_size]
             pb = batch.index(idx)
-            tf = policy.teacher_forced(pb, policy.encode(pb), t_all[idx], s_all[idx])
+            # Imitate the decode-time claims behind the expert's shares, not the shares themselves
+            # (see claims_from_shares: raw full-server shares teach early UEs to starve later ones).
+            claims = claims_from_shares(t_all[idx], s_all[idx], pb.amin)
+            tf = policy.teacher_forced(pb, policy.encode(pb), t_all[idx], claims)
             # Labels outside the policy's feasibility masks (round-off at exactly full servers) would
             # give -1e9 logits: such UEs are left out rather than blowing up the loss.
             ok = tf.logp_target > -50.0
