@@ -199,8 +199,8 @@ def test_single_head_module_outputs_one_value():
 def small_config(**kw):
     from lambo_ray.rl.pretrain import PretrainConfig
 
-    base = dict(scenario=dict(SMALL), iterations=3, num_env_runners=0, num_envs_per_env_runner=4,
-                instances_per_episode=32, train_batch_size=256, minibatch_size=64, num_epochs=4, val_size=12,
+    base = dict(scenario=dict(SMALL), iterations=3, num_env_runners=0, num_envs_per_env_runner=8,
+                instances_per_episode=32, train_batch_size=128, minibatch_size=64, num_epochs=4, val_size=12,
                 val_expert="exact", val_expert_time_limit=10.0, seed=3)
     base.update(kw)
     return PretrainConfig(**base)
@@ -234,7 +234,7 @@ def test_training_improves_the_policy_and_the_critic(trained_run):
     assert vf(acrl[-1]) < vf(acrl[0])
     assert acrl[-1]["train/vf_explained_var"] > 0.0
     for h in acrl:
-        assert h["instances"] == 256 and h["train/batch_feasible"] > 0.9
+        assert h["instances"] == 128 and h["train/batch_feasible"] > 0.9
         assert 0 <= h["train/approx_kl"] < 1.0  # per-step policy change stays a trust region
 
 
@@ -339,7 +339,7 @@ def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic):
     init, last = history[0], history[-1]
     assert last["val/min_energy/objective"] < 0.9 * init["val/min_energy/objective"]
     assert last["train/batch_reward_mean"] > history[1]["train/batch_reward_mean"]
-    assert all(h["instances"] == 256 for h in history[1:])
+    assert all(h["instances"] == 128 for h in history[1:])
 
 
 @pytest.mark.slow
