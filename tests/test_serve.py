@@ -367,16 +367,20 @@ def test_hot_swap_during_concurrent_stream(served, setup, local, instances):
     log: list[tuple[str, object, str, httpx.Response]] = []
 
     async def caller(ac, worker: int):
-        for step in range(4):
+        # Stream until the swap is done and three more requests went out (every other one to "late").
+        after, step = 0, 0
+        while after < 3 and step < 200:
+            after += registered.is_set()
             inst = instances[(worker + step) % len(instances)]
             decoder = "late" if registered.is_set() and step % 2 else ("drift_a" if worker % 2 else None)
             body = {"instance": instance_to_dict(inst), "prompt": "min_latency"}
             if decoder:
                 body["decoder"] = decoder
             log.append((decoder or "default", inst, "min_latency", await ac.post("/v1/decide", json=body)))
+            step += 1
 
     async def swap(ac):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)  # requests are in flight when the new decoder is registered
         r = await ac.post("/v1/decoders", json={"id": "late", "path": str(setup / "late")})
         assert r.status_code == 200, r.text
         assert r.json()["created"] is True

@@ -98,7 +98,7 @@ class DecoderCatalog:
 class LRUCache(Generic[T]):
     """At most ``capacity`` loaded values besides the pinned ones; least recently used evicted first.
 
-    Thread-safe: loads happen on the policy replica's compute thread while the event loop may list them.
+    Thread-safe: Serve runs a replica's sync methods (``info``) on a thread pool, beside the loop that loads.
     """
 
     def __init__(self, capacity: int) -> None:

@@ -6,8 +6,8 @@ the base policy's (shared, never copied) and whose ``decoder`` is its own. Views
 ``lambo_ray.policy.decoding.decide`` takes, so serving a fine-tuned decoder runs exactly the code the CLI
 and the benchmarks run, and a decoder costs only its own weights in memory.
 
-The engine is synchronous and not thread-safe by design: the policy deployment calls it from a single
-compute thread, which serialises decoder loads with decisions.
+The engine is synchronous and not thread-safe by design: the policy deployment calls it from its event
+loop thread only, which serialises decoder loads with decisions.
 """
 from __future__ import annotations
 
