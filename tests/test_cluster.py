@@ -138,7 +138,8 @@ KUBERAY_BREAKS = [
      "spec.headGroupSpec.rayStartParams.num-cpus"),
     ("raycluster.yaml", "spec.headGroupSpec.template.spec.containers[0].image", _DELETE,
      "spec.headGroupSpec.template.spec.containers[0].image"),
-    ("raycluster.yaml", "spec.headGroupSpec.template.spec.containers", [], "spec.headGroupSpec.template.spec.containers"),
+    ("raycluster.yaml", "spec.headGroupSpec.template.spec.containers", [],
+     "spec.headGroupSpec.template.spec.containers"),
     ("raycluster.yaml", "spec.workerGroupSpecs[0].groupName", _DELETE, "spec.workerGroupSpecs[0].groupName"),
     ("raycluster.yaml", "spec.workerGroupSpecs[1].groupName", "cpu", "spec.workerGroupSpecs[1].groupName"),
     ("raycluster.yaml", "spec.workerGroupSpecs[0].maxReplicas", _DELETE, "spec.workerGroupSpecs[0].maxReplicas"),
@@ -158,7 +159,8 @@ KUBERAY_BREAKS = [
     ("rayservice.yaml", "spec.serveConfigV2", "http_options: {}\n", "applications"),
     # Only Ray Serve's schema catches this one (num_replicas must be an int or "auto").
     ("rayservice.yaml", "spec.serveConfigV2",
-     "applications:\n  - name: x\n    import_path: a.b:c\n    deployments:\n      - name: D\n        num_replicas: many\n",
+     "applications:\n  - name: x\n    import_path: a.b:c\n"
+     "    deployments:\n      - name: D\n        num_replicas: many\n",
      "ServeDeploySchema"),
     ("rayservice.yaml", "spec.rayClusterConfig.headGroupSpec.template", _DELETE,
      "spec.rayClusterConfig.headGroupSpec.template"),

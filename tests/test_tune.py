@@ -99,7 +99,8 @@ BAD_SPECS = [
     (dict(scheduler={"type": "hyperband"}), "scheduler.type: expected one of asha, fifo"),
     (dict(scheduler={"type": "asha", "max_tt": 3}), "scheduler: unknown key(s) max_tt"),
     (dict(search={"type": "bayes"}), "search.type: expected one of random, optuna"),
-    (dict(search={"type": "optuna"}, param_space={"lr": {"grid": [1e-3, 1e-2]}}), "grid is not supported by the optuna"),
+    (dict(search={"type": "optuna"}, param_space={"lr": {"grid": [1e-3, 1e-2]}}),
+     "grid is not supported by the optuna"),
     (dict(mode="minimum"), "mode: expected min or max"),
     (dict(num_samples=0), "num_samples: expected an integer >= 1"),
     (dict(resources={"cpu": 1, "tpu": 1}), "resources: unknown key(s) tpu"),
@@ -144,7 +145,8 @@ def test_tune_metric_is_the_mean_gap_over_prompts_and_inf_without_feasible_decis
     m = {"iteration": 3, "val/min_latency/gap": 0.02, "val/min_energy/gap": 0.06, "note": [1, 2]}
     out = tune_metrics(m, ("min_latency", "min_energy"))
     assert out[GAP_METRIC] == pytest.approx(0.04) and "note" not in out and out["iteration"] == 3
-    assert tune_metrics({**m, "val/min_energy/gap": float("nan")}, ("min_latency", "min_energy"))[GAP_METRIC] == math.inf
+    nan_gap = tune_metrics({**m, "val/min_energy/gap": float("nan")}, ("min_latency", "min_energy"))
+    assert nan_gap[GAP_METRIC] == math.inf
     assert GAP_METRIC not in tune_metrics({"iteration": 1}, ("min_latency",))  # no validation: no metric
 
 
@@ -225,6 +227,9 @@ def test_tiny_sweep_reports_the_best_trial_and_resumes_without_repeating_finishe
     before = _trial_rows(exp)
     finished_text = {t: (next(exp.glob(f"*{t}*/result.json"))).read_text() for t in finished_before}
     assert len(before) < 4 or any(len(before[t]) < 2 for t in midway & set(before))
+    interrupted = summarize(first, spec)  # statuses as saved on disk at the interrupt
+    status = {t["trial_id"]: t["status"] for t in interrupted["trials"]}
+    assert interrupted["unfinished"] >= 1 and all(status[t] in ("done", "stopped") for t in finished_before)
 
     results = run_sweep(spec, tmp_path / "runs", name="sweep", resume=True, verbose=0)
     after = _trial_rows(exp)
@@ -246,6 +251,10 @@ def test_tiny_sweep_reports_the_best_trial_and_resumes_without_repeating_finishe
         assert (trial_dir / "progress.csv").exists() and list(trial_dir.glob("events.out.tfevents*"))
 
     summary = summarize(results, spec)
+    assert summary["unfinished"] == 0 and {t["status"] for t in summary["trials"]} <= {"done", "stopped"}
+    for t in summary["trials"]:
+        assert t["iterations"] == len(after[t["trial_id"]])
+        assert (t["status"] == "done") == (t["iterations"] == spec.iterations)
     all_values = [r[GAP_METRIC] for rows in after.values() for r in rows]
     assert summary["best"]["best"] == pytest.approx(min(all_values))
     assert [t["trial_id"] for t in summary["trials"]][0] == summary["best"]["trial_id"]

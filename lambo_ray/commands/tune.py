@@ -71,4 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"best checkpoint: {best['checkpoint']}  (a `lambo pretrain` run directory: "
                       "policy/, rllib/, state.json)")
         print(f"experiment: {exp}")
+        if summary["unfinished"]:
+            print(f"{summary['unfinished']} trial(s) unfinished: continue with the same command plus --resume",
+                  file=sys.stderr)
     return 1 if summary["best"] is None else 0

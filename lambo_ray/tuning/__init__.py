@@ -16,6 +16,7 @@ from lambo_ray.tuning.trainable import GAP_METRIC, pretrain_config_from_trial, p
 
 __all__ = [
     "ParamSpec", "SchedulerSpec", "SearchSpec", "TrialResources", "TuneSpec", "load_tune_spec",
-    "LABELS_FILE", "SPEC_FILE", "SUMMARY_FILE", "check_experiment", "experiment_dir", "trial_bundles", "format_table", "run_sweep", "summarize",
+    "LABELS_FILE", "SPEC_FILE", "SUMMARY_FILE", "check_experiment", "experiment_dir", "trial_bundles",
+    "format_table", "run_sweep", "summarize",
     "GAP_METRIC", "pretrain_config_from_trial", "pretrain_trial", "tune_metrics",
 ]

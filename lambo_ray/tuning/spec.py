@@ -403,8 +403,8 @@ def _sub_spec(raw: dict[str, Any], key: str, cls: type, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise LamboInputError(f"{key}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}",
-                              where=where)
+        raise LamboInputError(
+            f"{key}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}", where=where)
     return cls(**value)
 
 

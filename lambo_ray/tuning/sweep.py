@@ -136,7 +136,7 @@ def _fit(tuner: Any) -> Any:
 @dataclass(frozen=True)
 class TrialRow:
     trial_id: str
-    status: str  # "done", "stopped" (by ASHA before the last iteration), "error"
+    status: str  # done | stopped (by the scheduler before the last iteration) | unfinished | error
     iterations: int
     best: float | None  # best value of the metric over the trial's reports
     last: float | None
@@ -149,15 +149,30 @@ class TrialRow:
 
 
 def summarize(results: Any, spec: TuneSpec) -> dict[str, Any]:
-    """One row per trial (sorted best first) and the best trial, from a ResultGrid."""
+    """One row per trial (sorted best first) and the best trial, from a ResultGrid.
+
+    ``unfinished`` trials are those an interrupted run left pending or running: ``--resume`` runs them.
+    """
+    from ray.tune import ExperimentAnalysis
+
     searched = [p.name for p in spec.params]
+    # Trial ids and statuses, which Result lacks, as saved in the experiment state on disk: after an
+    # interrupt that is the truth (Tune marks its in-memory trials terminated when it shuts them down).
+    trials = {t.path: t for t in ExperimentAnalysis(str(results.experiment_path)).trials}
     rows: list[TrialRow] = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
+        trial = trials.get(result.path)
         iterations = int(metrics.get("training_iteration", 0))
         total = int(pretrain_config_from_trial({**spec.trial_defaults(), **config}).iterations)
-        status = "error" if result.error is not None else ("done" if iterations >= total else "stopped")
+        tune_status = getattr(trial, "status", "TERMINATED")
+        if result.error is not None or tune_status == "ERROR":
+            status = "error"
+        elif tune_status != "TERMINATED":
+            status = "unfinished"
+        else:
+            status = "done" if iterations >= total else "stopped"
         values = _metric_values(result, spec.metric)
         best = (min(values) if spec.mode == "min" else max(values)) if values else None
         ckpt = None
@@ -167,14 +182,16 @@ def summarize(results: Any, spec: TuneSpec) -> dict[str, Any]:
                 ckpt = best_ckpt.path if best_ckpt is not None else None
             except (RuntimeError, ValueError, KeyError):
                 ckpt = result.checkpoint.path if result.checkpoint is not None else None
-        rows.append(TrialRow(trial_id=str(metrics.get("trial_id", Path(result.path).name)), status=status,
-                             iterations=iterations, best=best, last=_finite(metrics.get(spec.metric)),
-                             params={k: config.get(k) for k in searched}, checkpoint=ckpt))
+        trial_id = getattr(trial, "trial_id", None) or str(metrics.get("trial_id", Path(result.path).name))
+        rows.append(TrialRow(trial_id=trial_id, status=status, iterations=iterations, best=best,
+                             last=_finite(metrics.get(spec.metric)), params={k: config.get(k) for k in searched},
+                             checkpoint=ckpt))
     sign = 1 if spec.mode == "min" else -1
     rows.sort(key=lambda r: (r.best is None, sign * r.best if r.best is not None else 0.0))
     best_row = rows[0] if rows and rows[0].best is not None else None
     return {"experiment": str(results.experiment_path), "metric": spec.metric, "mode": spec.mode,
             "trials": [r.to_dict() for r in rows], "best": best_row.to_dict() if best_row else None,
+            "unfinished": sum(r.status == "unfinished" for r in rows),
             "num_errors": results.num_errors, "num_terminated": results.num_terminated}
 
 
