@@ -7,19 +7,23 @@ target choice and, when offloaded, the share). Credit assignment follows that sp
     A_off   = r_off   - V_off(s)     baselines the targets' log-prob   (offloading head)
     A_alloc = r_alloc - V_alloc(s)   baselines the shares' log-prob    (allocation head)
 
-    L = - min(A_off rho_t, A_off clip(rho_t))  - min(A_alloc rho_s, A_alloc clip(rho_s))
+    L = - 1/N sum_i [min(A_off rho_t,i, A_off clip(rho_t,i)) + min(A_alloc rho_s,i, A_alloc clip(rho_s,i))]
         + c_v [(V_off - r_off)^2 + (V_alloc - r_alloc)^2]
         - beta_t H_target - beta_s H_share
 
-with rho_t, rho_s the new/old probability ratios of the two parts. With gamma = 0 (independent
-instances) the value targets are the immediate reward parts, so no GAE is needed; the advantages are
-computed once per training batch with the pre-update critic (as PPO does) by :class:`OneStepAdvantages`,
-which replaces RLlib's GAE piece. Dropping the cross terms (r_alloc's effect on the target head and
-vice versa) trades a small bias for lower variance; the ``critic="single_head"`` ablation is the plain
-unbiased PPO: one value of r and one advantage for the whole log-probability.
+with rho_t,i and rho_s,i the new/old probability ratios of UE i's target and share (``ratio="per_ue"``,
+the default, as token-level PPO does for sequences), H the per-UE mean entropies. Clipping the *joint*
+ratio of a 50-UE decision (``ratio="joint"``) clipped 50-80% of the rows at N = 50 after one epoch,
+and clipped rows carry no gradient. With gamma = 0 (independent instances) the value targets are the
+immediate reward parts, so no GAE is needed; the advantages are computed once per training batch with
+the pre-update critic (as PPO does) by :class:`OneStepAdvantages`, which replaces RLlib's GAE piece.
+Dropping the cross terms (r_alloc's effect on the target head and vice versa) trades a small bias for
+lower variance; the ``critic="single_head"`` ablation is the plain PPO: one value of r and one
+advantage for every log-probability term.
 
 Ablation switches come from ``config.learners(learner_config_dict=...)``: ``critic`` ("two_head" |
-"single_head"), ``entropy_bonus`` (bool), ``entropy_coeff_target``, ``entropy_coeff_share``.
+"single_head"), ``ratio`` ("per_ue" | "joint"), ``entropy_bonus`` (bool), ``entropy_coeff_target``,
+``entropy_coeff_share``.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.rl.env import INFO_R_ALLOC, INFO_R_OFF
 
 CRITICS = ("two_head", "single_head")
+RATIOS = ("per_ue", "joint")
 # Train-batch columns written by this module's connector pieces / read by the loss.
 R_OFF, R_ALLOC, FEASIBLE = INFO_R_OFF, INFO_R_ALLOC, "feasible"
 OLD_LOGP_TARGET, OLD_LOGP_SHARE = "logp_target", "logp_share"  # exploration outputs (behaviour policy)
@@ -133,12 +138,14 @@ class AcrlLearner(PPOTorchLearner):
                 f"ACRL needs gamma = 0 (independent instances per step), got {self.config.gamma}", where="gamma")
         lc = self._acrl_settings()
         critic_heads(lc["critic"])
+        if lc["ratio"] not in RATIOS:
+            raise LamboInputError(f"unknown ratio {lc['ratio']!r}; expected one of {', '.join(RATIOS)}", where="ratio")
         if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
             self._learner_connector.remove(GeneralAdvantageEstimation)
             self._learner_connector.append(OneStepAdvantages())
 
     def _acrl_settings(self) -> dict[str, Any]:
-        lc = {"critic": "two_head", "entropy_bonus": True, "entropy_coeff_target": 0.01,
+        lc = {"critic": "two_head", "ratio": "per_ue", "entropy_bonus": True, "entropy_coeff_target": 0.01,
               "entropy_coeff_share": 0.001}
         lc.update(self.config.learner_config_dict or {})
         return lc
@@ -152,20 +159,31 @@ class AcrlLearner(PPOTorchLearner):
 
         clip = config.clip_param
         adv, targets, values = batch[Postprocessing.ADVANTAGES], batch[Postprocessing.VALUE_TARGETS], fwd_out["vf"]
-        d_t = fwd_out["logp_target"] - batch[OLD_LOGP_TARGET]
-        d_s = fwd_out["logp_share"] - batch[OLD_LOGP_SHARE]
+        ue = fwd_out["ue_mask"].to(values.dtype)  # (B, N) real UEs
+        n_real = ue.sum(-1).clamp_min(1.0)
+        d_t = (fwd_out["logp_target"] - batch[OLD_LOGP_TARGET]) * ue  # (B, N) per-UE log-ratios
+        d_s = (fwd_out["logp_share"] - batch[OLD_LOGP_SHARE]) * ue  # 0 where local: no share was drawn
+        a_t = adv[:, 0]
+        a_s = adv[:, 1] if lc["critic"] == "two_head" else adv[:, 0]
         metrics: dict[str, Any] = {}
-        if lc["critic"] == "two_head":
-            ratio_t, ratio_s = torch.exp(d_t), torch.exp(d_s)
-            surr_t = _clipped_surrogate(adv[:, 0], ratio_t, clip)
-            surr_s = _clipped_surrogate(adv[:, 1], ratio_s, clip)
-            surrogate = surr_t + surr_s
-            clipped = ((ratio_t - 1).abs() > clip) | ((ratio_s - 1).abs() > clip)
-            metrics.update(policy_loss_target=-mmean(surr_t), policy_loss_share=-mmean(surr_s))
-        else:
-            ratio = torch.exp(d_t + d_s)
-            surrogate = _clipped_surrogate(adv[:, 0], ratio, clip)
-            clipped = (ratio - 1).abs() > clip
+        if lc["ratio"] == "per_ue":
+            # One ratio per decision (as token-level PPO for sequences): the joint ratio of 50 UEs leaves
+            # [1 - clip, 1 + clip] after tiny per-UE changes, and clipped rows carry no gradient.
+            rho_t, rho_s = torch.exp(d_t), torch.exp(d_s)
+            surr_t = (_clipped_surrogate(a_t[:, None], rho_t, clip) * ue).sum(-1) / n_real
+            surr_s = (_clipped_surrogate(a_s[:, None], rho_s, clip) * ue).sum(-1) / n_real
+            clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float().mul(ue).sum(-1) / n_real
+        else:  # "joint": one ratio for the whole decision (per head)
+            if lc["critic"] == "two_head":
+                rho_t, rho_s = torch.exp(d_t.sum(-1)), torch.exp(d_s.sum(-1))
+                surr_t = _clipped_surrogate(a_t, rho_t, clip)
+                surr_s = _clipped_surrogate(a_s, rho_s, clip)
+                clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float()
+            else:
+                rho = torch.exp(d_t.sum(-1) + d_s.sum(-1))
+                surr_t, surr_s = _clipped_surrogate(a_t, rho, clip), torch.zeros_like(a_t)
+                clipped = ((rho - 1).abs() > clip).float()
+        surrogate = surr_t + surr_s
         vf_err = (values - targets).pow(2).clamp(0.0, config.vf_clip_param)  # (B, H)
         vf_loss = vf_err.sum(-1)
         entropy_bonus = torch.zeros_like(vf_loss)
@@ -174,12 +192,16 @@ class AcrlLearner(PPOTorchLearner):
                              + lc["entropy_coeff_share"] * fwd_out["entropy_share"])
         total = mmean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_bonus)
 
+        log_ratio = (d_t + d_s).sum(-1)
         metrics.update(
             policy_loss=-mmean(surrogate),
+            policy_loss_target=-mmean(surr_t),
+            policy_loss_share=-mmean(surr_s),
             entropy_target=mmean(fwd_out["entropy_target"]),
             entropy_share=mmean(fwd_out["entropy_share"]),
-            approx_kl=mmean(torch.expm1(d_t + d_s) - (d_t + d_s)),  # k3 estimator of KL(old || new), >= 0
-            clip_fraction=mmean(clipped.float()),
+            approx_kl=mmean(torch.expm1(log_ratio) - log_ratio),  # k3 estimator of KL(old || new), >= 0
+            approx_kl_per_ue=mmean(((torch.expm1(d_t + d_s) - (d_t + d_s)) * ue).sum(-1) / n_real),
+            clip_fraction=mmean(clipped),
             valid_rows=float(mask.sum()),
             mean_reward=mmean(targets.sum(-1)),
         )

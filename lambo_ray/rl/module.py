@@ -78,8 +78,8 @@ class LamboRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         return {
             Columns.ACTIONS: {"target": out.target, "share": out.share},
             Columns.ACTION_LOGP: out.logp,
-            LOGP_TARGET: out.logp_target.sum(-1),
-            LOGP_SHARE: out.logp_share.sum(-1),
+            LOGP_TARGET: out.logp_target,  # (B, N): per-UE parts, for per-UE PPO ratios
+            LOGP_SHARE: out.logp_share,
             BETA_U: out.u,
         }
 
@@ -91,16 +91,17 @@ class LamboRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         return self._act(batch, "greedy")
 
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """Teacher-forced log-probs of the stored decisions (split into target and share parts), per-UE
-        mean entropies of both heads, and the critic's values (B, heads)."""
+        """Teacher-forced per-UE log-probs of the stored decisions (target and share parts, (B, N)), per-UE
+        mean entropies of both heads (B,), the real-UE mask (B, N) and the critic's values (B, heads)."""
         pb = self.policy_batch(batch)
         enc = self.policy.encode(pb)
         actions = batch[Columns.ACTIONS]
         tf = self.policy.teacher_forced(pb, enc, actions["target"].long(), actions["share"].double(),
                                         u=batch.get(BETA_U))
         return {
-            "logp_target": tf.logp_target.sum(-1),
-            "logp_share": tf.logp_share.sum(-1),
+            "logp_target": tf.logp_target,
+            "logp_share": tf.logp_share,
+            "ue_mask": pb.ue_mask,
             "entropy_target": _valid_mean(tf.entropy_target, pb.ue_mask),
             "entropy_share": _valid_mean(tf.entropy_share, pb.ue_mask),
             "vf": self._values(enc, pb),

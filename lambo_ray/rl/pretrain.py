@@ -65,6 +65,7 @@ class PretrainConfig:
     scale: str = "S"
     policy_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"enc_layers": 2} for Tune
     critic: str = "two_head"  # "two_head" | "single_head" (ablation)
+    ratio: str = "per_ue"  # PPO ratio per UE decision, or "joint" for the whole decision (ablation)
     # Ray / sampling.
     iterations: int = 20
     num_env_runners: int = 2
@@ -111,6 +112,8 @@ class PretrainConfig:
             problems.append(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
         if self.critic not in ("two_head", "single_head"):
             problems.append(f"critic must be two_head or single_head (got {self.critic!r})")
+        if self.ratio not in ("per_ue", "joint"):
+            problems.append(f"ratio must be per_ue or joint (got {self.ratio!r})")
         for name in ("iterations", "num_envs_per_env_runner", "instances_per_episode", "train_batch_size",
                      "minibatch_size", "num_epochs", "val_size", "eval_every", "checkpoint_every", "driver_threads"):
             if int(getattr(self, name)) < 1:
@@ -175,7 +178,7 @@ def build_algo_config(cfg: PretrainConfig) -> Any:
         .learners(num_learners=0,  # local learner in the driver (P4: a learner actor hangs on 2 CPUs)
                   learner_class=AcrlLearner,
                   learner_connector=lambda obs_space, act_space: AddRewardParts(),
-                  learner_config_dict={"critic": cfg.critic, "entropy_bonus": cfg.entropy_bonus,
+                  learner_config_dict={"critic": cfg.critic, "ratio": cfg.ratio, "entropy_bonus": cfg.entropy_bonus,
                                        "entropy_coeff_target": cfg.entropy_coeff_target,
                                        "entropy_coeff_share": cfg.entropy_coeff_share})
         .rl_module(rl_module_spec=RLModuleSpec(
@@ -500,7 +503,7 @@ class Pretrainer:
                              "instances_per_s": instances / wall if wall > 0 else float("nan")}
         for key in ("batch_reward_mean", "batch_r_off_mean", "batch_r_alloc_mean", "batch_feasible",
                     "policy_loss", "policy_loss_target", "policy_loss_share", "vf_off_loss", "vf_alloc_loss",
-                    "vf_loss", "vf_explained_var", "entropy_target", "entropy_share", "approx_kl",
+                    "vf_loss", "vf_explained_var", "entropy_target", "entropy_share", "approx_kl", "approx_kl_per_ue",
                     "clip_fraction", "total_loss"):
             if key in learner:
                 m[f"train/{key}"] = float(np.asarray(learner[key]))
