@@ -55,6 +55,32 @@ def test_the_small_config_fits_two_cpus_and_the_scale_config_puts_l_on_a_gpu():
     assert trial_bundles(scale, {"scale": "S"}) == [{"CPU": 1.0}] + [{"CPU": 1.0}] * runners
 
 
+@pytest.mark.parametrize("name", ["lr_entropy.yaml", "architecture.yaml"])
+def test_optuna_suggestions_stay_in_the_space_and_build_valid_trials(name):
+    """Tune hands the param space to Optuna (TPE); its suggestions must respect every distribution's
+    bounds and make a PretrainConfig the trial can build. Same seed, same proposals."""
+    spec = load_tune_spec(ROOT / "tune_configs" / name)
+    assert spec.search.type == "optuna"
+
+    def proposals(n):
+        searcher = spec.search.build(spec.max_concurrent)
+        assert searcher.set_search_properties(spec.metric, spec.mode, spec.param_space())
+        return [searcher.suggest(f"t{i}") for i in range(n)]
+
+    first = proposals(8)
+    assert first == proposals(8)
+    for suggestion in first:
+        for p in spec.params:
+            v = suggestion[p.name]
+            if p.kind == "choice":
+                assert v in p.args
+            else:
+                assert p.args[0] <= v <= p.args[1]
+        cfg = pretrain_config_from_trial({**spec.trial_defaults(), **suggestion})
+        pol = cfg.policy_config()
+        assert pol.d_model % pol.n_heads == 0
+
+
 def test_loguniform_bounds_written_with_exponents_are_numbers():
     spec = load_tune_spec(ROOT / "tune_configs" / "lr_entropy.yaml")
     lr = next(p for p in spec.params if p.name == "lr")
@@ -295,3 +321,48 @@ def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothin
     assert {p: p.read_text() for p in exp.glob("*/result.json")} == files  # nothing re-ran
     clobber = run()
     assert clobber.returncode == 2 and "already exists" in clobber.stderr
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path):
+    """Ctrl+C (SIGINT) on `lambo tune` once trials have reported: exit 130 with a --resume hint, the
+    state is on disk, and `--resume` runs the rest without re-running what finished."""
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "lambo_ray.cli", "tune", "--config", str(ROOT / "tune_configs" / "small.yaml"),
+           "--storage", str(tmp_path), "--name", "ctrlc", "--quiet", "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    exp = tmp_path / "ctrlc"
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = _trial_rows(exp) if exp.exists() else {}
+            if any(len(r) == 2 for r in rows.values()):  # one trial finished: interrupt now
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in err and "Traceback" not in err
+    before = {t: rows for t, rows in _trial_rows(exp).items() if len(rows) == 2}
+    done_text = {t: next(exp.glob(f"*{t}*/result.json")).read_text() for t in before}
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _trial_rows(exp)
+    assert len(after) == 4
+    for t, text in done_text.items():
+        assert next(exp.glob(f"*{t}*/result.json")).read_text() == text
+    for t, rows in after.items():
+        assert [r["iteration"] for r in rows] == [r["training_iteration"] for r in rows] == \
+            list(range(1, len(rows) + 1))
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["unfinished"] == 0 and len(summary["trials"]) == 4

@@ -5,6 +5,8 @@
 
 Prints the trial table (best first) and the best config; writes ``summary.json`` into the experiment
 directory next to Tune's own files. Under `ray job submit` it joins that cluster (RAY_ADDRESS).
+Exit status: 0, 1 when no trial reported the metric, 2 on bad input, 130 when interrupted (Ctrl+C:
+Tune saves the experiment state first, so ``--resume`` continues it).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"best checkpoint: {best['checkpoint']}  (a `lambo pretrain` run directory: "
                       "policy/, rllib/, state.json)")
         print(f"experiment: {exp}")
-        if summary["unfinished"]:
-            print(f"{summary['unfinished']} trial(s) unfinished: continue with the same command plus --resume",
-                  file=sys.stderr)
+    if summary["unfinished"]:  # Tune ends early only when interrupted (Ctrl+C / SIGUSR1)
+        print(f"lambo tune: interrupted with {summary['unfinished']} trial(s) unfinished; continue with the "
+              "same command plus --resume", file=sys.stderr)
+        return 130
     return 1 if summary["best"] is None else 0
