@@ -128,6 +128,7 @@ BAD_SPECS = [
     (dict(search={"type": "optuna"}, param_space={"lr": {"grid": [1e-3, 1e-2]}}),
      "grid is not supported by the optuna"),
     (dict(mode="minimum"), "mode: expected min or max"),
+    (dict(fixed={"scale": "S", "iterations": 4, "val_expert": None}), "fixed.val_expert is null"),
     (dict(num_samples=0), "num_samples: expected an integer >= 1"),
     (dict(resources={"cpu": 1, "tpu": 1}), "resources: unknown key(s) tpu"),
     (dict(resources={"cpu": 0}), "resources.cpu: a trial needs at least some CPU"),

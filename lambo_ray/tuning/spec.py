@@ -347,6 +347,9 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
             raise LamboInputError(f"scheduler.reduction_factor: expected a number > 1, got "
                                   f"{scheduler.reduction_factor!r}", where=where)
     check_space(spec, where)
+    if spec.metric.endswith("gap") and spec.trial_defaults().get("val_expert") is None:
+        raise LamboInputError(f"metric: {spec.metric} is a gap to the expert, but fixed.val_expert is null "
+                              "(no expert labels: use a val/<prompt>/objective metric instead)", where=where)
     if spec.scheduler.type == "asha":
         if spec.max_t > spec.iterations:
             raise LamboInputError(f"scheduler.max_t: {spec.max_t} exceeds fixed.iterations {spec.iterations}: "
