@@ -13,8 +13,9 @@ run: ``--baseline-rev REV`` checks ``REV`` out as a temporary ``git worktree`` a
 this same script in a second worker process, alternating the two implementations task by task so that
 load changes hit both alike. ``speedup`` is the baseline's fastest run / the current fastest run (the
 minimum is the statistic least disturbed by other load). Both workers build the
-policy from the same seed and report a digest of the greedy decisions, so the table also shows that
-the optimised decoder decides exactly as the baseline did (``same``).
+policy from the same seed and return their decisions, so the table also shows whether the optimised
+decoder decides as the baseline did (``same_target``: identical targets; ``share_diff``/``logp_diff``:
+the largest absolute difference, float round-off of a reordered computation).
 
     python benchmarks/decode.py                                # current tree only
     python benchmarks/decode.py --baseline-rev 87e5e01         # with a same-run baseline
@@ -25,7 +26,6 @@ Prints a table and writes ``benchmarks/results/decode.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -100,12 +100,9 @@ class Worker:
                 out = fn()
                 times.append(time.perf_counter() - start)
         if kind.startswith("decode"):
-            h = hashlib.sha256(out.target.numpy().tobytes())
-            h.update(out.share.numpy().round(9).tobytes())
-            digest = h.hexdigest()[:12]
+            digest = {"target": out.target.tolist(), "share": out.share.tolist(), "logp": out.logp.tolist()}
         elif kind == "decide_greedy":
-            digest = hashlib.sha256(repr([(d.target.tolist(), d.share.round(9).tolist()) for d in out]).encode()
-                                    ).hexdigest()[:12]
+            digest = {"target": [d.target.tolist() for d in out], "share": [d.share.tolist() for d in out]}
         times.sort()
         return {"ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0], "digest": digest}
 
@@ -120,6 +117,22 @@ def worker_main() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def compare(cur: dict | None, base: dict | None) -> dict[str, Any]:
+    """Same decisions? ``same_target``: every target identical; ``share_diff``: max |share difference|
+    (float round-off of a reordered computation, not a different decision); ``logp_diff`` likewise."""
+    if cur is None or base is None:
+        return {}
+    import numpy as np
+
+    out: dict[str, Any] = {"same_target": cur["target"] == base["target"]}
+    flat = lambda v: np.concatenate([np.ravel(np.asarray(x, dtype=float)) for x in v])  # noqa: E731
+    if out["same_target"]:
+        out["share_diff"] = float(np.max(np.abs(flat(cur["share"]) - flat(base["share"]))))
+        if "logp" in cur:
+            out["logp_diff"] = float(np.max(np.abs(np.asarray(cur["logp"]) - np.asarray(base["logp"]))))
+    return out
+
+
 class Remote:
     """A worker subprocess importing ``lambo_ray`` from ``root``."""
 
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     if baseline is not None:
                         row["baseline_ms"], row["baseline_min_ms"] = base["ms"], base["min_ms"]
                         row["speedup"] = base["min_ms"] / cur["min_ms"]
-                        row["same"] = None if cur["digest"] is None else cur["digest"] == base["digest"]
+                        row.update(compare(cur["digest"], base["digest"]))
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
@@ -213,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             remove_worktree(tmp, wt)
     cols = ["scale", "B", "task", "ms", "min_ms", "ms_per_instance", "ms_per_step"]
     if args.baseline_rev:
-        cols += ["baseline_ms", "baseline_min_ms", "speedup", "same"]
+        cols += ["baseline_ms", "baseline_min_ms", "speedup", "same_target", "share_diff", "logp_diff"]
     print_table(rows, cols, title=f"decode benchmark, N={N_UES}, M={N_SERVERS}, 1 thread"
                 + (f", baseline {base_sha}" if base_sha else ""))
     write_results(args.out, rows, n_ues=N_UES, n_servers=N_SERVERS, threads=1, baseline_rev=base_sha,
                   repeats=args.repeats, note="ms = median, min_ms = fastest of repeats; speedup = baseline_min_ms / min_ms (the minimum is "
                   "the least load-sensitive statistic on a shared machine), same run, "
-                  "tasks alternated between the two worker processes; same = identical greedy decisions")
+                  "tasks alternated between the two worker processes; same_target = identical targets, share_diff / "
+                  "logp_diff = max abs difference to the baseline")
     print(f"wrote {args.out}")
     return 0
 

@@ -261,7 +261,7 @@ def decide(
     policy.eval()
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             cands = STRATEGIES[mode](policy, instances, prompts, k, seed)
     finally:
         policy.train(was_training)

@@ -435,73 +435,157 @@ class LamboPolicy(nn.Module):
         return self._decode(batch, enc, noise=noise if mode == "sample" else None)
 
     def _decode(self, batch: PolicyBatch, enc: Encoded, noise: DecodeNoise | None) -> DecodeOut:
-        """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it."""
-        dec, eps = self.decoder, self.cfg.share_eps
-        b, n, m = batch.batch_size, batch.n_max, batch.m_max
-        dev = enc.ue.device
-        ue_bias, srv_bias = self._biases(enc)
-        ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
-        # Memory of decision tokens: slot 0 = BOS, slot i+1 = decision of UE i (only N slots needed).
-        bos = dec.bos.to(enc.ue.dtype).expand(b, 1, -1)
-        mems = []
-        for layer in dec.layers:
-            k0, v0 = layer.memory_kv(bos)
-            k = k0.new_zeros(b, k0.shape[1], n, k0.shape[-1])
-            v = torch.zeros_like(k)
-            k[:, :, :1], v[:, :, :1] = k0, v0
-            mems.append((k, v))
-        slots = torch.arange(n, device=dev)
-        step_bias = torch.where(slots[None, :] <= slots[:, None], 0.0, _NEG).to(enc.ue.dtype)  # row i: slots <= i
+        """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it.
 
-        rem = torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64)
-        zeros_f = torch.zeros(b, n, device=dev)
-        target = torch.zeros(b, n, dtype=torch.long, device=dev)
-        share = torch.zeros(b, n, dtype=torch.float64, device=dev)
-        u_all, lp_t, lp_s, ent_t, ent_s = zeros_f + 0.5, zeros_f.clone(), zeros_f.clone(), zeros_f.clone(), zeros_f.clone()
-        dead_ue = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        Per-step cost is per-op overhead at serving batch sizes (~50 small ops x N steps), so the loop
+        is kept lean; the model is the same as :meth:`teacher_forced`'s (which stays the plain
+        reference, and tests pin the two together):
+
+        * everything that does not depend on earlier decisions is computed once per batch:
+          server + pair tokens, query base, cross-attention keys/values of the UE tokens, pointer keys
+          of "local", the decision-token table, static masks;
+        * the only step-dependent input is the remaining capacity, entering through the 4 dynamic
+          features; all linear maps of the dynamic server tokens (cross-attention K/V of every layer,
+          pointer keys, share-head server half) are one fused matmul;
+        * self-attention reads the first ``i + 1`` slots of a preallocated K/V cache (no mask),
+          cross-attention writes the server keys into a preallocated ``[UE; server]`` K/V buffer;
+        * log-probabilities and entropies need no per-step work: logits, masks and Beta parameters are
+          stacked and scored once after the loop (with the same formulas as teacher forcing);
+        * no ``torch.distributions`` objects, no host syncs inside the loop.
+        """
+        dec, eps, cfg = self.decoder, self.cfg.share_eps, self.cfg
+        b, n, m = batch.batch_size, batch.n_max, batch.m_max
+        d, h = cfg.d_model, cfg.n_heads
+        dh = d // h
+        layers = list(dec.layers)
+        dt, dev = enc.ue.dtype, enc.ue.device
+
+        # ---- step-independent pieces -------------------------------------------------------
+        srv_base = enc.server[:, None] + enc.pair + dec.dyn.bias  # (B,N,M,d)
+        w_dyn = dec.dyn.weight  # (d, N_DYN)
+        q_base = enc.ue + enc.prompt[:, None]  # (B,N,d)
+        smask = enc.server_mask.to(dt)
+        pool_w = (smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B,1,M): masked mean
+        # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key, share-head half].
+        w1 = dec.share_head[0].weight
+        w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight, w1[:, d:]], 0)
+        b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias, torch.zeros_like(dec.ptr_k.bias)])
+        o_ptr, o_sh = 2 * d * len(layers), 2 * d * len(layers) + d
+        k_loc = dec.local_key + dec.local_ue(enc.ue)  # (B,N,d)
+        ptr_scale = 1.0 / math.sqrt(d)
+        # Cross-attention K/V buffers [UE tokens; servers] per layer; the server part is rewritten per step.
+        ca_k, ca_v = [], []
+        for layer in layers:
+            uk, uv = layer.ue_kv(enc.ue)  # (B,H,N,dh)
+            ca_k.append(torch.cat([uk, uk.new_empty(b, h, m, dh)], 2))
+            ca_v.append(torch.cat([uv, uv.new_empty(b, h, m, dh)], 2))
+        ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, _NEG).to(dt)[:, None, None, :]
+        # Self-attention cache: slot 0 = BOS, slot i+1 = decision of UE i.
+        bos = dec.bos.to(dt).expand(b, 1, -1)
+        sa_k, sa_v = [], []
+        for layer in layers:
+            k0, v0 = layer.memory_kv(bos)
+            k, v = k0.new_empty(b, h, n, dh), v0.new_empty(b, h, n, dh)
+            k[:, :, :1], v[:, :, :1] = k0, v0
+            sa_k.append(k)
+            sa_v.append(v)
+        # Decision tokens: UE token + row t of [local target; server targets] (+ share bias) + share * w.
+        tok_table = torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) \
+            + dec.share_emb.bias  # (B,M+1,d)
+        w_share = dec.share_emb.weight[:, 0]
+        # Masks and a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need
+        # no isfinite per step; slot 0 of the *_ext arrays stands for "local" (a_min = remaining = 0,
+        # so a local decision gets share exactly 0 from the same formula as a server).
+        amin = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
+        amin_ext = F.pad(torch.where(torch.isfinite(amin), amin, 0.0), (1, 0))  # (B,N,M+1)
+        srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin)  # (B,N,M)
+        local_real = batch.local_ok & batch.ue_mask
+        rem_ext = F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0))  # (B,M+1)
+        rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
+        h1_w, h1_b = w1[:, :d], dec.share_head[0].bias
+        h2 = dec.share_head[2]
+        clip = cfg.logit_clip
+        if noise is not None:
+            n_uniform, n_normal, n_accept = noise.uniform, noise.normal, noise.accept
+
+        logits_l, allowed_l, target_l, share_l, u_l, ab_l = [], [], [], [], [], []
         for i in range(n):
-            rows = slice(i, i + 1)
-            amin = batch.amin[:, rows]  # (B,1,M)
-            srv = dec.dynamic_servers(enc, rows, rem[:, None], amin)
-            x = dec.query(enc, rows, srv)
-            mem_bias = step_bias[i][None, None, None, :]
-            g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)  # (B,1,d)
-            allowed, dead = allowed_options(rem[:, None], amin, batch.local_ok[:, rows], batch.server_mask,
-                                            batch.ue_mask[:, rows])
-            logits = dec.logits(enc, rows, g, srv, allowed)  # (B,1,M+1)
-            logp_all = torch.log_softmax(logits, -1)
+            amin_i = amin[:, i]  # (B,M) float64
+            # Dynamic features (same values as Decoder.dynamic_features).
+            fits = amin_i <= rem * (1.0 + FIT_RTOL)
+            ratio = torch.where(rem > 0, amin_i / rem.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
+            slack = (rem - amin_i).clamp_(-1.0, 1.0)
+            feat = torch.stack([rem, ratio, fits.to(rem.dtype), slack], -1).float()  # (B,M,4)
+            srv = torch.addmm(srv_base[:, i].reshape(b * m, d), feat.view(b * m, N_DYN), w_dyn.t()).view(b, m, d)
+            proj = F.linear(srv, w_srv, b_srv)  # (B,M,*)
+            x = (q_base[:, i] + dec.state(torch.bmm(pool_w, F.gelu(srv))[:, 0]))[:, None]  # (B,1,d)
+            for li, layer in enumerate(layers):
+                q = layer.sa_q(layer.norm_sa(x)).view(b, 1, h, dh).transpose(1, 2)
+                att = F.scaled_dot_product_attention(q, sa_k[li][:, :, : i + 1], sa_v[li][:, :, : i + 1])
+                x = x + layer.sa_out(att.transpose(1, 2).reshape(b, 1, d))
+                q = layer.ca_q(layer.norm_ca(x)).view(b, 1, h, dh).transpose(1, 2)
+                o = 2 * d * li
+                ca_k[li][:, :, n:] = proj[..., o : o + d].view(b, m, h, dh).transpose(1, 2)
+                ca_v[li][:, :, n:] = proj[..., o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
+                att = F.scaled_dot_product_attention(q, ca_k[li], ca_v[li], attn_mask=ca_mask)
+                x = x + layer.ca_out(att.transpose(1, 2).reshape(b, 1, d))
+                x = x + layer.ffn(layer.norm_ff(x))
+            g = dec.norm_out(x)[:, 0]  # (B,d)
+            # Pointer head over [local; servers].
+            keys = torch.cat([k_loc[:, i, None], proj[..., o_ptr:o_sh]], 1)  # (B,M+1,d)
+            score = torch.bmm(keys, dec.ptr_q(g)[:, :, None])[..., 0]
+            srv_ok = srv_static[:, i] & fits
+            allowed = torch.cat([(local_real[:, i] | ~srv_ok.any(-1))[:, None], srv_ok], -1)
+            logits = torch.where(allowed, clip * torch.tanh(score * ptr_scale), _NEG)
             if noise is None:
                 t = logits.argmax(-1)
             else:
-                t = categorical_from_uniform(logp_all[:, 0], allowed[:, 0], noise.uniform[:, i])[:, None]
-            beta = dec.beta(g, srv, t)
-            if noise is None:
-                u = beta.mean
-            else:
-                u = beta_from_noise(beta.concentration1, beta.concentration0, noise.normal[:, rows],
-                                    noise.accept[:, rows]).float()
-            u = u.clamp(eps, 1.0 - eps)
-            off = t > 0
+                t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[:, i])
+            # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
             j = (t - 1).clamp_min(0)
-            lo = torch.gather(amin, 2, j[..., None])[..., 0].double()
-            hi = torch.gather(rem[:, None], 2, j[..., None])[..., 0]
-            s = torch.where(off, self._share_from_u(u, lo, hi), torch.zeros_like(lo))
-            real = batch.ue_mask[:, rows]
-            lp_t[:, rows] = torch.where(real, torch.gather(logp_all, -1, t[..., None])[..., 0], 0.0)
-            lp_s[:, rows] = torch.where(off, beta.log_prob(torch.where(off, u, 0.5)), 0.0)
-            ent_t[:, rows] = torch.where(real, categorical_entropy(logits, allowed), 0.0)
-            ent_s[:, rows] = torch.where(off, beta.entropy(), 0.0)
-            u_all[:, rows] = torch.where(off, u, 0.5)
-            target[:, rows], share[:, rows] = t, s
-            dead_ue[:, rows] = dead
-            rem = rem - F.one_hot(t[:, 0], m + 1)[:, 1:].double() * s
+            chosen = torch.gather(proj[..., o_sh:], 1, j[:, None, None].expand(b, 1, d))[:, 0]
+            ab = F.softplus(h2(F.gelu(F.linear(g, h1_w, h1_b) + chosen))) + 1.0  # (B,2)
+            if noise is None:
+                u = ab[:, 0] / ab.sum(-1)
+            else:
+                u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[:, i], n_accept[:, i]).float()
+            u = u.clamp(eps, 1.0 - eps)
+            t1 = t[:, None]
+            lo = torch.gather(amin_ext[:, i], 1, t1)
+            s = lo + u.double()[:, None] * (torch.gather(rem_ext, 1, t1) - lo)  # (B,1); 0 for local
+            rem_ext.scatter_add_(1, t1, -s)
+            logits_l.append(logits)
+            allowed_l.append(allowed)
+            target_l.append(t)
+            share_l.append(s)
+            u_l.append(u)
+            ab_l.append(ab)
             if i + 1 < n:
-                tok = dec.decision_tokens(enc, rows, t, s)
-                for layer, (k, v) in zip(dec.layers, mems):
-                    nk, nv = layer.memory_kv(tok)
-                    k[:, :, i + 1 : i + 2], v[:, :, i + 1 : i + 2] = nk, nv
+                tok = enc.ue[:, i] + torch.gather(tok_table, 1, t1[..., None].expand(b, 1, d))[:, 0] \
+                    + s.float() * w_share
+                for li, layer in enumerate(layers):
+                    kv = layer.sa_kv(layer.norm_mem(tok))  # (B,2d)
+                    sa_k[li][:, :, i + 1] = kv[:, :d].view(b, h, dh)
+                    sa_v[li][:, :, i + 1] = kv[:, d:].view(b, h, dh)
+
+        # ---- scoring, once for all steps (formulas shared with teacher forcing) --------------------
+        real = batch.ue_mask
+        logits = torch.stack(logits_l, 1)  # (B,N,M+1)
+        allowed = torch.stack(allowed_l, 1)
+        target = torch.stack(target_l, 1)
+        share = torch.cat(share_l, 1)
+        ab = torch.stack(ab_l, 1)  # (B,N,2)
+        off = target > 0
+        u = torch.where(off, torch.stack(u_l, 1), 0.5)
+        lp_t = torch.where(real, torch.gather(torch.log_softmax(logits, -1), -1, target[..., None])[..., 0], 0.0)
+        ent_t = torch.where(real, categorical_entropy(logits, allowed), 0.0)
+        beta = torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
+        lp_s = torch.where(off, beta.log_prob(u), 0.0)
+        ent_s = torch.where(off, beta.entropy(), 0.0)
+        dead_ue = real & ~local_real & ~allowed[..., 1:].any(-1)
         return DecodeOut(target=target, share=share, logp=(lp_t + lp_s).sum(-1), entropy_target=ent_t,
-                         entropy_share=ent_s, dead_end=dead_ue.any(-1), dead_ue=dead_ue, logp_target=lp_t, logp_share=lp_s, u=u_all)
+                         entropy_share=ent_s, dead_end=dead_ue.any(-1), dead_ue=dead_ue, logp_target=lp_t,
+                         logp_share=lp_s, u=u)
 
     # -- teacher forcing ------------------------------------------------------------------------
     def teacher_forced(
