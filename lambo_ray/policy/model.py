@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -215,6 +215,47 @@ class DecoderLayer(nn.Module):
         ctx = torch.matmul(a[..., :n], ue_v) + torch.einsum("bhqm,bqhmd->bhqd", a[..., n:], sv)
         x = x + self.ca_out(_merge(ctx))
         return x + self.ffn(self.norm_ff(x))
+
+
+class _LayerWeights(NamedTuple):
+    """A decoder layer's parameters, fetched once per decode for functional calls in the step loop."""
+
+    ln_sa_w: torch.Tensor
+    ln_sa_b: torch.Tensor
+    sa_q_w: torch.Tensor
+    sa_q_b: torch.Tensor
+    sa_out_w: torch.Tensor
+    sa_out_b: torch.Tensor
+    ln_ca_w: torch.Tensor
+    ln_ca_b: torch.Tensor
+    ca_q_w: torch.Tensor
+    ca_q_b: torch.Tensor
+    ca_out_w: torch.Tensor
+    ca_out_b: torch.Tensor
+    ln_ff_w: torch.Tensor
+    ln_ff_b: torch.Tensor
+    ff1_w: torch.Tensor
+    ff1_b: torch.Tensor
+    ff2_w: torch.Tensor
+    ff2_b: torch.Tensor
+    ln_mem_w: torch.Tensor
+    ln_mem_b: torch.Tensor
+    sa_kv_w: torch.Tensor
+    sa_kv_b: torch.Tensor
+    ln_eps: float
+
+    @classmethod
+    def of(cls, layer: "DecoderLayer") -> "_LayerWeights":
+        norms = (layer.norm_sa, layer.norm_ca, layer.norm_ff, layer.norm_mem)
+        if len({nm.eps for nm in norms}) != 1:
+            raise ValueError("decoder layer norms must share one eps")
+        ff1, ff2 = layer.ffn[0], layer.ffn[-1]
+        return cls(layer.norm_sa.weight, layer.norm_sa.bias, layer.sa_q.weight, layer.sa_q.bias,
+                   layer.sa_out.weight, layer.sa_out.bias, layer.norm_ca.weight, layer.norm_ca.bias,
+                   layer.ca_q.weight, layer.ca_q.bias, layer.ca_out.weight, layer.ca_out.bias,
+                   layer.norm_ff.weight, layer.norm_ff.bias, ff1.weight, ff1.bias, ff2.weight, ff2.bias,
+                   layer.norm_mem.weight, layer.norm_mem.bias, layer.sa_kv.weight, layer.sa_kv.bias,
+                   layer.norm_sa.eps)
 
 
 class Decoder(nn.Module):
@@ -461,97 +502,114 @@ class LamboPolicy(nn.Module):
         dt, dev = enc.ue.dtype, enc.ue.device
 
         # ---- step-independent pieces -------------------------------------------------------
-        srv_base = enc.server[:, None] + enc.pair + dec.dyn.bias  # (B,N,M,d)
-        w_dyn = dec.dyn.weight  # (d, N_DYN)
-        q_base = enc.ue + enc.prompt[:, None]  # (B,N,d)
+        # Weights are fetched once and applied functionally: an nn.Module call costs more than the
+        # small matmul it wraps at these sizes.
+        lw = [_LayerWeights.of(layer) for layer in layers]
+        srv_base = (enc.server[:, None] + enc.pair + dec.dyn.bias).unbind(1)  # N x (B,M,d)
+        w_dyn_t = dec.dyn.weight.t()  # (N_DYN, d)
+        q_base = (enc.ue + enc.prompt[:, None]).unbind(1)  # N x (B,d)
         smask = enc.server_mask.to(dt)
         pool_w = (smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B,1,M): masked mean
+        w_state, b_state = dec.state.weight, dec.state.bias
         # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key, share-head half].
-        w1 = dec.share_head[0].weight
+        w1, b1 = dec.share_head[0].weight, dec.share_head[0].bias
         w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight, w1[:, d:]], 0)
         b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias, torch.zeros_like(dec.ptr_k.bias)])
         o_ptr, o_sh = 2 * d * len(layers), 2 * d * len(layers) + d
-        k_loc = dec.local_key + dec.local_ue(enc.ue)  # (B,N,d)
-        ptr_scale = 1.0 / math.sqrt(d)
+        # And one of the decoder output g: [pointer query, share-head g half].
+        w_g, b_g = torch.cat([dec.ptr_q.weight, w1[:, :d]], 0), torch.cat([dec.ptr_q.bias, b1])
+        w_h2, b_h2 = dec.share_head[2].weight, dec.share_head[2].bias
+        w_on, b_on, eps_on = dec.norm_out.weight, dec.norm_out.bias, dec.norm_out.eps
+        k_loc = (dec.local_key + dec.local_ue(enc.ue))[:, :, None].unbind(1)  # N x (B,1,d)
+        ptr_scale, clip = 1.0 / math.sqrt(d), cfg.logit_clip
         # Cross-attention K/V buffers [UE tokens; servers] per layer; the server part is rewritten per step.
-        ca_k, ca_v = [], []
+        # Keys are stored transposed, (B,H,dh,L), so scores are plain (batched) matmuls.
+        ca_kt, ca_v = [], []
         for layer in layers:
             uk, uv = layer.ue_kv(enc.ue)  # (B,H,N,dh)
-            ca_k.append(torch.cat([uk, uk.new_empty(b, h, m, dh)], 2))
-            ca_v.append(torch.cat([uv, uv.new_empty(b, h, m, dh)], 2))
-        ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, _NEG).to(dt)[:, None, None, :]
+            ca_kt.append(torch.cat([uk.transpose(-1, -2), uk.new_empty(b, h, dh, m)], 3).contiguous())
+            ca_v.append(torch.cat([uv, uv.new_empty(b, h, m, dh)], 2).contiguous())
+        ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, _NEG).to(dt)
+        ca_mask = ca_mask[:, None, None, :].expand(b, h, 1, n + m).reshape(b * h, 1, n + m)
+        att_scale = 1.0 / math.sqrt(dh)
         # Self-attention cache: slot 0 = BOS, slot i+1 = decision of UE i.
         bos = dec.bos.to(dt).expand(b, 1, -1)
-        sa_k, sa_v = [], []
+        sa_kt, sa_v = [], []
         for layer in layers:
-            k0, v0 = layer.memory_kv(bos)
-            k, v = k0.new_empty(b, h, n, dh), v0.new_empty(b, h, n, dh)
-            k[:, :, :1], v[:, :, :1] = k0, v0
-            sa_k.append(k)
+            k0, v0 = layer.memory_kv(bos)  # (B,H,1,dh)
+            k, v = k0.new_empty(b, h, dh, n), v0.new_empty(b, h, n, dh)
+            k[..., :1], v[:, :, :1] = k0.transpose(-1, -2), v0
+            sa_kt.append(k)
             sa_v.append(v)
         # Decision tokens: UE token + row t of [local target; server targets] (+ share bias) + share * w.
         tok_table = torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) \
             + dec.share_emb.bias  # (B,M+1,d)
         w_share = dec.share_emb.weight[:, 0]
+        ue_tok = enc.ue.unbind(1)
         # Masks and a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need
         # no isfinite per step; slot 0 of the *_ext arrays stands for "local" (a_min = remaining = 0,
         # so a local decision gets share exactly 0 from the same formula as a server).
-        amin = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
-        amin_ext = F.pad(torch.where(torch.isfinite(amin), amin, 0.0), (1, 0))  # (B,N,M+1)
-        srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin)  # (B,N,M)
-        local_real = batch.local_ok & batch.ue_mask
+        amin_full = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
+        amin = amin_full.unbind(1)  # N x (B,M) float64
+        amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0)).unbind(1)  # N x (B,M+1)
+        srv_static = (enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)).unbind(1)
+        local_real_full = batch.local_ok & batch.ue_mask
+        local_real = local_real_full.unbind(1)
         rem_ext = F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0))  # (B,M+1)
         rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
-        h1_w, h1_b = w1[:, :d], dec.share_head[0].bias
-        h2 = dec.share_head[2]
-        clip = cfg.logit_clip
+        fit_scale = 1.0 + FIT_RTOL
         if noise is not None:
-            n_uniform, n_normal, n_accept = noise.uniform, noise.normal, noise.accept
+            n_uniform, n_normal, n_accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
+        lin, ln, gelu = F.linear, F.layer_norm, F.gelu
+        shp_d, shp_h = (d,), (b, h, 1, dh)
 
         logits_l, allowed_l, target_l, share_l, u_l, ab_l = [], [], [], [], [], []
         for i in range(n):
-            amin_i = amin[:, i]  # (B,M) float64
+            amin_i = amin[i]
             # Dynamic features (same values as Decoder.dynamic_features).
-            fits = amin_i <= rem * (1.0 + FIT_RTOL)
+            fits = amin_i <= rem * fit_scale
             ratio = torch.where(rem > 0, amin_i / rem.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
             slack = (rem - amin_i).clamp_(-1.0, 1.0)
             feat = torch.stack([rem, ratio, fits.to(rem.dtype), slack], -1).float()  # (B,M,4)
-            srv = torch.addmm(srv_base[:, i].reshape(b * m, d), feat.view(b * m, N_DYN), w_dyn.t()).view(b, m, d)
-            proj = F.linear(srv, w_srv, b_srv)  # (B,M,*)
-            x = (q_base[:, i] + dec.state(torch.bmm(pool_w, F.gelu(srv))[:, 0]))[:, None]  # (B,1,d)
-            for li, layer in enumerate(layers):
-                q = layer.sa_q(layer.norm_sa(x)).view(b, 1, h, dh).transpose(1, 2)
-                att = F.scaled_dot_product_attention(q, sa_k[li][:, :, : i + 1], sa_v[li][:, :, : i + 1])
-                x = x + layer.sa_out(att.transpose(1, 2).reshape(b, 1, d))
-                q = layer.ca_q(layer.norm_ca(x)).view(b, 1, h, dh).transpose(1, 2)
+            srv = torch.baddbmm(srv_base[i], feat, w_dyn_t.expand(b, N_DYN, d))  # (B,M,d)
+            proj = lin(srv, w_srv, b_srv)  # (B,M,*)
+            x = (q_base[i] + lin(torch.bmm(pool_w, gelu(srv))[:, 0], w_state, b_state))[:, None]  # (B,1,d)
+            for li, w in enumerate(lw):
+                # One query per row: (B,1,d) is (B,H,1,dh) without a transpose, and back.
+                q = lin(ln(x, shp_d, w.ln_sa_w, w.ln_sa_b, w.ln_eps), w.sa_q_w, w.sa_q_b).view(shp_h)
+                sc = torch.matmul(q, sa_kt[li][..., : i + 1]).mul_(att_scale)  # (B,H,1,i+1): slots <= i only
+                att = torch.matmul(sc.softmax(-1), sa_v[li][:, :, : i + 1])
+                x = x + lin(att.view(b, 1, d), w.sa_out_w, w.sa_out_b)
+                q = lin(ln(x, shp_d, w.ln_ca_w, w.ln_ca_b, w.ln_eps), w.ca_q_w, w.ca_q_b).view(shp_h)
                 o = 2 * d * li
-                ca_k[li][:, :, n:] = proj[..., o : o + d].view(b, m, h, dh).transpose(1, 2)
+                ca_kt[li][..., n:] = proj[..., o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
                 ca_v[li][:, :, n:] = proj[..., o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
-                att = F.scaled_dot_product_attention(q, ca_k[li], ca_v[li], attn_mask=ca_mask)
-                x = x + layer.ca_out(att.transpose(1, 2).reshape(b, 1, d))
-                x = x + layer.ffn(layer.norm_ff(x))
-            g = dec.norm_out(x)[:, 0]  # (B,d)
+                sc = torch.baddbmm(ca_mask, q.view(b * h, 1, dh), ca_kt[li].view(b * h, dh, n + m), alpha=att_scale)
+                att = torch.bmm(sc.softmax(-1), ca_v[li].view(b * h, n + m, dh))
+                x = x + lin(att.view(b, 1, d), w.ca_out_w, w.ca_out_b)
+                y = gelu(lin(ln(x, shp_d, w.ln_ff_w, w.ln_ff_b, w.ln_eps), w.ff1_w, w.ff1_b))
+                x = x + lin(y, w.ff2_w, w.ff2_b)
+            gq = lin(ln(x[:, 0], shp_d, w_on, b_on, eps_on), w_g, b_g)  # (B,2d): [pointer query | share-head]
             # Pointer head over [local; servers].
-            keys = torch.cat([k_loc[:, i, None], proj[..., o_ptr:o_sh]], 1)  # (B,M+1,d)
-            score = torch.bmm(keys, dec.ptr_q(g)[:, :, None])[..., 0]
-            srv_ok = srv_static[:, i] & fits
-            allowed = torch.cat([(local_real[:, i] | ~srv_ok.any(-1))[:, None], srv_ok], -1)
+            keys = torch.cat([k_loc[i], proj[..., o_ptr:o_sh]], 1)  # (B,M+1,d)
+            score = torch.bmm(keys, gq[:, :d, None])[..., 0]
+            srv_ok = srv_static[i] & fits
+            allowed = torch.cat([(local_real[i] | ~srv_ok.any(-1))[:, None], srv_ok], -1)
             logits = torch.where(allowed, clip * torch.tanh(score * ptr_scale), _NEG)
             if noise is None:
                 t = logits.argmax(-1)
             else:
-                t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[:, i])
+                t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[i])
             # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
-            j = (t - 1).clamp_min(0)
-            chosen = torch.gather(proj[..., o_sh:], 1, j[:, None, None].expand(b, 1, d))[:, 0]
-            ab = F.softplus(h2(F.gelu(F.linear(g, h1_w, h1_b) + chosen))) + 1.0  # (B,2)
+            t1 = t[:, None]
+            chosen = torch.gather(proj[..., o_sh:], 1, (t1 - 1).clamp_min_(0)[..., None].expand(b, 1, d))[:, 0]
+            ab = F.softplus(lin(gelu(gq[:, d:] + chosen), w_h2, b_h2)) + 1.0  # (B,2) Beta concentrations
             if noise is None:
                 u = ab[:, 0] / ab.sum(-1)
             else:
-                u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[:, i], n_accept[:, i]).float()
-            u = u.clamp(eps, 1.0 - eps)
-            t1 = t[:, None]
-            lo = torch.gather(amin_ext[:, i], 1, t1)
+                u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[i], n_accept[i]).float()
+            u = u.clamp_(eps, 1.0 - eps)
+            lo = torch.gather(amin_ext[i], 1, t1)
             s = lo + u.double()[:, None] * (torch.gather(rem_ext, 1, t1) - lo)  # (B,1); 0 for local
             rem_ext.scatter_add_(1, t1, -s)
             logits_l.append(logits)
@@ -561,11 +619,10 @@ class LamboPolicy(nn.Module):
             u_l.append(u)
             ab_l.append(ab)
             if i + 1 < n:
-                tok = enc.ue[:, i] + torch.gather(tok_table, 1, t1[..., None].expand(b, 1, d))[:, 0] \
-                    + s.float() * w_share
-                for li, layer in enumerate(layers):
-                    kv = layer.sa_kv(layer.norm_mem(tok))  # (B,2d)
-                    sa_k[li][:, :, i + 1] = kv[:, :d].view(b, h, dh)
+                tok = ue_tok[i] + torch.gather(tok_table, 1, t1[..., None].expand(b, 1, d))[:, 0] + s.float() * w_share
+                for li, w in enumerate(lw):
+                    kv = lin(ln(tok, shp_d, w.ln_mem_w, w.ln_mem_b, w.ln_eps), w.sa_kv_w, w.sa_kv_b)  # (B,2d)
+                    sa_kt[li][..., i + 1] = kv[:, :d].view(b, h, dh)
                     sa_v[li][:, :, i + 1] = kv[:, d:].view(b, h, dh)
 
         # ---- scoring, once for all steps (formulas shared with teacher forcing) --------------------
@@ -582,7 +639,7 @@ class LamboPolicy(nn.Module):
         beta = torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
         lp_s = torch.where(off, beta.log_prob(u), 0.0)
         ent_s = torch.where(off, beta.entropy(), 0.0)
-        dead_ue = real & ~local_real & ~allowed[..., 1:].any(-1)
+        dead_ue = real & ~local_real_full & ~allowed[..., 1:].any(-1)
         return DecodeOut(target=target, share=share, logp=(lp_t + lp_s).sum(-1), entropy_target=ent_t,
                          entropy_share=ent_s, dead_end=dead_ue.any(-1), dead_ue=dead_ue, logp_target=lp_t,
                          logp_share=lp_s, u=u)
