@@ -326,12 +326,13 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("critic,ratio", [("two_head", "per_ue"), ("single_head", "joint")])
-def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio):
+@pytest.mark.parametrize("critic,ratio,credit", [("two_head", "per_ue", "total"), ("single_head", "joint", "total"),
+                                                ("two_head", "per_ue", "alloc")])
+def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit):
     """The distributed path: 2 env-runner actors x 8 envs, learner in the driver; and the ablations."""
     from lambo_ray.rl.pretrain import Pretrainer
 
-    trainer = Pretrainer(small_config(num_env_runners=2, iterations=4, critic=critic, ratio=ratio,
+    trainer = Pretrainer(small_config(num_env_runners=2, iterations=4, critic=critic, ratio=ratio, share_credit=credit,
                                       entropy_bonus=critic == "two_head"), tmp_path / "run", progress=False)
     try:
         history = trainer.run()

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ablation: single_head values the whole reward with one advantage")
     p.add_argument("--ratio", choices=("per_ue", "joint"), default=d["ratio"],
                    help="ablation: PPO ratio per UE decision (default) or of the whole decision")
+    p.add_argument("--share-credit", choices=("total", "alloc"), default=d["share_credit"],
+                   help="ablation: advantage of the share log-probs, A_off + A_alloc (default) or A_alloc only")
     p.add_argument("--penalty", type=float, default=d["penalty"], help="reward penalty per constraint violation")
     p.add_argument("--prompt", nargs="+", default=list(PROMPTS), help="prompts mixed in the episodes")
     p.add_argument("--n-max", type=int, default=None, help="padded UEs (default: the scenario's N)")
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
     base = {k: v for k, v in scenario.to_dict().items() if v != getattr(PAPER, k)}
     val_expert = None if str(args.val_expert).lower() == "none" else args.val_expert
     return PretrainConfig(
-        scale=args.scale, critic=args.critic, ratio=args.ratio, iterations=args.iterations, num_env_runners=args.num_env_runners,
+        scale=args.scale, critic=args.critic, ratio=args.ratio, share_credit=args.share_credit, iterations=args.iterations, num_env_runners=args.num_env_runners,
         num_envs_per_env_runner=args.num_envs_per_env_runner, instances_per_episode=args.instances_per_episode,
         train_batch_size=args.train_batch_size, minibatch_size=args.minibatch_size, num_epochs=args.epochs,
         lr=args.lr, clip_param=args.clip_param, entropy_bonus=not args.no_entropy_bonus,

@@ -4,15 +4,15 @@ The reward of an instance splits exactly as r = r_off + r_alloc (:mod:`lambo_ray
 log-probability of a decision as log pi = log pi_target + log pi_share (the product over UEs of the
 target choice and, when offloaded, the share). Credit assignment follows that split:
 
-    A_off   = r_off   - V_off(s)     baselines the targets' log-prob   (offloading head)
-    A_alloc = r_alloc - V_alloc(s)   baselines the shares' log-prob    (allocation head)
+    A_off   = r_off   - V_off(s)     critic head 0 (offloading); baselines the targets' log-prob
+    A_alloc = r_alloc - V_alloc(s)   critic head 1 (allocation); part of the shares' credit A_s
 
-    L = - 1/N sum_i [min(A_off rho_t,i, A_off clip(rho_t,i)) + min(A_alloc rho_s,i, A_alloc clip(rho_s,i))]
+    L = - 1/N sum_i [min(A_off rho_t,i, A_off clip(rho_t,i)) + min(A_s rho_s,i, A_s clip(rho_s,i))]
         + c_v [(V_off - r_off)^2 + (V_alloc - r_alloc)^2]
         - beta_t H_target - beta_s H_share
 
-with rho_t,i and rho_s,i the new/old probability ratios of UE i's target and share (``ratio="per_ue"``,
-the default, as token-level PPO does for sequences), H the per-UE mean entropies. Clipping the *joint*
+with A_s the share credit (below), rho_t,i and rho_s,i the new/old probability ratios of UE i's target
+and share (``ratio="per_ue"``, the default, as token-level PPO does for sequences), H the per-UE mean entropies. Clipping the *joint*
 ratio of a 50-UE decision (``ratio="joint"``) clipped 50-80% of the rows at N = 50 after one epoch,
 and clipped rows carry no gradient. With gamma = 0 (independent instances) the value targets are the
 immediate reward parts, so no GAE is needed; the advantages are computed once per training batch with
@@ -21,9 +21,19 @@ Dropping the cross terms (r_alloc's effect on the target head and vice versa) tr
 lower variance; the ``critic="single_head"`` ablation is the plain PPO: one value of r and one
 advantage for every log-probability term.
 
+Share credit. Decoding is autoregressive: a UE's share also fixes how much of its server is left for
+the UEs after it, and a server that fills up masks later UEs out of it. That consequence shows up in
+r_off (the later *targets*), never in r_alloc (r_alloc only compares shares for fixed targets, and the
+output mapping rescales every server to full load, so the scale of the claims cannot matter to it).
+With A_alloc alone (``share_credit="alloc"``) the share head therefore never learns to claim little,
+and for ``min_energy`` (r_alloc = 0 for feasible decisions) it learns nothing at all: at N = 50 the
+policy kept offloading ~46% of UEs against the expert's ~96%. The default ``share_credit="total"``
+baselines the share log-probs with A_off + A_alloc (the whole reward's advantage), and the target
+log-probs with A_off.
+
 Ablation switches come from ``config.learners(learner_config_dict=...)``: ``critic`` ("two_head" |
-"single_head"), ``ratio`` ("per_ue" | "joint"), ``entropy_bonus`` (bool), ``entropy_coeff_target``,
-``entropy_coeff_share``.
+"single_head"), ``ratio`` ("per_ue" | "joint"), ``share_credit`` ("total" | "alloc"), ``entropy_bonus``
+(bool), ``entropy_coeff_target``, ``entropy_coeff_share``.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ from lambo_ray.rl.env import INFO_R_ALLOC, INFO_R_OFF
 
 CRITICS = ("two_head", "single_head")
 RATIOS = ("per_ue", "joint")
+SHARE_CREDITS = ("total", "alloc")
 # Train-batch columns written by this module's connector pieces / read by the loss.
 R_OFF, R_ALLOC, FEASIBLE = INFO_R_OFF, INFO_R_ALLOC, "feasible"
 OLD_LOGP_TARGET, OLD_LOGP_SHARE = "logp_target", "logp_share"  # exploration outputs (behaviour policy)
@@ -138,6 +149,9 @@ class AcrlLearner(PPOTorchLearner):
                 f"ACRL needs gamma = 0 (independent instances per step), got {self.config.gamma}", where="gamma")
         lc = self._acrl_settings()
         critic_heads(lc["critic"])
+        if lc["share_credit"] not in SHARE_CREDITS:
+            raise LamboInputError(f"unknown share_credit {lc['share_credit']!r}; expected one of "
+                                  f"{', '.join(SHARE_CREDITS)}", where="share_credit")
         if lc["ratio"] not in RATIOS:
             raise LamboInputError(f"unknown ratio {lc['ratio']!r}; expected one of {', '.join(RATIOS)}", where="ratio")
         if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
@@ -145,8 +159,8 @@ class AcrlLearner(PPOTorchLearner):
             self._learner_connector.append(OneStepAdvantages())
 
     def _acrl_settings(self) -> dict[str, Any]:
-        lc = {"critic": "two_head", "ratio": "per_ue", "entropy_bonus": True, "entropy_coeff_target": 0.01,
-              "entropy_coeff_share": 0.001}
+        lc = {"critic": "two_head", "ratio": "per_ue", "share_credit": "total", "entropy_bonus": True,
+              "entropy_coeff_target": 0.01, "entropy_coeff_share": 0.001}
         lc.update(self.config.learner_config_dict or {})
         return lc
 
@@ -164,7 +178,12 @@ class AcrlLearner(PPOTorchLearner):
         d_t = (fwd_out["logp_target"] - batch[OLD_LOGP_TARGET]) * ue  # (B, N) per-UE log-ratios
         d_s = (fwd_out["logp_share"] - batch[OLD_LOGP_SHARE]) * ue  # 0 where local: no share was drawn
         a_t = adv[:, 0]
-        a_s = adv[:, 1] if lc["critic"] == "two_head" else adv[:, 0]
+        if lc["critic"] == "single_head":
+            a_s = adv[:, 0]
+        elif lc["share_credit"] == "total":  # the shares also decide which later targets still fit
+            a_s = adv[:, 0] + adv[:, 1]
+        else:
+            a_s = adv[:, 1]
         metrics: dict[str, Any] = {}
         if lc["ratio"] == "per_ue":
             # One ratio per decision (as token-level PPO for sequences): the joint ratio of 50 UEs leaves

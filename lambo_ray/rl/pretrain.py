@@ -66,6 +66,7 @@ class PretrainConfig:
     policy_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"enc_layers": 2} for Tune
     critic: str = "two_head"  # "two_head" | "single_head" (ablation)
     ratio: str = "per_ue"  # PPO ratio per UE decision, or "joint" for the whole decision (ablation)
+    share_credit: str = "total"  # share log-probs baselined by A_off + A_alloc ("total") or A_alloc ("alloc")
     # Ray / sampling.
     iterations: int = 20
     num_env_runners: int = 2
@@ -112,6 +113,8 @@ class PretrainConfig:
             problems.append(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
         if self.critic not in ("two_head", "single_head"):
             problems.append(f"critic must be two_head or single_head (got {self.critic!r})")
+        if self.share_credit not in ("total", "alloc"):
+            problems.append(f"share_credit must be total or alloc (got {self.share_credit!r})")
         if self.ratio not in ("per_ue", "joint"):
             problems.append(f"ratio must be per_ue or joint (got {self.ratio!r})")
         for name in ("iterations", "num_envs_per_env_runner", "instances_per_episode", "train_batch_size",
@@ -178,7 +181,8 @@ def build_algo_config(cfg: PretrainConfig) -> Any:
         .learners(num_learners=0,  # local learner in the driver (P4: a learner actor hangs on 2 CPUs)
                   learner_class=AcrlLearner,
                   learner_connector=lambda obs_space, act_space: AddRewardParts(),
-                  learner_config_dict={"critic": cfg.critic, "ratio": cfg.ratio, "entropy_bonus": cfg.entropy_bonus,
+                  learner_config_dict={"critic": cfg.critic, "ratio": cfg.ratio,
+                                       "share_credit": cfg.share_credit, "entropy_bonus": cfg.entropy_bonus,
                                        "entropy_coeff_target": cfg.entropy_coeff_target,
                                        "entropy_coeff_share": cfg.entropy_coeff_share})
         .rl_module(rl_module_spec=RLModuleSpec(
