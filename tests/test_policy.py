@@ -175,6 +175,84 @@ def test_teacher_forced_logp_matches_decode(cfg, mixed_instances):
     assert pol.decoder.share_head[0].weight.grad.abs().sum() > 0 and pol.embedding.pair.weight.grad.abs().sum() > 0
 
 
+def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict[str, torch.Tensor]:
+    """The decoder written the straightforward way: at every step the whole prefix of decision tokens is
+    re-embedded and attended to (no K/V cache, no precomputation, no fused weights), through the same
+    building blocks teacher forcing uses, and ``torch.distributions`` for the Beta head."""
+    dec, eps = pol.decoder, pol.cfg.share_eps
+    n, m = b.n_max, b.m_max
+    rem = torch.where(b.server_mask, 1.0, 0.0).double()
+    target = torch.zeros(b.batch_size, n, dtype=torch.long)
+    share = torch.zeros(b.batch_size, n, dtype=torch.float64)
+    out = {k: torch.zeros(b.batch_size, n) for k in ("logp_target", "logp_share", "entropy_target", "entropy_share")}
+    out["dead_ue"] = torch.zeros(b.batch_size, n, dtype=torch.bool)
+    ue_bias, srv_bias = pol._biases(enc)
+    ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
+    for i in range(n):
+        rows = slice(i, i + 1)
+        srv = dec.dynamic_servers(enc, rows, rem[:, None], b.amin[:, rows])
+        x = dec.query(enc, rows, srv)
+        tokens = torch.cat([dec.bos.expand(b.batch_size, 1, -1),
+                            dec.decision_tokens(enc, slice(0, i), target[:, :i], share[:, :i])], 1)
+        mems = [layer.memory_kv(tokens) for layer in dec.layers]
+        g = dec.run_layers(x, mems, torch.zeros(1, 1, 1, i + 1), ue_kvs, ue_bias, srv, srv_bias)
+        allowed, dead = allowed_options(rem[:, None], b.amin[:, rows], b.local_ok[:, rows], b.server_mask,
+                                        b.ue_mask[:, rows])
+        logits = dec.logits(enc, rows, g, srv, allowed)[:, 0]
+        logp = torch.log_softmax(logits, -1)
+        if noise is None:
+            t = logits.argmax(-1)
+        else:
+            t = categorical_from_uniform(logp, allowed[:, 0], noise.uniform[:, i])
+        beta = dec.beta(g, srv, t[:, None])
+        if noise is None:
+            u = beta.mean[:, 0]
+        else:
+            u = beta_from_noise(beta.concentration1[:, 0], beta.concentration0[:, 0], noise.normal[:, i],
+                                noise.accept[:, i]).float()
+        u = u.clamp(eps, 1 - eps)
+        off = t > 0
+        j = (t - 1).clamp_min(0)
+        lo = b.amin[:, i].gather(1, j[:, None])[:, 0]
+        hi = rem.gather(1, j[:, None])[:, 0]
+        s = torch.where(off, lo + u.double() * (hi - lo), 0.0)
+        real = b.ue_mask[:, i]
+        out["logp_target"][:, i] = torch.where(real, logp.gather(1, t[:, None])[:, 0], 0.0)
+        out["entropy_target"][:, i] = torch.where(real, torch.distributions.Categorical(
+            logits=torch.where(allowed[:, 0], logits, -torch.inf)).entropy(), 0.0)
+        out["logp_share"][:, i] = torch.where(off, beta.log_prob(torch.where(off, u, 0.5)[:, None])[:, 0], 0.0)
+        out["entropy_share"][:, i] = torch.where(off, beta.entropy()[:, 0], 0.0)
+        out["dead_ue"][:, i] = dead[:, 0]
+        target[:, i], share[:, i] = t, s
+        rem = rem - torch.nn.functional.one_hot(t, m + 1)[:, 1:].double() * s[:, None]
+    return {**out, "target": target, "share": share}
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
+def test_fast_decode_matches_a_straightforward_reference(cfg, paper_instances, mixed_instances):
+    """The optimised incremental decoder (precomputation, fused weights, K/V caches, scoring after the
+    loop) decides exactly like the plain step-by-step reference, greedy and sampled, with and without
+    padding; greedy targets are also the argmax of the teacher-forced logits of its own prefix."""
+    pol = make_policy(cfg, seed=7)
+    tight = generate_many(apply_drift(ScenarioConfig(n_ues=20), "deadline"), 3, seed=5)
+    for insts in (list(paper_instances), list(mixed_instances) + tight):
+        b = featurize(insts, "min_energy")
+        with torch.no_grad():
+            enc = pol.encode(b)
+            for noise in (None, batch_noise(b.batch_size, b.n_max, torch.Generator().manual_seed(3))):
+                fast = pol.decode(b, enc, "greedy" if noise is None else "sample", noise=noise)
+                ref = _reference_decode(pol, b, enc, noise)
+                assert torch.equal(fast.target, ref["target"])
+                assert torch.equal(fast.dead_ue, ref["dead_ue"])
+                torch.testing.assert_close(fast.share, ref["share"], atol=1e-6, rtol=0)
+                for key in ("logp_target", "logp_share", "entropy_target", "entropy_share"):
+                    torch.testing.assert_close(getattr(fast, key), ref[key], atol=1e-5, rtol=0)
+                if noise is None:
+                    tf = pol.teacher_forced(b, enc, fast.target, fast.share, u=fast.u)
+                    assert torch.equal(torch.where(b.ue_mask, tf.logits.argmax(-1), 0), fast.target)
+        assert (fast.target > 0).any() and (fast.target == 0).any()
+
+
 def test_expert_labels_are_never_masked_under_teacher_forcing():
     """ALEF trains on expert decisions: every feasible one (servers filled to exactly 1 by water-filling)
     must be an allowed path of the decoder, with finite log-probabilities."""
