@@ -228,11 +228,19 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
     return {**out, "target": target, "share": share}
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
 @pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
-def test_fast_decode_matches_a_straightforward_reference(cfg, paper_instances, mixed_instances):
+def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_instances, mixed_instances,
+                                                         monkeypatch):
     """The optimised incremental decoder (precomputation, fused weights, K/V caches, scoring after the
-    loop) decides exactly like the plain step-by-step reference, greedy and sampled, with and without
-    padding; greedy targets are also the argmax of the teacher-forced logits of its own prefix."""
+    loop; TorchScript-compiled or its eager fallback) decides exactly like the plain step-by-step
+    reference, greedy and sampled, with and without padding; greedy targets are also the argmax of the
+    teacher-forced logits of its own prefix."""
+    from lambo_ray.policy import model
+
+    assert model._loop_fn() is not model._decode_loop, "TorchScript should compile the decode loop"
+    if not compiled:
+        monkeypatch.setattr(model, "_SCRIPTED_LOOP", [None])
     pol = make_policy(cfg, seed=7)
     tight = generate_many(apply_drift(ScenarioConfig(n_ues=20), "deadline"), 3, seed=5)
     for insts in (list(paper_instances), list(mixed_instances) + tight):

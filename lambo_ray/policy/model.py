@@ -33,8 +33,9 @@ the decoder should imitate.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator, List, NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
@@ -348,6 +349,133 @@ class Decoder(nn.Module):
         return self.norm_out(x)
 
 
+def _decode_loop(
+    n: int, d: int, h: int, greedy: bool, eps: float, fit_scale: float, clip: float, ptr_scale: float,
+    att_scale: float, o_ptr: int, o_sh: int,
+    srv_base: List[torch.Tensor], w_dyn_t: torch.Tensor, q_base: List[torch.Tensor], pool_w: torch.Tensor,
+    w_state: torch.Tensor, b_state: torch.Tensor, w_srv: torch.Tensor, b_srv: torch.Tensor,
+    w_g: torch.Tensor, b_g: torch.Tensor, w_h2: torch.Tensor, b_h2: torch.Tensor,
+    w_on: torch.Tensor, b_on: torch.Tensor, eps_on: float, k_loc: List[torch.Tensor],
+    lw: List[List[torch.Tensor]], ln_eps: List[float],
+    ca_kt: List[torch.Tensor], ca_v: List[torch.Tensor], ca_mask: torch.Tensor,
+    sa_kt: List[torch.Tensor], sa_v: List[torch.Tensor],
+    tok_table: torch.Tensor, w_share: torch.Tensor, ue_tok: List[torch.Tensor],
+    amin: List[torch.Tensor], amin_ext: List[torch.Tensor], srv_static: List[torch.Tensor],
+    local_real: List[torch.Tensor], rem_ext: torch.Tensor,
+    n_uniform: List[torch.Tensor], n_normal: List[torch.Tensor], n_accept: List[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step loop of :meth:`LamboPolicy._decode` (see there); TorchScript-compiled when possible, so
+    the ~80 small ops per step are dispatched without the Python interpreter in between.
+
+    ``lw[l]`` holds layer l's weights in :class:`_LayerWeights` order (without the eps).
+    Returns logits (B,N,M+1), allowed (B,N,M+1), target (B,N), share (B,N) float64, clamped u (B,N)
+    and the Beta concentrations (B,N,2).
+    """
+    b = rem_ext.shape[0]
+    m = rem_ext.shape[1] - 1
+    dh = d // h
+    rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
+    w_dyn_b = w_dyn_t.expand(b, w_dyn_t.shape[0], d)
+    n_ca = ca_mask.shape[-1]
+    logits_l: List[torch.Tensor] = []
+    allowed_l: List[torch.Tensor] = []
+    target_l: List[torch.Tensor] = []
+    share_l: List[torch.Tensor] = []
+    u_l: List[torch.Tensor] = []
+    ab_l: List[torch.Tensor] = []
+    for i in range(n):
+        amin_i = amin[i]
+        # Dynamic features (same values as Decoder.dynamic_features; inf a_min gives ratio 2, slack -1).
+        fits = amin_i <= rem * fit_scale
+        ratio = torch.where(rem > 0, amin_i / rem.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
+        slack = (rem - amin_i).clamp_(-1.0, 1.0)
+        feat = torch.stack([rem, ratio, fits.to(rem.dtype), slack], -1).float()  # (B,M,4)
+        srv = torch.baddbmm(srv_base[i], feat, w_dyn_b)  # (B,M,d)
+        proj = F.linear(srv, w_srv, b_srv)  # (B,M,*)
+        pooled = torch.bmm(pool_w, F.gelu(srv)).squeeze(1)
+        x = (q_base[i] + F.linear(pooled, w_state, b_state)).unsqueeze(1)  # (B,1,d)
+        for li in range(len(lw)):
+            w = lw[li]
+            le = ln_eps[li]
+            # One query per row: (B,1,d) is (B,H,1,dh) without a transpose, and back.
+            q = F.linear(F.layer_norm(x, [d], w[0], w[1], le), w[2], w[3]).view(b * h, 1, dh)
+            sc = torch.bmm(q, sa_kt[li][:, :, : i + 1]).mul_(att_scale)  # (B*H,1,i+1): slots <= i only
+            att = torch.bmm(sc.softmax(-1), sa_v[li][:, : i + 1])
+            x = x + F.linear(att.view(b, 1, d), w[4], w[5])
+            q = F.linear(F.layer_norm(x, [d], w[6], w[7], le), w[8], w[9]).view(b * h, 1, dh)
+            o = 2 * d * li
+            ca_kt[li].view(b, h, dh, n_ca)[:, :, :, n_ca - m:] = proj[:, :, o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
+            ca_v[li].view(b, h, n_ca, dh)[:, :, n_ca - m:] = proj[:, :, o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
+            sc = torch.baddbmm(ca_mask, q, ca_kt[li], alpha=att_scale)
+            att = torch.bmm(sc.softmax(-1), ca_v[li])
+            x = x + F.linear(att.view(b, 1, d), w[10], w[11])
+            y = F.gelu(F.linear(F.layer_norm(x, [d], w[12], w[13], le), w[14], w[15]))
+            x = x + F.linear(y, w[16], w[17])
+        gq = F.linear(F.layer_norm(x.squeeze(1), [d], w_on, b_on, eps_on), w_g, b_g)  # [pointer query | share-head]
+        # Pointer head over [local; servers].
+        keys = torch.cat([k_loc[i], proj[:, :, o_ptr:o_sh]], 1)  # (B,M+1,d)
+        score = torch.bmm(keys, gq[:, :d].unsqueeze(2)).squeeze(2)
+        srv_ok = srv_static[i] & fits
+        allowed = torch.cat([(local_real[i] | ~srv_ok.any(-1)).unsqueeze(1), srv_ok], -1)
+        logits = torch.where(allowed, clip * torch.tanh(score * ptr_scale), -1e9)  # _NEG
+        if greedy:
+            t = logits.argmax(-1)
+        else:
+            t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[i])
+        # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
+        t1 = t.unsqueeze(1)
+        chosen = torch.gather(proj[:, :, o_sh:], 1, (t1 - 1).clamp_min(0).unsqueeze(2).expand(b, 1, d)).squeeze(1)
+        ab = F.softplus(F.linear(F.gelu(gq[:, d:] + chosen), w_h2, b_h2)) + 1.0  # (B,2) Beta concentrations
+        if greedy:
+            u = ab[:, 0] / ab.sum(-1)
+        else:
+            u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[i], n_accept[i]).float()
+        u = u.clamp(eps, 1.0 - eps)
+        lo = torch.gather(amin_ext[i], 1, t1)
+        s = lo + u.double().unsqueeze(1) * (torch.gather(rem_ext, 1, t1) - lo)  # (B,1); 0 for local
+        rem_ext.scatter_add_(1, t1, -s)
+        logits_l.append(logits)
+        allowed_l.append(allowed)
+        target_l.append(t)
+        share_l.append(s)
+        u_l.append(u)
+        ab_l.append(ab)
+        if i + 1 < n:
+            tok = ue_tok[i] + torch.gather(tok_table, 1, t1.unsqueeze(2).expand(b, 1, d)).squeeze(1) \
+                + s.float() * w_share
+            for li in range(len(lw)):
+                w = lw[li]
+                kv = F.linear(F.layer_norm(tok, [d], w[18], w[19], ln_eps[li]), w[20], w[21])  # (B,2d)
+                sa_kt[li].view(b, h, dh, n)[:, :, :, i + 1] = kv[:, :d].view(b, h, dh)
+                sa_v[li].view(b, h, n, dh)[:, :, i + 1] = kv[:, d:].view(b, h, dh)
+    return (torch.stack(logits_l, 1), torch.stack(allowed_l, 1), torch.stack(target_l, 1), torch.cat(share_l, 1),
+            torch.stack(u_l, 1), torch.stack(ab_l, 1))
+
+
+_SCRIPTED_LOOP: list = []  # [compiled function] once tried; [None] when TorchScript is unavailable
+
+
+def _loop_fn():
+    """The compiled step loop, or the plain Python function where TorchScript cannot compile it.
+
+    Why TorchScript and not ``torch.compile``: the loop is ~80 tiny ops per step whose cost is dispatch,
+    not arithmetic; TorchScript removes the interpreter between them (~1.6x at B=1) with a compile of
+    well under a second and no C++ toolchain, where Inductor would need one and minutes of compiling
+    per shape. ``torch.jit.script`` is deprecated in this torch; if it ever stops compiling this, the
+    eager function (the same code) runs instead, with a warning.
+    """
+    if not _SCRIPTED_LOOP:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _SCRIPTED_LOOP.append(torch.jit.script(_decode_loop))
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function computes the same
+            warnings.warn(f"TorchScript could not compile the decode loop ({type(err).__name__}: {err}); "
+                          "decoding runs eagerly", RuntimeWarning, stacklevel=2)
+            _SCRIPTED_LOOP.append(None)
+    return _SCRIPTED_LOOP[0] or _decode_loop
+
+
 def allowed_options(
     rem: torch.Tensor, amin: torch.Tensor, local_ok: torch.Tensor, server_mask: torch.Tensor, ue_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,138 +630,70 @@ class LamboPolicy(nn.Module):
         dt, dev = enc.ue.dtype, enc.ue.device
 
         # ---- step-independent pieces -------------------------------------------------------
-        # Weights are fetched once and applied functionally: an nn.Module call costs more than the
-        # small matmul it wraps at these sizes.
         lw = [_LayerWeights.of(layer) for layer in layers]
         srv_base = (enc.server[:, None] + enc.pair + dec.dyn.bias).unbind(1)  # N x (B,M,d)
-        w_dyn_t = dec.dyn.weight.t()  # (N_DYN, d)
         q_base = (enc.ue + enc.prompt[:, None]).unbind(1)  # N x (B,d)
         smask = enc.server_mask.to(dt)
         pool_w = (smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B,1,M): masked mean
-        w_state, b_state = dec.state.weight, dec.state.bias
         # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key, share-head half].
         w1, b1 = dec.share_head[0].weight, dec.share_head[0].bias
         w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight, w1[:, d:]], 0)
         b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias, torch.zeros_like(dec.ptr_k.bias)])
-        o_ptr, o_sh = 2 * d * len(layers), 2 * d * len(layers) + d
+        o_ptr = 2 * d * len(layers)
         # And one of the decoder output g: [pointer query, share-head g half].
         w_g, b_g = torch.cat([dec.ptr_q.weight, w1[:, :d]], 0), torch.cat([dec.ptr_q.bias, b1])
-        w_h2, b_h2 = dec.share_head[2].weight, dec.share_head[2].bias
-        w_on, b_on, eps_on = dec.norm_out.weight, dec.norm_out.bias, dec.norm_out.eps
         k_loc = (dec.local_key + dec.local_ue(enc.ue))[:, :, None].unbind(1)  # N x (B,1,d)
-        ptr_scale, clip = 1.0 / math.sqrt(d), cfg.logit_clip
-        # Cross-attention K/V buffers [UE tokens; servers] per layer; the server part is rewritten per step.
-        # Keys are stored transposed, (B,H,dh,L), so scores are plain (batched) matmuls.
+        # Cross-attention K/V buffers [UE tokens; servers] per layer, heads folded into the batch; the
+        # server part is rewritten per step. Keys are stored transposed, (B*H,dh,L): scores are bmm's.
         ca_kt, ca_v = [], []
         for layer in layers:
             uk, uv = layer.ue_kv(enc.ue)  # (B,H,N,dh)
-            ca_kt.append(torch.cat([uk.transpose(-1, -2), uk.new_empty(b, h, dh, m)], 3).contiguous())
-            ca_v.append(torch.cat([uv, uv.new_empty(b, h, m, dh)], 2).contiguous())
+            ca_kt.append(torch.cat([uk.transpose(-1, -2), uk.new_zeros(b, h, dh, m)], 3).reshape(b * h, dh, n + m))
+            ca_v.append(torch.cat([uv, uv.new_zeros(b, h, m, dh)], 2).reshape(b * h, n + m, dh))
         ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, _NEG).to(dt)
         ca_mask = ca_mask[:, None, None, :].expand(b, h, 1, n + m).reshape(b * h, 1, n + m)
-        att_scale = 1.0 / math.sqrt(dh)
         # Self-attention cache: slot 0 = BOS, slot i+1 = decision of UE i.
         bos = dec.bos.to(dt).expand(b, 1, -1)
         sa_kt, sa_v = [], []
         for layer in layers:
             k0, v0 = layer.memory_kv(bos)  # (B,H,1,dh)
-            k, v = k0.new_empty(b, h, dh, n), v0.new_empty(b, h, n, dh)
+            k, v = k0.new_zeros(b, h, dh, n), v0.new_zeros(b, h, n, dh)
             k[..., :1], v[:, :, :1] = k0.transpose(-1, -2), v0
-            sa_kt.append(k)
-            sa_v.append(v)
+            sa_kt.append(k.view(b * h, dh, n))
+            sa_v.append(v.view(b * h, n, dh))
         # Decision tokens: UE token + row t of [local target; server targets] (+ share bias) + share * w.
         tok_table = torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) \
             + dec.share_emb.bias  # (B,M+1,d)
-        w_share = dec.share_emb.weight[:, 0]
-        ue_tok = enc.ue.unbind(1)
         # Masks and a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need
         # no isfinite per step; slot 0 of the *_ext arrays stands for "local" (a_min = remaining = 0,
         # so a local decision gets share exactly 0 from the same formula as a server).
         amin_full = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
-        amin = amin_full.unbind(1)  # N x (B,M) float64
-        amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0)).unbind(1)  # N x (B,M+1)
-        srv_static = (enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)).unbind(1)
+        amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0))  # (B,N,M+1)
+        srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)
         local_real_full = batch.local_ok & batch.ue_mask
-        local_real = local_real_full.unbind(1)
         rem_ext = F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0))  # (B,M+1)
-        rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
-        fit_scale = 1.0 + FIT_RTOL
         if noise is not None:
             n_uniform, n_normal, n_accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
-        lin, ln, gelu = F.linear, F.layer_norm, F.gelu
-        shp_d, shp_h = (d,), (b, h, 1, dh)
+        else:
+            n_uniform = n_normal = n_accept = []
 
-        logits_l, allowed_l, target_l, share_l, u_l, ab_l = [], [], [], [], [], []
-        for i in range(n):
-            amin_i = amin[i]
-            # Dynamic features (same values as Decoder.dynamic_features).
-            fits = amin_i <= rem * fit_scale
-            ratio = torch.where(rem > 0, amin_i / rem.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
-            slack = (rem - amin_i).clamp_(-1.0, 1.0)
-            feat = torch.stack([rem, ratio, fits.to(rem.dtype), slack], -1).float()  # (B,M,4)
-            srv = torch.baddbmm(srv_base[i], feat, w_dyn_t.expand(b, N_DYN, d))  # (B,M,d)
-            proj = lin(srv, w_srv, b_srv)  # (B,M,*)
-            x = (q_base[i] + lin(torch.bmm(pool_w, gelu(srv))[:, 0], w_state, b_state))[:, None]  # (B,1,d)
-            for li, w in enumerate(lw):
-                # One query per row: (B,1,d) is (B,H,1,dh) without a transpose, and back.
-                q = lin(ln(x, shp_d, w.ln_sa_w, w.ln_sa_b, w.ln_eps), w.sa_q_w, w.sa_q_b).view(shp_h)
-                sc = torch.matmul(q, sa_kt[li][..., : i + 1]).mul_(att_scale)  # (B,H,1,i+1): slots <= i only
-                att = torch.matmul(sc.softmax(-1), sa_v[li][:, :, : i + 1])
-                x = x + lin(att.view(b, 1, d), w.sa_out_w, w.sa_out_b)
-                q = lin(ln(x, shp_d, w.ln_ca_w, w.ln_ca_b, w.ln_eps), w.ca_q_w, w.ca_q_b).view(shp_h)
-                o = 2 * d * li
-                ca_kt[li][..., n:] = proj[..., o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
-                ca_v[li][:, :, n:] = proj[..., o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
-                sc = torch.baddbmm(ca_mask, q.view(b * h, 1, dh), ca_kt[li].view(b * h, dh, n + m), alpha=att_scale)
-                att = torch.bmm(sc.softmax(-1), ca_v[li].view(b * h, n + m, dh))
-                x = x + lin(att.view(b, 1, d), w.ca_out_w, w.ca_out_b)
-                y = gelu(lin(ln(x, shp_d, w.ln_ff_w, w.ln_ff_b, w.ln_eps), w.ff1_w, w.ff1_b))
-                x = x + lin(y, w.ff2_w, w.ff2_b)
-            gq = lin(ln(x[:, 0], shp_d, w_on, b_on, eps_on), w_g, b_g)  # (B,2d): [pointer query | share-head]
-            # Pointer head over [local; servers].
-            keys = torch.cat([k_loc[i], proj[..., o_ptr:o_sh]], 1)  # (B,M+1,d)
-            score = torch.bmm(keys, gq[:, :d, None])[..., 0]
-            srv_ok = srv_static[i] & fits
-            allowed = torch.cat([(local_real[i] | ~srv_ok.any(-1))[:, None], srv_ok], -1)
-            logits = torch.where(allowed, clip * torch.tanh(score * ptr_scale), _NEG)
-            if noise is None:
-                t = logits.argmax(-1)
-            else:
-                t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[i])
-            # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
-            t1 = t[:, None]
-            chosen = torch.gather(proj[..., o_sh:], 1, (t1 - 1).clamp_min_(0)[..., None].expand(b, 1, d))[:, 0]
-            ab = F.softplus(lin(gelu(gq[:, d:] + chosen), w_h2, b_h2)) + 1.0  # (B,2) Beta concentrations
-            if noise is None:
-                u = ab[:, 0] / ab.sum(-1)
-            else:
-                u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[i], n_accept[i]).float()
-            u = u.clamp_(eps, 1.0 - eps)
-            lo = torch.gather(amin_ext[i], 1, t1)
-            s = lo + u.double()[:, None] * (torch.gather(rem_ext, 1, t1) - lo)  # (B,1); 0 for local
-            rem_ext.scatter_add_(1, t1, -s)
-            logits_l.append(logits)
-            allowed_l.append(allowed)
-            target_l.append(t)
-            share_l.append(s)
-            u_l.append(u)
-            ab_l.append(ab)
-            if i + 1 < n:
-                tok = ue_tok[i] + torch.gather(tok_table, 1, t1[..., None].expand(b, 1, d))[:, 0] + s.float() * w_share
-                for li, w in enumerate(lw):
-                    kv = lin(ln(tok, shp_d, w.ln_mem_w, w.ln_mem_b, w.ln_eps), w.sa_kv_w, w.sa_kv_b)  # (B,2d)
-                    sa_kt[li][..., i + 1] = kv[:, :d].view(b, h, dh)
-                    sa_v[li][:, :, i + 1] = kv[:, d:].view(b, h, dh)
+        logits, allowed, target, share, u, ab = _loop_fn()(
+            n, d, h, noise is None, float(eps), 1.0 + FIT_RTOL, float(cfg.logit_clip), 1.0 / math.sqrt(d),
+            1.0 / math.sqrt(dh), o_ptr, o_ptr + d,
+            list(srv_base), dec.dyn.weight.t(), list(q_base), pool_w, dec.state.weight, dec.state.bias, w_srv, b_srv,
+            w_g, b_g, dec.share_head[2].weight, dec.share_head[2].bias,
+            dec.norm_out.weight, dec.norm_out.bias, float(dec.norm_out.eps), list(k_loc),
+            [list(w[:-1]) for w in lw], [float(w.ln_eps) for w in lw],
+            ca_kt, ca_v, ca_mask, sa_kt, sa_v,
+            tok_table, dec.share_emb.weight[:, 0], list(enc.ue.unbind(1)),
+            list(amin_full.unbind(1)), list(amin_ext.unbind(1)), list(srv_static.unbind(1)),
+            list(local_real_full.unbind(1)), rem_ext, list(n_uniform), list(n_normal), list(n_accept),
+        )
 
         # ---- scoring, once for all steps (formulas shared with teacher forcing) --------------------
         real = batch.ue_mask
-        logits = torch.stack(logits_l, 1)  # (B,N,M+1)
-        allowed = torch.stack(allowed_l, 1)
-        target = torch.stack(target_l, 1)
-        share = torch.cat(share_l, 1)
-        ab = torch.stack(ab_l, 1)  # (B,N,2)
         off = target > 0
-        u = torch.where(off, torch.stack(u_l, 1), 0.5)
+        u = torch.where(off, u, 0.5)
         lp_t = torch.where(real, torch.gather(torch.log_softmax(logits, -1), -1, target[..., None])[..., 0], 0.0)
         ent_t = torch.where(real, categorical_entropy(logits, allowed), 0.0)
         beta = torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
