@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = {k: f.default for k, f in PretrainConfig.__dataclass_fields__.items()}
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, TensorBoard logs)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (a fresh run if it holds none)")
     p.add_argument("--scale", default=d["scale"], help="model scale: S, M or L")
     p.add_argument("--iterations", type=int, default=d["iterations"], help="training iterations in total")
     p.add_argument("--num-env-runners", type=int, default=d["num_env_runners"])

@@ -431,7 +431,11 @@ class Pretrainer:
         self.algo = build_algo_config(cfg).build_algo()
         if saved is not None:
             self.restore(existing, saved)
-        self.vset = ValidationSet.build(cfg, self.out / LABELS_FILE)
+        try:
+            self.vset = ValidationSet.build(cfg, self.out / LABELS_FILE)
+        except BaseException:
+            self.algo.stop()  # do not leak env-runner actors when the expert labels fail
+            raise
         self._writer = None
         self._lifetime_steps = self._sampled_lifetime({})
 
