@@ -351,10 +351,10 @@ class Decoder(nn.Module):
 
 def _decode_loop(
     n: int, d: int, h: int, greedy: bool, eps: float, fit_scale: float, clip: float, ptr_scale: float,
-    att_scale: float, o_ptr: int, o_sh: int,
+    att_scale: float, o_ptr: int, o_end: int,
     srv_base: List[torch.Tensor], w_dyn_t: torch.Tensor, q_base: List[torch.Tensor], pool_w: torch.Tensor,
     w_state: torch.Tensor, b_state: torch.Tensor, w_srv: torch.Tensor, b_srv: torch.Tensor,
-    w_g: torch.Tensor, b_g: torch.Tensor, w_h2: torch.Tensor, b_h2: torch.Tensor,
+    w_g: torch.Tensor, b_g: torch.Tensor, w_sh_t: torch.Tensor, w_h2: torch.Tensor, b_h2: torch.Tensor,
     w_on: torch.Tensor, b_on: torch.Tensor, eps_on: float, k_loc: List[torch.Tensor],
     lw: List[List[torch.Tensor]], ln_eps: List[float],
     ca_kt: List[torch.Tensor], ca_v: List[torch.Tensor], ca_mask: torch.Tensor,
@@ -413,7 +413,7 @@ def _decode_loop(
             x = x + F.linear(y, w[16], w[17])
         gq = F.linear(F.layer_norm(x.squeeze(1), [d], w_on, b_on, eps_on), w_g, b_g)  # [pointer query | share-head]
         # Pointer head over [local; servers].
-        keys = torch.cat([k_loc[i], proj[:, :, o_ptr:o_sh]], 1)  # (B,M+1,d)
+        keys = torch.cat([k_loc[i], proj[:, :, o_ptr:o_end]], 1)  # (B,M+1,d)
         score = torch.bmm(keys, gq[:, :d].unsqueeze(2)).squeeze(2)
         srv_ok = srv_static[i] & fits
         allowed = torch.cat([(local_real[i] | ~srv_ok.any(-1)).unsqueeze(1), srv_ok], -1)
@@ -424,8 +424,8 @@ def _decode_loop(
             t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[i])
         # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
         t1 = t.unsqueeze(1)
-        chosen = torch.gather(proj[:, :, o_sh:], 1, (t1 - 1).clamp_min(0).unsqueeze(2).expand(b, 1, d)).squeeze(1)
-        ab = F.softplus(F.linear(F.gelu(gq[:, d:] + chosen), w_h2, b_h2)) + 1.0  # (B,2) Beta concentrations
+        chosen = torch.gather(srv, 1, (t1 - 1).clamp_min(0).unsqueeze(2).expand(b, 1, d)).squeeze(1)
+        ab = F.softplus(F.linear(F.gelu(torch.addmm(gq[:, d:], chosen, w_sh_t)), w_h2, b_h2)) + 1.0  # (B,2) Beta
         if greedy:
             u = ab[:, 0] / ab.sum(-1)
         else:
@@ -635,10 +635,11 @@ class LamboPolicy(nn.Module):
         q_base = (enc.ue + enc.prompt[:, None]).unbind(1)  # N x (B,d)
         smask = enc.server_mask.to(dt)
         pool_w = (smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B,1,M): masked mean
-        # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key, share-head half].
+        # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key]; the share head's
+        # server half only runs on the chosen server.
         w1, b1 = dec.share_head[0].weight, dec.share_head[0].bias
-        w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight, w1[:, d:]], 0)
-        b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias, torch.zeros_like(dec.ptr_k.bias)])
+        w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight], 0)
+        b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias])
         o_ptr = 2 * d * len(layers)
         # And one of the decoder output g: [pointer query, share-head g half].
         w_g, b_g = torch.cat([dec.ptr_q.weight, w1[:, :d]], 0), torch.cat([dec.ptr_q.bias, b1])
@@ -681,7 +682,7 @@ class LamboPolicy(nn.Module):
             n, d, h, noise is None, float(eps), 1.0 + FIT_RTOL, float(cfg.logit_clip), 1.0 / math.sqrt(d),
             1.0 / math.sqrt(dh), o_ptr, o_ptr + d,
             list(srv_base), dec.dyn.weight.t(), list(q_base), pool_w, dec.state.weight, dec.state.bias, w_srv, b_srv,
-            w_g, b_g, dec.share_head[2].weight, dec.share_head[2].bias,
+            w_g, b_g, w1[:, d:].t(), dec.share_head[2].weight, dec.share_head[2].bias,
             dec.norm_out.weight, dec.norm_out.bias, float(dec.norm_out.eps), list(k_loc),
             [list(w[:-1]) for w in lw], [float(w.ln_eps) for w in lw],
             ca_kt, ca_v, ca_mask, sa_kt, sa_v,
