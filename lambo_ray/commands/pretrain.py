@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-start-labels", type=int, default=d["warm_start_labels"],
                    help="supervised warm start on this many exact min_energy labels first (0: pure ACRL)")
     p.add_argument("--warm-start-epochs", type=int, default=d["warm_start_epochs"])
+    p.add_argument("--warm-start-prompts", nargs="+", default=list(d["warm_start_prompts"]),
+                   help="prompts of the warm-start labels (min_energy: exact, min_latency: local search)")
     p.add_argument("--threads", type=int, default=d["driver_threads"], help="torch threads of the driver")
     p.add_argument("--quiet", action="store_true", help="no per-iteration progress line")
     add_scenario_arguments(p)
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace):
         penalty=args.penalty, scenario=base, prompts=tuple(args.prompt), n_max=args.n_max, m_max=args.m_max,
         seed=args.seed, val_size=args.val_size, val_expert=val_expert, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, warm_start_labels=args.warm_start_labels,
-        warm_start_epochs=args.warm_start_epochs, driver_threads=args.threads)
+        warm_start_epochs=args.warm_start_epochs, warm_start_prompts=tuple(args.warm_start_prompts),
+        driver_threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:

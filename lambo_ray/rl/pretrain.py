@@ -103,6 +103,10 @@ class PretrainConfig:
     warm_start_epochs: int = 30
     warm_start_lr: float = 1e-3
     warm_start_prompts: tuple[str, ...] = ("min_energy",)
+    # Who labels each prompt: exact min_energy labels cost ~0.05 s, exact min_latency labels seconds,
+    # local search's min_latency labels ~0.04 s at a 0.04% gap (benchmarks/results/experts.json).
+    warm_start_experts: dict[str, str] = field(
+        default_factory=lambda: {"min_energy": "exact", "min_latency": "local_search"})
     driver_threads: int = 1  # torch threads of the driver, which hosts the learner (notes P3)
 
     def __post_init__(self) -> None:
@@ -131,6 +135,10 @@ class PretrainConfig:
             raise LamboInputError("; ".join(problems), where="pretrain config")
         for p in (*self.prompts, *self.warm_start_prompts):
             check_prompt(p)
+        missing = [p for p in self.warm_start_prompts if p not in self.warm_start_experts]
+        if missing:
+            raise LamboInputError(f"warm_start_experts names no expert for {', '.join(missing)}",
+                                  where="pretrain config")
         sc = self.scenario_config()  # validates the scenario
         self.n_max = sc.n_ues if self.n_max is None else int(self.n_max)
         self.m_max = sc.n_servers if self.m_max is None else int(self.m_max)
@@ -350,17 +358,18 @@ def validate(policy: LamboPolicy, vset: ValidationSet, prompts: tuple[str, ...])
 # Supervised warm start
 # ----------------------------------------------------------------------------------------------
 def expert_labels(cfg: PretrainConfig) -> tuple[list[Instance], list[str], np.ndarray, np.ndarray]:
-    """Exact targets on fresh instances, with the water-filled optimal shares for them (min_energy
-    ignores shares, so the latency-optimal feasible ones are the natural share label)."""
+    """Expert targets on fresh instances (``warm_start_experts`` per prompt), with the water-filled
+    optimal shares for them (min_energy ignores shares, so the latency-optimal feasible ones are the
+    natural share label)."""
     from lambo_ray.experts import get_expert
     from lambo_ray.mec.shares import optimal_shares
 
     insts = generate_many(cfg.scenario_config(), cfg.warm_start_labels, cfg.seed + 7_777_777)
-    expert = get_expert("exact")
+    experts = {p: get_expert(cfg.warm_start_experts[p]) for p in cfg.warm_start_prompts}
     prompts, targets, shares = [], [], []
     for k, inst in enumerate(insts):
         p = cfg.warm_start_prompts[k % len(cfg.warm_start_prompts)]
-        d = expert.solve(inst, p, cfg.val_expert_time_limit)
+        d = experts[p].solve(inst, p, cfg.val_expert_time_limit)
         s = optimal_shares(inst, d.target)
         t = np.zeros(cfg.n_max, np.int64)
         sh = np.zeros(cfg.n_max)
