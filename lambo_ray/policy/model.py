@@ -606,28 +606,30 @@ class LamboPolicy(nn.Module):
     def _decode(self, batch: PolicyBatch, enc: Encoded, noise: DecodeNoise | None) -> DecodeOut:
         """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it.
 
-        Per-step cost is per-op overhead at serving batch sizes (~50 small ops x N steps), so the loop
-        is kept lean; the model is the same as :meth:`teacher_forced`'s (which stays the plain
-        reference, and tests pin the two together):
+        At serving batch sizes the per-step cost is per-op overhead (dozens of tiny ops x N steps), so
+        the step loop (:func:`_decode_loop`) is kept lean and TorchScript-compiled. The model is the
+        same as :meth:`teacher_forced`'s, which stays the plain reference (tests pin decode to it and to
+        an uncached step-by-step decoder):
 
-        * everything that does not depend on earlier decisions is computed once per batch:
-          server + pair tokens, query base, cross-attention keys/values of the UE tokens, pointer keys
-          of "local", the decision-token table, static masks;
+        * everything that does not depend on earlier decisions is computed once per batch: server +
+          pair tokens, query base, cross-attention K/V of the UE tokens, pointer key of "local", the
+          decision-token table, static masks; layer weights are fetched once (no module calls);
         * the only step-dependent input is the remaining capacity, entering through the 4 dynamic
-          features; all linear maps of the dynamic server tokens (cross-attention K/V of every layer,
-          pointer keys, share-head server half) are one fused matmul;
-        * self-attention reads the first ``i + 1`` slots of a preallocated K/V cache (no mask),
+          features; the linear maps of the dynamic server tokens (cross-attention K/V of every layer,
+          pointer keys) are one fused matmul, and the share head's server half runs on the chosen
+          server only;
+        * self-attention reads the first ``i + 1`` slots of a preallocated K/V cache (no mask);
           cross-attention writes the server keys into a preallocated ``[UE; server]`` K/V buffer;
         * log-probabilities and entropies need no per-step work: logits, masks and Beta parameters are
-          stacked and scored once after the loop (with the same formulas as teacher forcing);
-        * no ``torch.distributions`` objects, no host syncs inside the loop.
+          stacked and scored once after the loop, with the formulas teacher forcing uses;
+        * no ``torch.distributions`` objects and no host syncs inside the loop.
         """
         dec, eps, cfg = self.decoder, self.cfg.share_eps, self.cfg
         b, n, m = batch.batch_size, batch.n_max, batch.m_max
         d, h = cfg.d_model, cfg.n_heads
         dh = d // h
         layers = list(dec.layers)
-        dt, dev = enc.ue.dtype, enc.ue.device
+        dt = enc.ue.dtype
 
         # ---- step-independent pieces -------------------------------------------------------
         lw = [_LayerWeights.of(layer) for layer in layers]
