@@ -92,21 +92,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def publish(stage: Path, out: Path) -> None:
-    """Rename a complete staged directory to ``out``; an existing ``out`` is moved aside first and
-    restored if the rename fails, so ``out`` is always either the old or the new complete result."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(stage, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Rename a complete staged directory to ``out`` (old or new, never a mix: :func:`swap_in_dir`)."""
+    from lambo_ray.mec.io import swap_in_dir
+
+    swap_in_dir(stage, out)
 
 
 def run(args: argparse.Namespace) -> int:

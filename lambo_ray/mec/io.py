@@ -161,6 +161,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def swap_in_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename a complete staged directory to ``target``. An existing ``target`` is moved aside first
+    and put back if the rename fails, so ``target`` is always either the old or the new complete
+    directory (checkpoints, decoder outputs), never a mix."""
+    import shutil
+
+    stage, target = Path(stage), Path(target)
+    old: Path | None = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        os.rename(target, old)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_jsonl(path: str | os.PathLike, docs: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(d, separators=(",", ":")) + "\n" for d in docs))
 

@@ -6,7 +6,7 @@ One dataclass holds everything the generator needs, so an instance set is reprod
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lambo_ray.mec.errors import LamboInputError

@@ -33,9 +33,16 @@ def water_fill(sqrt_c: np.ndarray, a_min: np.ndarray) -> np.ndarray | None:
     return shares
 
 
-def optimal_shares(inst: Instance, target: np.ndarray) -> np.ndarray | None:
-    """Latency-optimal shares for every server given the targets; None if the assignment is infeasible
-    (a deadline unreachable on its server, or the minimum shares overflow a server)."""
+def optimal_shares(inst: Instance, target: np.ndarray, *, overflow: str = "fail") -> np.ndarray | None:
+    """Latency-optimal shares for every server given the targets.
+
+    When a server's assignment is infeasible (a deadline unreachable there, or the minimum shares
+    summing past 1), ``overflow="fail"`` returns None for the whole decision, and
+    ``overflow="sqrt_split"`` gives that server the split proportional to sqrt(c_i) (the deadline-free
+    latency optimum), so the result is a function of the targets alone (RL reward decomposition).
+    """
+    if overflow not in ("fail", "sqrt_split"):
+        raise ValueError(f"overflow must be 'fail' or 'sqrt_split' (got {overflow!r})")
     target = np.asarray(target)
     share = np.zeros(inst.n_ues)
     a_min_all = inst.min_share()
@@ -46,7 +53,9 @@ def optimal_shares(inst: Instance, target: np.ndarray) -> np.ndarray | None:
             continue
         s = water_fill(sqrt_c[idx], a_min_all[idx, j])
         if s is None:
-            return None
+            if overflow == "fail":
+                return None
+            s = sqrt_c[idx] / sqrt_c[idx].sum()
         share[idx] = s
     return share
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.mec.io import swap_in_dir
 from lambo_ray.policy.config import SCALES, PolicyConfig
 from lambo_ray.policy.features import FEATURE_VERSION
 from lambo_ray.policy.model import LamboPolicy
@@ -87,28 +88,15 @@ def _atomic_dir(target: Path, files: dict[str, bytes]) -> None:
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    old: Path | None = None
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.rmdir(old)
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)  # put the good checkpoint back
-                old = None
-            raise
+        swap_in_dir(tmp, target)  # the good checkpoint is put back if the swap fails
         _fsync_dir(parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _state_bytes(state: dict[str, torch.Tensor]) -> bytes:

@@ -37,7 +37,7 @@ from lambo_ray.mec.evaluator import Evaluation, evaluate
 from lambo_ray.mec.generator import generate
 from lambo_ray.mec.instance import PROMPTS, Instance, check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
-from lambo_ray.mec.shares import water_fill
+from lambo_ray.mec.shares import optimal_shares
 
 INFO_R_OFF = "r_off"
 INFO_R_ALLOC = "r_alloc"
@@ -125,20 +125,9 @@ def score(inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, re
 
 def best_shares(inst: Instance, target: np.ndarray) -> np.ndarray:
     """Best shares for fixed targets: water-filling with the deadline minimums on every server where
-    they fit (:func:`optimal_shares` per server); where they cannot fit (a deadline unreachable on that
-    server, or minimums summing past 1) the split proportional to sqrt(c_i), the deadline-free latency
-    optimum, so r_off stays a function of the targets alone."""
-    target = np.asarray(target)
-    share = np.zeros(inst.n_ues)
-    a_min = inst.min_share()
-    sqrt_c = np.sqrt(inst.cycles)
-    for j in range(inst.n_servers):
-        idx = np.flatnonzero(target == j + 1)
-        if idx.size == 0:
-            continue
-        s = water_fill(sqrt_c[idx], a_min[idx, j])
-        share[idx] = s if s is not None else sqrt_c[idx] / sqrt_c[idx].sum()
-    return share
+    they fit; where they cannot, the split proportional to sqrt(c_i), so r_off stays a function of the
+    targets alone (:func:`lambo_ray.mec.shares.optimal_shares` with ``overflow="sqrt_split"``)."""
+    return optimal_shares(inst, target, overflow="sqrt_split")
 
 
 def all_local_objective(inst: Instance, prompt: str) -> float:

@@ -25,7 +25,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -37,6 +37,9 @@ from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.serving import api
 from lambo_ray.serving.config import ServeConfig
 from lambo_ray.serving.decoders import DecoderCatalog, DecoderEntry, is_decoder_checkpoint, public_meta
+
+if TYPE_CHECKING:
+    from lambo_ray.serving.engine import DecideItem
 
 
 @dataclass(frozen=True)
