@@ -4,8 +4,9 @@ Each step is the same code path as the sub-command it names (the commands are pr
 step can be re-run by hand):
 
 1. ``lambo generate``   held-out instances of the paper scenario and of a drifted one
-2. ``lambo pretrain``   a small (S) policy: supervised warm start on exact ``min_energy`` labels,
-                        then ACRL iterations on RLlib (2 env runners)
+2. ``lambo pretrain``   a small (S) policy: supervised warm start on expert labels (exact for
+                        ``min_energy``, local search for ``min_latency``), then ACRL iterations on
+                        RLlib (2 env runners)
 3. ``lambo finetune``   ALEF under the drift: entropy query, a pool of 2 exact-expert actors,
                         decoder-only updates
 4. ``lambo report``     every method (exact, LAMBO, local search, greedy, DE, DROO, ARE, all-local,
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift", default="outage", help=f"drift for fine-tuning: {', '.join(DRIFTS)}")
     p.add_argument("--count", type=int, default=10, help="held-out instances per prompt in the report")
     p.add_argument("--iterations", type=int, default=3, help="ACRL iterations after the warm start")
-    p.add_argument("--warm-start-labels", type=int, default=384, help="exact min_energy labels for the warm start")
+    p.add_argument("--warm-start-labels", type=int, default=384, help="expert labels for the warm start")
     p.add_argument("--budget", type=int, default=24, help="ALEF expert labels")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long smoke run on N=6, M=2 instances (what the tests use)")
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         scen = []
         pre = ["--iterations", str(args.iterations), "--num-env-runners", "2", "--num-envs-per-env-runner", "2",
                "--instances-per-episode", "32", "--train-batch-size", "128", "--minibatch-size", "64",
-               "--val-size", "8", "--warm-start-labels", str(args.warm_start_labels), "--warm-start-epochs", "20"]
+               "--val-size", "8", "--warm-start-labels", str(args.warm_start_labels), "--warm-start-epochs", "20",
+               "--warm-start-prompts", "min_energy", "min_latency"]
         fin = ["--budget", str(args.budget), "--rounds", "2", "--pool-size", "24", "--n-replay", "12",
                "--heldout", "8", "--experts", "2", "--time-limit", "10"]
         rep = ["--count", str(args.count), "--drift-count", str(max(4, args.count // 2)), "--exact-time-limit", "30"]
