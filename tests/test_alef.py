@@ -2,6 +2,8 @@
 frozen-encoder training, and a short end-to-end fine-tune on a tiny drifted cell."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import numpy as np
@@ -280,6 +282,34 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     queried = [o for o in res.online if o.queried]
     assert len(queried) == 16 and all(o.label_source == "exact" for o in queried)
     assert all(o.gap >= -1e-4 for o in queried if o.gap is not None)
+
+
+def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
+    """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate's gaps are the
+    greedy gaps to the labels recomputed with the evaluator."""
+    import lambo_ray.alef.finetune as ft
+
+    policy = tiny_policy(5)
+    before = [p.detach().clone() for p in policy.decoder_parameters()]
+
+    def wreck(policy, opt, drifted, replay, cfg, rng):
+        with torch.no_grad():
+            for p in policy.decoder_parameters():
+                p.add_(torch.randn_like(p) * 5.0)
+        return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
+
+    monkeypatch.setattr(ft, "train_decoder", wreck)
+    cfg = AlefConfig(drift="outage", prompts=("min_energy",), rounds=1, pool_size=8, budget=8, experts=2,
+                     n_replay=4, n_heldout=4, scenario=TINY, seed=1)
+    res = run_alef(policy, cfg, pool)
+    m = res.rounds[0]
+    assert not m.accepted and m.gate_gap_after > m.gate_gap_before
+    assert all(torch.equal(a, b) for a, b in zip(policy.decoder_parameters(), before))
+    assert res.after["drifted"]["gap"] == pytest.approx(res.before["drifted"]["gap"])
+    # without the gate the wrecked decoder is kept
+    policy2 = tiny_policy(5)
+    run_alef(policy2, dataclasses.replace(cfg, gate=False), pool)
+    assert not all(torch.equal(a, b) for a, b in zip(policy2.decoder_parameters(), before))
 
 
 # ------------------------------------------------------------------------------------- CLI

@@ -67,6 +67,12 @@ class AlefConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     replay_fraction: float = 0.25  # share of each minibatch drawn from the pre-drift replay set
+    # Keep a round's decoder update only if greedy decoding on the labelled data (drifted buffer +
+    # replay) does not get worse: imitation loss can fall while greedy decisions get worse (exposure
+    # bias), and a fine-tuning run must never ship a decoder worse than the one it started from on
+    # the data it has. The held-out sets stay untouched by this choice.
+    gate: bool = True
+    gate_tolerance: float = 0.0  # accepted if gap_after <= gap_before + tolerance (absolute)
     n_replay: int = 32  # undrifted instances labelled once at the start (replay)
     n_heldout: int = 32  # held-out drifted instances (gap), and as many undrifted ones (forgetting)
     target_weight: float = 1.0  # lambda_target: cross-entropy of the expert's targets
@@ -326,6 +332,21 @@ class RoundMetrics:
     label_s: float
     train_s: float
     decide_s: float
+    gate_gap_before: float = float("nan")  # greedy gap on buffer + replay labels before this round's update
+    gate_gap_after: float = float("nan")  # ... and after it
+    accepted: bool = True  # False: the update was rolled back (see AlefConfig.gate)
+
+
+def labelled_gap(policy: torch.nn.Module, examples: Sequence[Example]) -> float:
+    """Mean greedy gap to the labels over ``examples``; an infeasible decision counts as a 100% gap."""
+    if not examples:
+        return float("nan")
+    dec = decide(policy, [e.instance for e in examples], [e.prompt for e in examples])
+    gaps = []
+    for e, t, s in zip(examples, dec.targets, dec.shares):
+        ev = evaluate(e.instance, t, s)
+        gaps.append(relative_gap(ev.objective(e.prompt), e.objective) if ev.feasible else 1.0)
+    return float(np.mean(gaps))
 
 
 @dataclass
@@ -477,9 +498,19 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             served[i].queried, served[i].label_objective, served[i].label_source = True, lab.objective, lab.source
         queried_gaps = [g for g in (served[i].gap for i in chosen) if g is not None]
 
-        # 4. Train the decoder on the labelled buffer (+ pre-drift replay), encoder frozen.
+        # 4. Train the decoder on the labelled buffer (+ pre-drift replay), encoder frozen; keep the
+        #    update only if greedy decoding on the labelled data did not get worse (cfg.gate).
         t0 = time.perf_counter()
+        gate_set = buffer.examples + replay.examples
+        gate_before = labelled_gap(policy, gate_set) if cfg.gate else float("nan")
+        snapshot = [p.detach().clone() for p in policy.decoder_parameters()]
         train = train_decoder(policy, opt, buffer, replay, cfg, rng_train)
+        gate_after = labelled_gap(policy, gate_set) if cfg.gate else float("nan")
+        accepted = not cfg.gate or gate_after <= gate_before + cfg.gate_tolerance
+        if not accepted:
+            with torch.no_grad():
+                for p, old in zip(policy.decoder_parameters(), snapshot):
+                    p.copy_(old)
         train_s = time.perf_counter() - t0
 
         # 5. Metrics.
@@ -503,10 +534,14 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             label_s=label_s,
             train_s=train_s,
             decide_s=online.decide_s,
+            gate_gap_before=gate_before,
+            gate_gap_after=gate_after,
+            accepted=accepted,
         )
         rounds.append(m)
         log(f"round {m.round}: labels {m.labels_used}/{cfg.budget} {sources}, loss {train['loss']:.4f}, "
             f"drifted gap {m.drifted['gap']:.4f}, undrifted gap {m.undrifted['gap']:.4f}, "
-            f"label {label_s:.1f} s, train {train_s:.1f} s")
+            f"label {label_s:.1f} s, train {train_s:.1f} s"
+            + ("" if accepted else f" (update rolled back: labelled gap {gate_before:.4f} -> {gate_after:.4f})"))
     return AlefResult(config=cfg.to_dict(), before=before, rounds=rounds, setup_label_s=setup_label_s,
                       wall_s=time.perf_counter() - start, pool_stats=dataclasses.asdict(pool.stats), online=records)

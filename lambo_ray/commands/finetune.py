@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--decoder-id", default=None, help="id of the new decoder (default: DRIFT-QUERY)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--no-gate", action="store_true",
+                   help="keep every round's update even if greedy decisions on the labelled data got worse")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver")
     add_scenario_arguments(p)  # --drift NAME and the undrifted scenario's values
     for action in p._actions:  # an unknown drift is reported in one line by config_from_args
@@ -83,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
         label_time_limit=args.time_limit, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         replay_fraction=args.replay_fraction, n_replay=args.n_replay, n_heldout=args.heldout,
         target_weight=args.target_weight, share_weight=args.share_weight, seed=args.seed, scenario=base,
+        gate=not args.no_gate,
     )
 
 
