@@ -122,13 +122,28 @@ def drift_section(policy: PolicySource, cfg: ReportConfig, log=print) -> list[di
             r["phase"] = "before ALEF" if r["method"] == "lambo" else "-"
         rows += part
         if drift in policy.decoders:
-            after = comparison_section(instances, policy, cfg, label=drift, decoder=policy.decoders[drift],
+            trained_for = decoder_prompts(policy.decoders[drift])
+            sub = ReportConfig(**{**cfg.__dict__, "prompts": tuple(p for p in cfg.prompts if p in trained_for)})
+            after = comparison_section(instances, policy, sub, label=drift, decoder=policy.decoders[drift],
                                        methods=["exact", "lambo"], log=log)
             for r in after:
                 if r["method"] == "lambo":
                     r["method"], r["phase"] = "lambo+alef", "after ALEF"
                     rows.append(r)
     return rows
+
+
+def decoder_prompts(decoder_dir: Path) -> tuple[str, ...]:
+    """The prompts an ALEF decoder was fine-tuned on (its metrics.json); all prompts if unknown.
+
+    A decoder fine-tuned on min_energy labels only is reported after ALEF for min_energy only."""
+    import json
+
+    try:
+        prompts = json.loads((Path(decoder_dir) / "metrics.json").read_text())["config"]["prompts"]
+        return tuple(prompts)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ("min_latency", "min_energy")
 
 
 def scaling_section(policy: PolicySource, cfg: ReportConfig, log=print) -> list[dict[str, Any]]:
@@ -173,7 +188,17 @@ def plot_comparison(rows: list[dict[str, Any]], prompt: str, path: Path, title: 
     vals = [r[metric] for r in sel]
     err = [r[_ci_key(metric)] for r in sel]
     colors = ["#2b6cb0" if n.startswith("lambo") else ("#2f855a" if n == "exact" else "#a0aec0") for n in names]
-    ax.bar(names, vals, yerr=err, capsize=4, color=colors)
+    bars = ax.bar(names, vals, yerr=err, capsize=4, color=colors)
+    for bar, r in zip(bars, sel):
+        if r["feasible_rate"] < 1.0:  # infeasible decisions are reported, not repaired: mark them
+            bar.set_hatch("//")
+            bar.set_edgecolor("#c53030")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#2f855a", label="exact (Pyomo + HiGHS)"), Patch(color="#2b6cb0", label="LAMBO"),
+                       Patch(color="#a0aec0", label="baselines"),
+                       Patch(facecolor="white", edgecolor="#c53030", hatch="//", label="some decisions infeasible")],
+              fontsize=8, loc="upper left")
     ax.set_ylabel(label)
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
