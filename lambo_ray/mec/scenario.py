@@ -79,10 +79,9 @@ class ScenarioConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScenarioConfig":
         """Build from a (YAML/JSON) mapping; unknown keys are an error, not silently ignored."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise LamboInputError(f"unknown scenario key(s): {', '.join(unknown)}", where="scenario")
+        from lambo_ray.configs import reject_unknown_keys  # lambo_ray.configs imports mec: import here
+
+        reject_unknown_keys(cls, data, "scenario")
         kwargs = {}
         for key, value in data.items():
             if isinstance(value, list):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lambo_ray.configs import reject_unknown_keys
 from lambo_ray.mec.errors import LamboInputError
 
 
@@ -46,10 +47,7 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LamboInputError(f"unknown policy config key(s): {', '.join(unknown)}", where="policy config")
+        reject_unknown_keys(cls, data, "policy config")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "PolicyConfig":

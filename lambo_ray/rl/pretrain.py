@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lambo_ray.configs import reject_unknown_keys
 from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import relative_gap
 from lambo_ray.mec.generator import generate_many
@@ -165,10 +166,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LamboInputError(f"unknown pretrain config key(s): {', '.join(unknown)}", where="pretrain config")
+        reject_unknown_keys(cls, data, "pretrain config")
         return cls(**data)
 
 

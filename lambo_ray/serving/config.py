@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lambo_ray.configs import reject_unknown_keys
 from lambo_ray.mec.errors import LamboInputError
 
 # The policy's decode modes (lambo_ray.policy.decoding); validated per request.
@@ -88,11 +89,7 @@ class ServeConfig:
     def from_dict(cls, values: dict[str, Any] | None) -> "ServeConfig":
         """From the ``args:`` mapping of a Serve config file; unknown keys are an error, not ignored."""
         values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise LamboInputError(f"serve config: unknown key(s) {', '.join(unknown)}; expected some of "
-                                  f"{', '.join(sorted(known))}")
+        reject_unknown_keys(cls, values, "serve config")
         if "checkpoint" not in values:
             raise LamboInputError("serve config: 'checkpoint' is required (a `lambo pretrain` checkpoint directory)")
         for key in ("checkpoint", "decoders_dir"):
