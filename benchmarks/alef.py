@@ -5,8 +5,9 @@ fine-tuning with the entropy query and with the random query at the same label b
 used, the gap on held-out *undrifted* instances before/after (forgetting), and the wall time of
 the entropy run with 1 and with 2 expert actors (same seeds, so both runs give the same decoder
 whenever no label hits the time limit: the benchmark reports whether they did; with time-limited
-labels, which of exact's incumbent and DE wins can depend on timing). Reference labels (held-out sets, replay set) are labelled once
-per drift and shared by all runs of that drift. Prints a table, writes benchmarks/results/alef.json.
+labels, which of exact's incumbent and DE wins can depend on timing). Reference labels (held-out
+sets, replay set) are labelled once per drift and shared by all runs of that drift. Prints a table,
+writes benchmarks/results/alef.json.
 
     python benchmarks/alef.py --checkpoint runs/pretrain            # full (paper scenario)
     python benchmarks/alef.py --quick                                # untrained S policy, tiny cells
@@ -14,6 +15,7 @@ per drift and shared by all runs of that drift. Prints a table, writes benchmark
 Cost of the full run on 2 cores: dominated by exact ``min_latency`` labels at N = 50 (seconds
 each, capped by ``--time-limit``); about (2 n_heldout + n_replay + 4 budget) labels per drift.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +53,26 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         sizes = dict(rounds=2, pool_size=16, budget=16, n_heldout=8, n_replay=4, epochs=4, batch_size=8)
     else:
         scenario = ScenarioConfig()
-        sizes = dict(rounds=args.rounds, pool_size=args.pool_size, budget=args.budget, n_heldout=args.heldout,
-                     n_replay=args.n_replay, epochs=args.epochs, batch_size=16)
-    return AlefConfig(drift="outage", prompts=tuple(args.prompts), query="entropy", experts=2,
-                      label_time_limit=args.time_limit, lr=args.lr, seed=args.seed, scenario=scenario, **sizes)
+        sizes = dict(
+            rounds=args.rounds,
+            pool_size=args.pool_size,
+            budget=args.budget,
+            n_heldout=args.heldout,
+            n_replay=args.n_replay,
+            epochs=args.epochs,
+            batch_size=16,
+        )
+    return AlefConfig(
+        drift="outage",
+        prompts=tuple(args.prompts),
+        query="entropy",
+        experts=2,
+        label_time_limit=args.time_limit,
+        lr=args.lr,
+        seed=args.seed,
+        scenario=scenario,
+        **sizes,
+    )
 
 
 def fine_tune(base: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, refs: References) -> AlefResult:
@@ -83,8 +101,9 @@ def summarise(drift: str, refs: References, runs: dict[str, AlefResult], actors:
         "undrifted_gap_random": rnd.after["undrifted"]["gap"],
         "reference_label_s": refs.label_s,
         "reference_sources": refs.sources(),
-        "query_sources": {k: sum(r.label_sources.get(k, 0) for r in ent.rounds)
-                          for k in ("exact", "exact_time_limit", "de")},
+        "query_sources": {
+            k: sum(r.label_sources.get(k, 0) for r in ent.rounds) for k in ("exact", "exact_time_limit", "de")
+        },
     }
     for n in sorted(set(actors)):
         r = runs[f"entropy@{n}"]
@@ -134,17 +153,34 @@ def main(argv: list[str] | None = None) -> None:
                 for q in queries:
                     res = fine_tune(base, dataclasses.replace(cfg, query=q), pool, refs[drift])
                     runs[drift][f"{q}@{n_actors}"] = res
-                    print(f"  {drift:9s} {q:7s} {n_actors} actor(s): gap {res.before['drifted']['gap']:.4f} -> "
-                          f"{res.after['drifted']['gap']:.4f}, {res.labels_used} labels, {res.wall_s:.1f} s",
-                          flush=True)
+                    print(
+                        f"  {drift:9s} {q:7s} {n_actors} actor(s): gap {res.before['drifted']['gap']:.4f} -> "
+                        f"{res.after['drifted']['gap']:.4f}, {res.labels_used} labels, {res.wall_s:.1f} s",
+                        flush=True,
+                    )
     rows = [summarise(d, refs[d], runs[d], args.actors) for d in args.drifts]
-    columns = ["drift", "gap_before", "gap_entropy", "gap_random", "labels_entropy", "undrifted_gap_before",
-               "undrifted_gap_entropy", "undrifted_gap_random",
-               *[f"wall_s_{n}_actors" for n in sorted(set(args.actors))],
-               *[f"same_result_{n}_vs_{main_actors}" for n in sorted(set(args.actors)) if n != main_actors]]
+    columns = [
+        "drift",
+        "gap_before",
+        "gap_entropy",
+        "gap_random",
+        "labels_entropy",
+        "undrifted_gap_before",
+        "undrifted_gap_entropy",
+        "undrifted_gap_random",
+        *[f"wall_s_{n}_actors" for n in sorted(set(args.actors))],
+        *[f"same_result_{n}_vs_{main_actors}" for n in sorted(set(args.actors)) if n != main_actors],
+    ]
     print_table(rows, columns, title=f"ALEF on {source}: greedy gap to the expert before / after fine-tuning")
-    write_results(args.out, rows, policy=source, config=cfg0.to_dict(), quick=args.quick,
-                  actors=args.actors, runs={d: {k: r.to_dict() for k, r in rs.items()} for d, rs in runs.items()})
+    write_results(
+        args.out,
+        rows,
+        policy=source,
+        config=cfg0.to_dict(),
+        quick=args.quick,
+        actors=args.actors,
+        runs={d: {k: r.to_dict() for k, r in rs.items()} for d, rs in runs.items()},
+    )
     print(f"wrote {args.out}")
 
 

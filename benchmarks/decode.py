@@ -24,6 +24,7 @@ the largest absolute difference, float round-off of a reordered computation).
 
 Prints a table and writes ``benchmarks/results/decode.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,12 @@ class Worker:
         elif kind == "decide_greedy":
             digest = {"target": [d.target.tolist() for d in out], "share": [d.share.tolist() for d in out]}
         times.sort()
-        return {"ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0], "cpu_ms": 1e3 * min(cpu),
-                "digest": digest}
+        return {
+            "ms": 1e3 * times[len(times) // 2],
+            "min_ms": 1e3 * times[0],
+            "cpu_ms": 1e3 * min(cpu),
+            "digest": digest,
+        }
 
 
 def worker_main() -> None:
@@ -141,8 +146,14 @@ class Remote:
 
     def __init__(self, root: Path) -> None:
         env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], cwd=str(root),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            cwd=str(root),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         hello = json.loads(self.proc.stdout.readline())
         got = Path(hello["lambo_ray"])
         if got != (root / "lambo_ray").resolve():
@@ -166,8 +177,13 @@ class Remote:
 def make_worktree(rev: str) -> tuple[Path, Path]:
     tmp = Path(tempfile.mkdtemp(prefix="lambo_decode_baseline_"))
     path = tmp / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
-                   capture_output=True, text=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return tmp, path
 
 
@@ -197,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline = tmp = wt = base_sha = None
     try:
         if args.baseline_rev:
-            base_sha = subprocess.run(["git", "rev-parse", "--short", args.baseline_rev], cwd=ROOT, check=True,
-                                      capture_output=True, text=True).stdout.strip()
+            base_sha = subprocess.run(
+                ["git", "rev-parse", "--short", args.baseline_rev],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             tmp, wt = make_worktree(args.baseline_rev)
             baseline = Remote(wt)
         rows = []
@@ -230,16 +251,34 @@ def main(argv: list[str] | None = None) -> int:
             remove_worktree(tmp, wt)
     cols = ["scale", "B", "task", "ms", "min_ms", "cpu_ms", "ms_per_instance", "ms_per_step"]
     if args.baseline_rev:
-        cols += ["baseline_ms", "baseline_cpu_ms", "speedup", "speedup_wall", "same_target", "share_diff",
-                 "logp_diff"]
-    print_table(rows, cols, title=f"decode benchmark, N={N_UES}, M={N_SERVERS}, 1 thread"
-                + (f", baseline {base_sha}" if base_sha else ""))
-    write_results(args.out, rows, n_ues=N_UES, n_servers=N_SERVERS, threads=1, baseline_rev=base_sha,
-                  repeats=args.repeats, note="ms = median, min_ms = fastest wall time of the repeats, cpu_ms = least process CPU time; "
-                  "speedup = baseline_cpu_ms / cpu_ms (CPU time does not count time descheduled by other "
-                  "load on the shared cores), speedup_wall = ratio of min_ms; same run, "
-                  "tasks alternated between the two worker processes; same_target = identical targets, share_diff / "
-                  "logp_diff = max abs difference to the baseline")
+        cols += [
+            "baseline_ms",
+            "baseline_cpu_ms",
+            "speedup",
+            "speedup_wall",
+            "same_target",
+            "share_diff",
+            "logp_diff",
+        ]
+    print_table(
+        rows,
+        cols,
+        title=f"decode benchmark, N={N_UES}, M={N_SERVERS}, 1 thread" + (f", baseline {base_sha}" if base_sha else ""),
+    )
+    write_results(
+        args.out,
+        rows,
+        n_ues=N_UES,
+        n_servers=N_SERVERS,
+        threads=1,
+        baseline_rev=base_sha,
+        repeats=args.repeats,
+        note="ms = median, min_ms = fastest wall time of the repeats, cpu_ms = least process CPU time; "
+        "speedup = baseline_cpu_ms / cpu_ms (CPU time does not count time descheduled by other "
+        "load on the shared cores), speedup_wall = ratio of min_ms; same run, "
+        "tasks alternated between the two worker processes; same_target = identical targets, share_diff / "
+        "logp_diff = max abs difference to the baseline",
+    )
     print(f"wrote {args.out}")
     return 0
 

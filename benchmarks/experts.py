@@ -5,6 +5,7 @@ wall time per instance. Prints a table and writes benchmarks/results/experts.jso
 
     python benchmarks/experts.py --count 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,18 +46,34 @@ def main() -> None:
             feasible = np.array([d.stats["feasible"] for d in decisions])
             if method == "exact":
                 reference = objs
-            row = {"prompt": prompt, "method": method, "mean_objective": float(objs.mean()),
-                   "mean_gap_pct": (float(np.mean([relative_gap(o, r) for o, r in zip(objs, reference)])) * 100
-                                    if reference is not None else None),
-                   "feasible_rate": float(feasible.mean()), "mean_wall_s": float(wall.mean()),
-                   "p95_wall_s": float(np.percentile(wall, 95))}
+            row = {
+                "prompt": prompt,
+                "method": method,
+                "mean_objective": float(objs.mean()),
+                "mean_gap_pct": (
+                    float(np.mean([relative_gap(o, r) for o, r in zip(objs, reference)])) * 100
+                    if reference is not None
+                    else None
+                ),
+                "feasible_rate": float(feasible.mean()),
+                "mean_wall_s": float(wall.mean()),
+                "p95_wall_s": float(np.percentile(wall, 95)),
+            }
             if method == "exact":
                 row["proven_optimal"] = int(sum(bool(d.stats.get("proven_optimal")) for d in decisions))
                 row["max_certified_gap"] = float(max(d.stats.get("gap", 0.0) for d in decisions))
             rows.append(row)
             print(f"  {prompt:12s} {method:13s} done in {time.perf_counter() - start:7.1f} s", flush=True)
-    columns = ["prompt", "method", "mean_objective", "mean_gap_pct", "feasible_rate", "mean_wall_s", "p95_wall_s",
-               "proven_optimal"]
+    columns = [
+        "prompt",
+        "method",
+        "mean_objective",
+        "mean_gap_pct",
+        "feasible_rate",
+        "mean_wall_s",
+        "p95_wall_s",
+        "proven_optimal",
+    ]
     print_table(rows, columns, title=f"Experts on {args.count} paper-scenario instances (seed {args.seed})")
     write_results(args.out, rows, count=args.count, seed=args.seed, time_limit=args.time_limit)
     print(f"wrote {args.out}")

@@ -11,6 +11,7 @@ expert benchmark; plus env-runner sampling throughput with 1 and 2 env runners.
 The exact labels of the held-out set are cached (``--labels-cache``), since min_latency labels cost
 seconds each; they are computed by the ALEF expert pool (2 Ray actors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,8 @@ from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy.decoding import decide
 from lambo_ray.results import print_table, write_results
-from lambo_ray.rl.pretrain import PretrainConfig, Pretrainer
+from lambo_ray.rl.config import PretrainConfig
+from lambo_ray.rl.pretrain import Pretrainer
 
 HELDOUT_SEED = 9000
 
@@ -50,8 +52,11 @@ def exact_labels(instances: list[Instance], cache: Path, time_limit: float, expe
         for p in PROMPTS:
             labels = pool.label(instances, p, list(range(len(instances))))
             objective[p] = [float(lab.objective) for lab in labels]
-            print(f"  exact labels {p}: {len(labels)} in {time.perf_counter() - start:.0f} s "
-                  f"(sources: {sorted({lab.source for lab in labels})})", flush=True)
+            print(
+                f"  exact labels {p}: {len(labels)} in {time.perf_counter() - start:.0f} s "
+                f"(sources: {sorted({lab.source for lab in labels})})",
+                flush=True,
+            )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "objective": objective}))
     return objective
@@ -60,8 +65,10 @@ def exact_labels(instances: list[Instance], cache: Path, time_limit: float, expe
 def score(objs: list[float], feasible: list[bool], ref: list[float]) -> dict[str, float]:
     gaps = np.array([relative_gap(o, r) for o, r in zip(objs, ref)])
     feas = np.array(feasible)
-    return {"gap_pct": float(100 * gaps[feas].mean()) if feas.any() else float("nan"),
-            "feasible_rate": float(feas.mean())}
+    return {
+        "gap_pct": float(100 * gaps[feas].mean()) if feas.any() else float("nan"),
+        "feasible_rate": float(feas.mean()),
+    }
 
 
 def evaluate_policy(policy, instances, labels, k: int) -> list[dict[str, Any]]:
@@ -71,15 +78,32 @@ def evaluate_policy(policy, instances, labels, k: int) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             decisions = decide(policy, instances, prompt, mode=mode, k=k)
             ms = 1000 * (time.perf_counter() - t0) / len(instances)
-            rows.append({"prompt": prompt, "decode": mode, "decision_ms": ms,
-                         **score([d.objective for d in decisions], [d.stats["feasible"] for d in decisions],
-                                 labels[prompt])})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "decode": mode,
+                    "decision_ms": ms,
+                    **score(
+                        [d.objective for d in decisions],
+                        [d.stats["feasible"] for d in decisions],
+                        labels[prompt],
+                    ),
+                }
+            )
     return rows
 
 
 def throughput(runners: int, base: PretrainConfig, iterations: int) -> dict[str, float]:
-    cfg = PretrainConfig(**{**base.to_dict(), "num_env_runners": runners, "iterations": iterations,
-                            "val_expert": None, "val_size": 2, "warm_start_labels": 0})
+    cfg = PretrainConfig(
+        **{
+            **base.to_dict(),
+            "num_env_runners": runners,
+            "iterations": iterations,
+            "val_expert": None,
+            "val_size": 2,
+            "warm_start_labels": 0,
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Pretrainer(cfg, Path(tmp) / "run", progress=False)
         try:
@@ -90,8 +114,12 @@ def throughput(runners: int, base: PretrainConfig, iterations: int) -> dict[str,
     inst = sum(m["instances"] for m in last)
     sampling = sum(m.get("timers/env_runner_sampling_timer", float("nan")) for m in last)
     wall = sum(m["time_s"] for m in last)
-    return {"env_runners": runners, "instances_per_iteration": inst / len(last),
-            "sampling_instances_per_s": inst / sampling, "iteration_instances_per_s": inst / wall}
+    return {
+        "env_runners": runners,
+        "instances_per_iteration": inst / len(last),
+        "sampling_instances_per_s": inst / sampling,
+        "iteration_instances_per_s": inst / wall,
+    }
 
 
 def train_variant(name: str, cfg: PretrainConfig, out: Path) -> tuple[Any, dict[str, Any]]:
@@ -126,29 +154,53 @@ def main() -> None:
     start = time.perf_counter()
     instances = generate_many(ScenarioConfig(), args.heldout, HELDOUT_SEED)
     labels = exact_labels(instances, args.labels_cache, args.label_time_limit, experts=2)
-    base = PretrainConfig(scale="S", iterations=args.acrl_iterations, num_env_runners=args.num_env_runners,
-                          train_batch_size=args.train_batch_size, val_size=8, seed=0)
+    base = PretrainConfig(
+        scale="S",
+        iterations=args.acrl_iterations,
+        num_env_runners=args.num_env_runners,
+        train_batch_size=args.train_batch_size,
+        val_size=8,
+        seed=0,
+    )
 
     rows: list[dict[str, Any]] = []
     for method in ("greedy", "local_search"):
         for prompt in PROMPTS:
             ds = solve_all(method, instances, prompt, progress=False)
-            rows.append({"method": method, "prompt": prompt, "decode": "-",
-                         "decision_ms": 1000 * float(np.mean([d.stats["wall_s"] for d in ds])),
-                         **score([d.objective for d in ds], [d.stats["feasible"] for d in ds], labels[prompt])})
+            rows.append(
+                {
+                    "method": method,
+                    "prompt": prompt,
+                    "decode": "-",
+                    "decision_ms": 1000 * float(np.mean([d.stats["wall_s"] for d in ds])),
+                    **score([d.objective for d in ds], [d.stats["feasible"] for d in ds], labels[prompt]),
+                }
+            )
     experts_json = Path("benchmarks/results/experts.json")
     if experts_json.exists():
         for r in json.loads(experts_json.read_text())["rows"]:
             if r["method"] == "de":
-                rows.append({"method": "de (experts.json, 50 inst.)", "prompt": r["prompt"], "decode": "-",
-                             "decision_ms": 1000 * r["mean_wall_s"], "gap_pct": r["mean_gap_pct"],
-                             "feasible_rate": r["feasible_rate"]})
+                rows.append(
+                    {
+                        "method": "de (experts.json, 50 inst.)",
+                        "prompt": r["prompt"],
+                        "decode": "-",
+                        "decision_ms": 1000 * r["mean_wall_s"],
+                        "gap_pct": r["mean_gap_pct"],
+                        "feasible_rate": r["feasible_rate"],
+                    }
+                )
     variants = []
     for name in args.variants:
         warm = args.warm_start_labels if name == "warm_start+acrl" else 0
-        cfg = PretrainConfig(**{**base.to_dict(), "warm_start_labels": warm,
-                                "warm_start_epochs": args.warm_start_epochs,
-                                "warm_start_prompts": tuple(PROMPTS)})
+        cfg = PretrainConfig(
+            **{
+                **base.to_dict(),
+                "warm_start_labels": warm,
+                "warm_start_epochs": args.warm_start_epochs,
+                "warm_start_prompts": tuple(PROMPTS),
+            }
+        )
         policy, info = train_variant(name, cfg, args.runs)
         variants.append(info)
         for r in evaluate_policy(policy, instances, labels, args.k):
@@ -158,9 +210,15 @@ def main() -> None:
     print_table(rows, columns, title=f"Gap to exact on {args.heldout} held-out paper instances (seed {HELDOUT_SEED})")
     if thr:
         print_table(thr, title="Env-runner sampling throughput (instances = env steps, N=50, M=4)")
-    write_results(args.out, rows, throughput=thr, heldout=args.heldout, config=base.to_dict(),
-                  variants=[{k: v for k, v in v_.items()} for v_ in variants],
-                  total_wall_s=time.perf_counter() - start)
+    write_results(
+        args.out,
+        rows,
+        throughput=thr,
+        heldout=args.heldout,
+        config=base.to_dict(),
+        variants=[{k: v for k, v in v_.items()} for v_ in variants],
+        total_wall_s=time.perf_counter() - start,
+    )
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
 
 

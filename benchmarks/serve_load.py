@@ -16,6 +16,7 @@ factors out what the machine (2 shared cores here) does to every request. Prints
     python benchmarks/serve_load.py                      # untrained S checkpoint, made on the fly
     python benchmarks/serve_load.py --checkpoint runs/pretrain_S --requests 160
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         headers = {"content-type": "application/json"}
-        await asyncio.gather(*(client.post(path, content=bodies[i % len(bodies)], headers=headers)
-                               for i in range(min(concurrency, 8))))  # warm connections and replicas
+        await asyncio.gather(
+            *(client.post(path, content=bodies[i % len(bodies)], headers=headers) for i in range(min(concurrency, 8)))
+        )  # warm connections and replicas
 
         async def worker() -> None:
             for i in counter:
@@ -73,11 +75,16 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     lat = np.array(latencies) * 1e3
-    return {"ok": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "wall_s": wall, "rps": len(latencies) / wall,
-            "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-            "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
-            "mean_policy_batch": float(np.mean(batch_sizes)) if batch_sizes else None}
+    return {
+        "ok": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": wall,
+        "rps": len(latencies) / wall,
+        "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+        "mean_policy_batch": float(np.mean(batch_sizes)) if batch_sizes else None,
+    }
 
 
 def client_main(args: argparse.Namespace) -> None:
@@ -87,16 +94,22 @@ def client_main(args: argparse.Namespace) -> None:
     prompt = plan["prompt"]
     single = [json.dumps({"instance": d, "prompt": prompt}).encode() for d in docs]
     batch = plan["batch"]
-    batches = [json.dumps({"instances": [docs[(i + j) % len(docs)] for j in range(batch)], "prompt": prompt}).encode()
-               for i in range(0, len(docs), batch)]
+    batches = [
+        json.dumps({"instances": [docs[(i + j) % len(docs)] for j in range(batch)], "prompt": prompt}).encode()
+        for i in range(0, len(docs), batch)
+    ]
     out = []
     for step in plan["steps"]:
         bodies = batches if step["endpoint"] == "/v1/decide_batch" else single
         res = asyncio.run(_load(plan["url"], step["endpoint"], bodies, step["concurrency"], step["requests"]))
         out.append({**step, **res})
-        print(f"  {step['endpoint']:<17} c={step['concurrency']:<3} {res['rps']:8.1f} req/s  "
-              f"p50 {res['p50_ms'] or float('nan'):7.1f} ms  p99 {res['p99_ms'] or float('nan'):7.1f} ms  "
-              f"errors {res['errors']}", file=sys.stderr, flush=True)
+        print(
+            f"  {step['endpoint']:<17} c={step['concurrency']:<3} {res['rps']:8.1f} req/s  "
+            f"p50 {res['p50_ms'] or float('nan'):7.1f} ms  p99 {res['p99_ms'] or float('nan'):7.1f} ms  "
+            f"errors {res['errors']}",
+            file=sys.stderr,
+            flush=True,
+        )
     print(json.dumps(out))
 
 
@@ -127,8 +140,13 @@ def _plan(args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
         steps.append({"endpoint": "/v1/decide", "concurrency": c, "requests": n})
     if label == CONFIGS[0][0]:  # the bulk path does not depend on cross-caller batching
         for c in args.batch_concurrency:
-            steps.append({"endpoint": "/v1/decide_batch", "concurrency": c,
-                          "requests": max(args.requests // args.batch, 2 * c)})
+            steps.append(
+                {
+                    "endpoint": "/v1/decide_batch",
+                    "concurrency": c,
+                    "requests": max(args.requests // args.batch, 2 * c),
+                }
+            )
     return steps
 
 
@@ -179,10 +197,20 @@ def main() -> None:
             start = time.perf_counter()
             serve.run(build_app(cfg), name="serve_load", route_prefix="/", blocking=False)
             print(f"{label}: deployed in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-            plan = {"url": url, "instances": str(instances_file), "prompt": args.prompt, "batch": args.batch,
-                    "steps": _plan(args, label)}
-            proc = subprocess.run([sys.executable, __file__, "--client"], input=json.dumps(plan), text=True,
-                                  capture_output=True, timeout=1800)
+            plan = {
+                "url": url,
+                "instances": str(instances_file),
+                "prompt": args.prompt,
+                "batch": args.batch,
+                "steps": _plan(args, label),
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--client"],
+                input=json.dumps(plan),
+                text=True,
+                capture_output=True,
+                timeout=1800,
+            )
             sys.stderr.write(proc.stderr)
             if proc.returncode != 0:
                 raise SystemExit(f"client failed ({proc.returncode})")
@@ -190,26 +218,53 @@ def main() -> None:
             echo = {m["concurrency"]: m["rps"] for m in measured if m["endpoint"] == "/v1/echo"}
             for m in measured:
                 per_request = args.batch if m["endpoint"] == "/v1/decide_batch" else 1
-                rows.append({
-                    "config": label, "endpoint": m["endpoint"], "concurrency": m["concurrency"],
-                    "requests": m["ok"], "errors": m["errors"], "req_per_s": m["rps"],
-                    "instances_per_s": m["rps"] * per_request, "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"],
-                    "ratio_to_echo": (m["rps"] / echo[m["concurrency"]]) if m["concurrency"] in echo else None,
-                    "mean_policy_batch": m["mean_policy_batch"],
-                })
+                rows.append(
+                    {
+                        "config": label,
+                        "endpoint": m["endpoint"],
+                        "concurrency": m["concurrency"],
+                        "requests": m["ok"],
+                        "errors": m["errors"],
+                        "req_per_s": m["rps"],
+                        "instances_per_s": m["rps"] * per_request,
+                        "p50_ms": m["p50_ms"],
+                        "p99_ms": m["p99_ms"],
+                        "ratio_to_echo": (m["rps"] / echo[m["concurrency"]]) if m["concurrency"] in echo else None,
+                        "mean_policy_batch": m["mean_policy_batch"],
+                    }
+                )
             serve.delete("serve_load")
     finally:
         serve.shutdown()
-    cols = ["config", "endpoint", "concurrency", "requests", "errors", "req_per_s", "instances_per_s", "p50_ms",
-            "p99_ms", "ratio_to_echo", "mean_policy_batch"]
+    cols = [
+        "config",
+        "endpoint",
+        "concurrency",
+        "requests",
+        "errors",
+        "req_per_s",
+        "instances_per_s",
+        "p50_ms",
+        "p99_ms",
+        "ratio_to_echo",
+        "mean_policy_batch",
+    ]
     print_table(rows, cols, title=f"Serve load, N={args.n_ues}, {args.prompt}, greedy, checkpoint {checkpoint}")
     load = os.getloadavg()
-    write_results(args.out, rows, n_ues=args.n_ues, prompt=args.prompt, decode="greedy", batch=args.batch,
-                  checkpoint=str(checkpoint), untrained=args.checkpoint is None,
-                  load_average_at_start=[round(x, 2) for x in load_at_start],
-                  load_average_at_end=[round(x, 2) for x in load],
-                  note="ratio_to_echo = req/s over /v1/echo req/s at the same concurrency in the same deployment; "
-                       "decide_batch ratio is per request (it carries `batch` instances)")
+    write_results(
+        args.out,
+        rows,
+        n_ues=args.n_ues,
+        prompt=args.prompt,
+        decode="greedy",
+        batch=args.batch,
+        checkpoint=str(checkpoint),
+        untrained=args.checkpoint is None,
+        load_average_at_start=[round(x, 2) for x in load_at_start],
+        load_average_at_end=[round(x, 2) for x in load],
+        note="ratio_to_echo = req/s over /v1/echo req/s at the same concurrency in the same deployment; "
+        "decide_batch ratio is per request (it carries `batch` instances)",
+    )
     print(f"wrote {args.out}")
 
 

@@ -3,13 +3,14 @@
 Sub-command modules are imported lazily (Ray and torch take seconds to import), and every
 :class:`LamboInputError` becomes one line on stderr with exit code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 COMMANDS: dict[str, str] = {
     "generate": "generate instances of a scenario (optionally drifted) into a .jsonl file",

@@ -14,18 +14,20 @@ RayJob, RayService) are checked against the fields the CRDs require; a RayServic
 
 Usage: ``python -m lambo_ray.cluster_validation cluster/aws.yaml cluster/kuberay/*.yaml serve/config.yaml``.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 KUBERAY_API_VERSION = "ray.io/v1"
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
@@ -117,7 +119,8 @@ def _check_launcher_fields(cfg: Any, where: str) -> None:
     if head not in types:
         raise ClusterConfigError(
             f"head_node_type: '{head}' is not one of available_node_types ({', '.join(map(str, types))})",
-            where=where)
+            where=where,
+        )
     global_max = cfg.get("max_workers")
     if global_max is not None and not _nonneg_int(global_max):
         raise ClusterConfigError(f"max_workers: expected a non-negative integer, got {global_max!r}", where=where)
@@ -133,29 +136,33 @@ def _check_launcher_fields(cfg: Any, where: str) -> None:
         for res, amount in spec["resources"].items():
             if not _nonneg_int(amount):
                 raise ClusterConfigError(
-                    f"{field}.resources.{res}: expected a non-negative integer, got {amount!r}", where=where)
+                    f"{field}.resources.{res}: expected a non-negative integer, got {amount!r}", where=where
+                )
         if not isinstance(spec.get("node_config"), dict):
-            raise ClusterConfigError(f"{field}.node_config: missing (provider-specific, e.g. InstanceType)",
-                                     where=where)
+            raise ClusterConfigError(
+                f"{field}.node_config: missing (provider-specific, e.g. InstanceType)", where=where
+            )
         lo, hi = spec.get("min_workers", 0), spec.get("max_workers")
         if not _nonneg_int(lo):
-            raise ClusterConfigError(f"{field}.min_workers: expected a non-negative integer, got {lo!r}",
-                                     where=where)
+            raise ClusterConfigError(f"{field}.min_workers: expected a non-negative integer, got {lo!r}", where=where)
         if hi is not None:
             if not _nonneg_int(hi):
-                raise ClusterConfigError(f"{field}.max_workers: expected a non-negative integer, got {hi!r}",
-                                         where=where)
+                raise ClusterConfigError(
+                    f"{field}.max_workers: expected a non-negative integer, got {hi!r}", where=where
+                )
             if lo > hi:
                 raise ClusterConfigError(f"{field}.min_workers: {lo} > max_workers {hi}", where=where)
             if global_max is not None and hi > global_max and tname != head:
                 raise ClusterConfigError(
-                    f"{field}.max_workers: {hi} exceeds the global max_workers {global_max}", where=where)
+                    f"{field}.max_workers: {hi} exceeds the global max_workers {global_max}", where=where
+                )
         if tname != head:
             total_min += lo
     if global_max is not None and total_min > global_max:
         raise ClusterConfigError(
             f"max_workers: {global_max} is smaller than the sum of min_workers of the node types ({total_min})",
-            where=where)
+            where=where,
+        )
 
 
 def _ray_prepare_and_validate(cfg: dict[str, Any], where: str) -> None:
@@ -172,8 +179,9 @@ def _ray_prepare_and_validate(cfg: dict[str, Any], where: str) -> None:
     except Exception as err:  # Ray raises ValueError, RuntimeError, jsonschema errors, KeyError...
         msg = getattr(err, "message", None) or str(err) or type(err).__name__
         path = _json_path(getattr(err, "absolute_path", ()))
-        raise ClusterConfigError(f"{path + ': ' if path else ''}{msg.splitlines()[0]} (Ray's validate_config)",
-                                 where=where) from None
+        raise ClusterConfigError(
+            f"{path + ': ' if path else ''}{msg.splitlines()[0]} (Ray's validate_config)", where=where
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- KubeRay
@@ -184,16 +192,18 @@ def validate_kuberay(doc: Any, *, where: str = "manifest") -> None:
     if not isinstance(doc, dict):
         raise ClusterConfigError("expected a mapping at the top level", where=where)
     if doc.get("apiVersion") != KUBERAY_API_VERSION:
-        raise ClusterConfigError(f"apiVersion: expected '{KUBERAY_API_VERSION}', got {doc.get('apiVersion')!r}",
-                                 where=where)
+        raise ClusterConfigError(
+            f"apiVersion: expected '{KUBERAY_API_VERSION}', got {doc.get('apiVersion')!r}", where=where
+        )
     kind = doc.get("kind")
     if kind not in KUBERAY_KINDS:
         raise ClusterConfigError(f"kind: expected one of {', '.join(KUBERAY_KINDS)}, got {kind!r}", where=where)
     meta = _mapping(doc, "metadata", where)
     name = meta.get("name")
     if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > 63:
-        raise ClusterConfigError(f"metadata.name: {name!r} is not a DNS-1123 label (lower case, digits, '-')",
-                                 where=where)
+        raise ClusterConfigError(
+            f"metadata.name: {name!r} is not a DNS-1123 label (lower case, digits, '-')", where=where
+        )
     spec = _mapping(doc, "spec", where)
     if kind == "RayCluster":
         _check_cluster_spec(spec, "spec", where)
@@ -217,15 +227,18 @@ def _check_rayjob(spec: dict[str, Any], where: str) -> None:
     if "rayClusterSpec" in spec:
         _check_cluster_spec(_mapping(spec, "rayClusterSpec", where, "spec."), "spec.rayClusterSpec", where)
     elif not spec.get("clusterSelector"):
-        raise ClusterConfigError("spec.rayClusterSpec: missing (or give spec.clusterSelector of an existing cluster)",
-                                 where=where)
+        raise ClusterConfigError(
+            "spec.rayClusterSpec: missing (or give spec.clusterSelector of an existing cluster)", where=where
+        )
 
 
 def _check_rayservice(spec: dict[str, Any], where: str) -> None:
     if "serveConfigV2" not in spec:
         raise ClusterConfigError("spec.serveConfigV2: missing (the Serve multi-application config)", where=where)
-    validate_serve_config(_parse_embedded_yaml(spec["serveConfigV2"], "spec.serveConfigV2", where),
-                          where=f"{where}: spec.serveConfigV2")
+    validate_serve_config(
+        _parse_embedded_yaml(spec["serveConfigV2"], "spec.serveConfigV2", where),
+        where=f"{where}: spec.serveConfigV2",
+    )
     _check_cluster_spec(_mapping(spec, "rayClusterConfig", where, "spec."), "spec.rayClusterConfig", where)
 
 
@@ -241,8 +254,9 @@ def validate_serve_config(cfg: Any, *, where: str = "serve config") -> None:
             raise ClusterConfigError(f"applications[{i}]: expected a mapping", where=where)
         path = app.get("import_path")
         if not isinstance(path, str) or not _IMPORT_PATH.match(path):
-            raise ClusterConfigError(f"applications[{i}].import_path: expected 'module.sub:attr', got {path!r}",
-                                     where=where)
+            raise ClusterConfigError(
+                f"applications[{i}].import_path: expected 'module.sub:attr', got {path!r}", where=where
+            )
     from ray.serve.schema import ServeDeploySchema
 
     try:
@@ -275,16 +289,21 @@ def _check_cluster_spec(spec: dict[str, Any], field: str, where: str) -> None:
             if key not in group:
                 raise ClusterConfigError(f"{gfield}.{key}: missing", where=where)
             if not _nonneg_int(group[key]):
-                raise ClusterConfigError(f"{gfield}.{key}: expected a non-negative integer, got {group[key]!r}",
-                                         where=where)
+                raise ClusterConfigError(
+                    f"{gfield}.{key}: expected a non-negative integer, got {group[key]!r}", where=where
+                )
             counts[key] = group[key]
         if not counts["minReplicas"] <= counts["maxReplicas"]:
             raise ClusterConfigError(
-                f"{gfield}.minReplicas: {counts['minReplicas']} > maxReplicas {counts['maxReplicas']}", where=where)
+                f"{gfield}.minReplicas: {counts['minReplicas']} > maxReplicas {counts['maxReplicas']}",
+                where=where,
+            )
         if not counts["minReplicas"] <= counts["replicas"] <= counts["maxReplicas"]:
             raise ClusterConfigError(
                 f"{gfield}.replicas: {counts['replicas']} outside [minReplicas {counts['minReplicas']}, "
-                f"maxReplicas {counts['maxReplicas']}]", where=where)
+                f"maxReplicas {counts['maxReplicas']}]",
+                where=where,
+            )
         _check_ray_start_params(group, gfield, where, required=False)
         _check_pod_template(group, gfield, where)
 
@@ -292,8 +311,7 @@ def _check_cluster_spec(spec: dict[str, Any], field: str, where: str) -> None:
 def _check_ray_start_params(group: dict[str, Any], field: str, where: str, *, required: bool) -> None:
     if "rayStartParams" not in group:
         if required:
-            raise ClusterConfigError(f"{field}.rayStartParams: missing (use {{}} for KubeRay's defaults)",
-                                     where=where)
+            raise ClusterConfigError(f"{field}.rayStartParams: missing (use {{}} for KubeRay's defaults)", where=where)
         return
     params = group["rayStartParams"]
     if not isinstance(params, dict):
@@ -301,8 +319,9 @@ def _check_ray_start_params(group: dict[str, Any], field: str, where: str, *, re
     for key, value in params.items():
         # The CRD types it map[string]string: the API server rejects `num-cpus: 0` (an integer).
         if not isinstance(value, str):
-            raise ClusterConfigError(f"{field}.rayStartParams.{key}: values must be strings, got {value!r}",
-                                     where=where)
+            raise ClusterConfigError(
+                f"{field}.rayStartParams.{key}: values must be strings, got {value!r}", where=where
+            )
 
 
 def _check_pod_template(group: dict[str, Any], field: str, where: str) -> None:
@@ -327,8 +346,7 @@ def _check_pod_template(group: dict[str, Any], field: str, where: str) -> None:
 def _mapping(doc: dict[str, Any], key: str, where: str, prefix: str = "") -> dict[str, Any]:
     value = doc.get(key)
     if not isinstance(value, dict):
-        raise ClusterConfigError(f"{prefix}{key}: {'missing' if value is None else 'expected a mapping'}",
-                                 where=where)
+        raise ClusterConfigError(f"{prefix}{key}: {'missing' if value is None else 'expected a mapping'}", where=where)
     return value
 
 

@@ -10,6 +10,7 @@ tables and matplotlib PNGs:
 * ``scaling``: decision time and gap versus N and M for LAMBO, greedy, DE and exact (exact with
   its time limit; its gap there is the certified one it reports).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,16 +29,28 @@ from lambo_ray.mec.io import atomic_write_text, write_json
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.results import markdown_table, mean_ci95, run_metadata
 
-PROMPT_METRIC = {"min_latency": ("mean_latency_s", "mean latency per UE (s)"),
-                 "min_energy": ("total_energy_j", "total UE energy (J)")}
+PROMPT_METRIC = {
+    "min_latency": ("mean_latency_s", "mean latency per UE (s)"),
+    "min_energy": ("total_energy_j", "total UE energy (J)"),
+}
 
 
 @dataclass
 class ReportConfig:
     count: int = 30
     seed: int = 5000  # held out: training and validation use other seeds
-    methods: tuple[str, ...] = ("exact", "lambo", "lambo_best_of_k", "local_search", "greedy", "de", "droo", "are",
-                                "all_local", "all_offload")
+    methods: tuple[str, ...] = (
+        "exact",
+        "lambo",
+        "lambo_best_of_k",
+        "local_search",
+        "greedy",
+        "de",
+        "droo",
+        "are",
+        "all_local",
+        "all_offload",
+    )
     prompts: tuple[str, ...] = ("min_latency", "min_energy")
     exact_time_limit: float = 60.0
     drifts: tuple[str, ...] = ("mobility", "load", "outage", "density", "deadline")
@@ -60,19 +73,39 @@ class PolicySource:
     decoders: dict[str, Path] = field(default_factory=dict)
 
 
-def run_method(method: str, instances: list[Instance], prompt: str, policy: PolicySource, cfg: ReportConfig,
-               *, time_limit: float | None = None, decoder: Path | None = None) -> list[Decision]:
+def run_method(
+    method: str,
+    instances: list[Instance],
+    prompt: str,
+    policy: PolicySource,
+    cfg: ReportConfig,
+    *,
+    time_limit: float | None = None,
+    decoder: Path | None = None,
+) -> list[Decision]:
     if method.startswith("lambo"):
         if policy.checkpoint is None:
             return []
         mode = "best_of_k" if method == "lambo_best_of_k" else ("refine" if method == "lambo_refine" else "greedy")
-        return solve_all("lambo", instances, prompt, checkpoint=policy.checkpoint, decoder=decoder, decode=mode,
-                         k=cfg.best_of_k, progress=False)
+        return solve_all(
+            "lambo",
+            instances,
+            prompt,
+            checkpoint=policy.checkpoint,
+            decoder=decoder,
+            decode=mode,
+            k=cfg.best_of_k,
+            progress=False,
+        )
     return solve_all(method, instances, prompt, time_limit=time_limit, progress=False)
 
 
-def summarize_method(instances: Sequence[Instance], decisions: Sequence[Decision], prompt: str,
-                     reference: Sequence[float] | None) -> dict[str, Any]:
+def summarize_method(
+    instances: Sequence[Instance],
+    decisions: Sequence[Decision],
+    prompt: str,
+    reference: Sequence[float] | None,
+) -> dict[str, Any]:
     """Everything is recomputed from the decisions by the evaluator (claims are not trusted)."""
     evals = [evaluate(i, d.target, d.share) for i, d in zip(instances, decisions)]
     lat = [e.mean_latency_s for e in evals]
@@ -91,15 +124,22 @@ def summarize_method(instances: Sequence[Instance], decisions: Sequence[Decision
     return row
 
 
-def comparison_section(instances: list[Instance], policy: PolicySource, cfg: ReportConfig,
-                       label: str = "paper", decoder: Path | None = None,
-                       methods: Sequence[str] | None = None, log=print) -> list[dict[str, Any]]:
+def comparison_section(
+    instances: list[Instance],
+    policy: PolicySource,
+    cfg: ReportConfig,
+    label: str = "paper",
+    decoder: Path | None = None,
+    methods: Sequence[str] | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
     rows = []
     for prompt in cfg.prompts:
         reference = None
         for method in methods or cfg.methods:
-            decisions = run_method(method, instances, prompt, policy, cfg, time_limit=cfg.exact_time_limit,
-                                   decoder=decoder)
+            decisions = run_method(
+                method, instances, prompt, policy, cfg, time_limit=cfg.exact_time_limit, decoder=decoder
+            )
             if not decisions:
                 continue
             if method == "exact":
@@ -107,8 +147,10 @@ def comparison_section(instances: list[Instance], policy: PolicySource, cfg: Rep
             row = summarize_method(instances, decisions, prompt, reference)
             row.update(method=method, set=label)
             rows.append(row)
-            log(f"  [{label}] {prompt:11s} {method:16s} objective {row['objective']:.5g}"
-                + (f"  gap {row['gap_pct']:.2f}%" if "gap_pct" in row else ""))
+            log(
+                f"  [{label}] {prompt:11s} {method:16s} objective {row['objective']:.5g}"
+                + (f"  gap {row['gap_pct']:.2f}%" if "gap_pct" in row else "")
+            )
     return rows
 
 
@@ -124,8 +166,15 @@ def drift_section(policy: PolicySource, cfg: ReportConfig, log=print) -> list[di
         if drift in policy.decoders:
             trained_for = decoder_prompts(policy.decoders[drift])
             sub = ReportConfig(**{**cfg.__dict__, "prompts": tuple(p for p in cfg.prompts if p in trained_for)})
-            after = comparison_section(instances, policy, sub, label=drift, decoder=policy.decoders[drift],
-                                       methods=["exact", "lambo"], log=log)
+            after = comparison_section(
+                instances,
+                policy,
+                sub,
+                label=drift,
+                decoder=policy.decoders[drift],
+                methods=["exact", "lambo"],
+                log=log,
+            )
             for r in after:
                 if r["method"] == "lambo":
                     r["method"], r["phase"] = "lambo+alef", "after ALEF"
@@ -160,15 +209,22 @@ def scaling_section(policy: PolicySource, cfg: ReportConfig, log=print) -> list[
                 if not decisions:
                     continue
                 objs = [evaluate(i, d.target, d.share).objective(prompt) for i, d in zip(instances, decisions)]
-                rows.append({
-                    "n_ues": n, "n_servers": m, "prompt": prompt, "method": method,
-                    "gap_to_bound_pct": float(np.mean([100 * relative_gap(o, lb) for o, lb in zip(objs, lower)])),
-                    "feasible_rate": float(np.mean([bool(d.stats.get("feasible")) for d in decisions])),
-                    "decision_ms": float(np.mean([d.stats["wall_s"] for d in decisions]) * 1000),
-                    "exact_proven": int(sum(bool(d.stats.get("proven_optimal")) for d in exact)),
-                })
-                log(f"  [scaling N={n} M={m}] {prompt:11s} {method:8s} gap {rows[-1]['gap_to_bound_pct']:.2f}% "
-                    f"time {rows[-1]['decision_ms']:.0f} ms")
+                rows.append(
+                    {
+                        "n_ues": n,
+                        "n_servers": m,
+                        "prompt": prompt,
+                        "method": method,
+                        "gap_to_bound_pct": float(np.mean([100 * relative_gap(o, lb) for o, lb in zip(objs, lower)])),
+                        "feasible_rate": float(np.mean([bool(d.stats.get("feasible")) for d in decisions])),
+                        "decision_ms": float(np.mean([d.stats["wall_s"] for d in decisions]) * 1000),
+                        "exact_proven": int(sum(bool(d.stats.get("proven_optimal")) for d in exact)),
+                    }
+                )
+                log(
+                    f"  [scaling N={n} M={m}] {prompt:11s} {method:8s} gap {rows[-1]['gap_to_bound_pct']:.2f}% "
+                    f"time {rows[-1]['decision_ms']:.0f} ms"
+                )
     return rows
 
 
@@ -195,10 +251,16 @@ def plot_comparison(rows: list[dict[str, Any]], prompt: str, path: Path, title: 
             bar.set_edgecolor("#c53030")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#2f855a", label="exact (Pyomo + HiGHS)"), Patch(color="#2b6cb0", label="LAMBO"),
-                       Patch(color="#a0aec0", label="baselines"),
-                       Patch(facecolor="white", edgecolor="#c53030", hatch="//", label="some decisions infeasible")],
-              fontsize=8, loc="upper left")
+    ax.legend(
+        handles=[
+            Patch(color="#2f855a", label="exact (Pyomo + HiGHS)"),
+            Patch(color="#2b6cb0", label="LAMBO"),
+            Patch(color="#a0aec0", label="baselines"),
+            Patch(facecolor="white", edgecolor="#c53030", hatch="//", label="some decisions infeasible"),
+        ],
+        fontsize=8,
+        loc="upper left",
+    )
     ax.set_ylabel(label)
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
@@ -222,8 +284,11 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for prompt, ax in zip(("min_latency", "min_energy"), axes):
         for method in sorted({r["method"] for r in rows}):
-            pts = sorted((r["n_ues"], r["decision_ms"]) for r in rows
-                         if r["prompt"] == prompt and r["method"] == method and r["n_servers"] == 4)
+            pts = sorted(
+                (r["n_ues"], r["decision_ms"])
+                for r in rows
+                if r["prompt"] == prompt and r["method"] == method and r["n_servers"] == 4
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.set_xlabel("number of UEs N (M = 4)")
@@ -246,10 +311,24 @@ def plot_drift(rows: list[dict[str, Any]], path: Path) -> None:
     for prompt, ax in zip(("min_latency", "min_energy"), axes):
         drifts = sorted({r["set"] for r in rows if r["prompt"] == prompt})
         width = 0.25
-        for k, (method, name) in enumerate((("local_search", "local search"), ("lambo", "LAMBO before ALEF"),
-                                            ("lambo+alef", "LAMBO after ALEF"))):
-            vals = [next((r["gap_pct"] for r in rows if r["set"] == d and r["prompt"] == prompt
-                          and r["method"] == method and "gap_pct" in r), np.nan) for d in drifts]
+        for k, (method, name) in enumerate(
+            (
+                ("local_search", "local search"),
+                ("lambo", "LAMBO before ALEF"),
+                ("lambo+alef", "LAMBO after ALEF"),
+            )
+        ):
+            vals = [
+                next(
+                    (
+                        r["gap_pct"]
+                        for r in rows
+                        if r["set"] == d and r["prompt"] == prompt and r["method"] == method and "gap_pct" in r
+                    ),
+                    np.nan,
+                )
+                for d in drifts
+            ]
             ax.bar(np.arange(len(drifts)) + (k - 1) * width, vals, width, label=name)
         ax.set_xticks(np.arange(len(drifts)), drifts)
         ax.set_ylabel("gap to exact (%)")
@@ -261,51 +340,104 @@ def plot_drift(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- driver
-COMPARISON_COLUMNS = ["prompt", "method", "mean_latency_s", "mean_latency_ci95", "total_energy_j",
-                      "total_energy_ci95", "gap_pct", "gap_ci95", "feasible_rate", "decision_ms"]
+COMPARISON_COLUMNS = [
+    "prompt",
+    "method",
+    "mean_latency_s",
+    "mean_latency_ci95",
+    "total_energy_j",
+    "total_energy_ci95",
+    "gap_pct",
+    "gap_ci95",
+    "feasible_rate",
+    "decision_ms",
+]
 DRIFT_COLUMNS = ["set", "prompt", "method", "phase", "objective", "gap_pct", "feasible_rate", "decision_ms"]
-SCALING_COLUMNS = ["n_ues", "n_servers", "prompt", "method", "gap_to_bound_pct", "feasible_rate", "decision_ms",
-                   "exact_proven"]
+SCALING_COLUMNS = [
+    "n_ues",
+    "n_servers",
+    "prompt",
+    "method",
+    "gap_to_bound_pct",
+    "feasible_rate",
+    "decision_ms",
+    "exact_proven",
+]
 
 
-def build_report(out: Path, policy: PolicySource, cfg: ReportConfig, log=print,
-                 instances: list[Instance] | None = None) -> dict[str, Any]:
+def build_report(
+    out: Path, policy: PolicySource, cfg: ReportConfig, log=print, instances: list[Instance] | None = None
+) -> dict[str, Any]:
     """Run the configured sections and write report.json, report.md and the PNGs into ``out``.
 
     ``instances`` replaces the generated held-out set of the comparison section (e.g. a file).
     """
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {**run_metadata(), "config": {**cfg.__dict__, "scenario": cfg.scenario.to_dict()},
-                              "checkpoint": str(policy.checkpoint) if policy.checkpoint else None}
-    md = ["# LAMBO reproduction report", "",
-          f"Held-out set: {len(instances) if instances else cfg.count} instances of the scenario (N={cfg.scenario.n_ues}, M={cfg.scenario.n_servers}) (seed {cfg.seed}); every number below is "
-          "recomputed from the decisions by `lambo_ray.mec.evaluator`. Gaps are relative to the exact "
-          "expert (Pyomo + HiGHS, certified). CI95 = half-width of a 95% normal confidence interval.", ""]
+    result: dict[str, Any] = {
+        **run_metadata(),
+        "config": {**cfg.__dict__, "scenario": cfg.scenario.to_dict()},
+        "checkpoint": str(policy.checkpoint) if policy.checkpoint else None,
+    }
+    md = [
+        "# LAMBO reproduction report",
+        "",
+        f"Held-out set: {len(instances) if instances else cfg.count} instances of the scenario "
+        f"(N={cfg.scenario.n_ues}, M={cfg.scenario.n_servers}) (seed {cfg.seed}); every number below is "
+        "recomputed from the decisions by `lambo_ray.mec.evaluator`. Gaps are relative to the exact "
+        "expert (Pyomo + HiGHS, certified). CI95 = half-width of a 95% normal confidence interval.",
+        "",
+    ]
     if "comparison" in cfg.sections:
         if instances is None:
             instances = generate_many(cfg.scenario, cfg.count, cfg.seed)
         rows = comparison_section(instances, policy, cfg, log=log)
         result["comparison"] = rows
-        plot_comparison(rows, "min_latency", out / "fig5_latency.png",
-                        "Fig. 5: mean latency per UE under min_latency (paper scenario)")
-        plot_comparison(rows, "min_energy", out / "fig6_energy.png",
-                        "Fig. 6: total energy under min_energy (paper scenario)")
-        md += ["## Paper scenario: every method, both prompts", "", markdown_table(rows, COMPARISON_COLUMNS),
-               "![Fig. 5](fig5_latency.png)", "", "![Fig. 6](fig6_energy.png)", ""]
+        plot_comparison(
+            rows,
+            "min_latency",
+            out / "fig5_latency.png",
+            "Fig. 5: mean latency per UE under min_latency (paper scenario)",
+        )
+        plot_comparison(
+            rows,
+            "min_energy",
+            out / "fig6_energy.png",
+            "Fig. 6: total energy under min_energy (paper scenario)",
+        )
+        md += [
+            "## Paper scenario: every method, both prompts",
+            "",
+            markdown_table(rows, COMPARISON_COLUMNS),
+            "![Fig. 5](fig5_latency.png)",
+            "",
+            "![Fig. 6](fig6_energy.png)",
+            "",
+        ]
     if "drift" in cfg.sections:
         rows = drift_section(policy, cfg, log=log)
         result["drift"] = rows
         plot_drift(rows, out / "drift.png")
-        md += ["## Drift scenarios, before and after ALEF", "", markdown_table(rows, DRIFT_COLUMNS),
-               "![drift](drift.png)", ""]
+        md += [
+            "## Drift scenarios, before and after ALEF",
+            "",
+            markdown_table(rows, DRIFT_COLUMNS),
+            "![drift](drift.png)",
+            "",
+        ]
     if "scaling" in cfg.sections:
         rows = scaling_section(policy, cfg, log=log)
         result["scaling"] = rows
         plot_scaling(rows, out / "scaling.png")
-        md += ["## Scaling with N and M", "",
-               "Gap is measured against the exact expert's certified lower bound (so exact's own gap is its "
-               "certified gap when its time limit stops it).", "", markdown_table(rows, SCALING_COLUMNS),
-               "![scaling](scaling.png)", ""]
+        md += [
+            "## Scaling with N and M",
+            "",
+            "Gap is measured against the exact expert's certified lower bound (so exact's own gap is its "
+            "certified gap when its time limit stops it).",
+            "",
+            markdown_table(rows, SCALING_COLUMNS),
+            "![scaling](scaling.png)",
+            "",
+        ]
     write_json(out / "report.json", result)
     atomic_write_text(out / "report.md", "\n".join(md))
     return result

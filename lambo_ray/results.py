@@ -3,6 +3,7 @@
 Every benchmark writes ``benchmarks/results/<name>.json`` with the command, git revision, machine
 and date next to its rows, so a number in the README can be traced to the run that produced it.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,14 +22,22 @@ from lambo_ray.mec.io import write_json
 
 def run_metadata() -> dict[str, Any]:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+        rev = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         rev = None
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_revision": rev,
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.processor() or ''}".strip(),
+        "machine": machine_description(),
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -67,8 +76,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
-                file=None) -> None:
+def print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None, file=None
+) -> None:
     """A rich table on a terminal; plain Markdown when output is redirected (so logs stay greppable)."""
     from rich.console import Console
     from rich.table import Table
@@ -96,3 +106,9 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     if x.size == 1:
         return float(x[0]), 0.0
     return float(x.mean()), float(1.96 * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def machine_description() -> str:
+    """Host name, architecture, CPU count and processor of this machine, for result files."""
+    proc = platform.processor() or ""
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {proc}".strip()

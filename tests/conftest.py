@@ -1,5 +1,6 @@
 """Shared fixtures. One local Ray for the whole session (num_cpus=2, no dashboard), started lazily
 by the first test that asks for it and shut down at the end."""
+
 from __future__ import annotations
 
 import os

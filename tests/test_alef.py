@@ -1,9 +1,9 @@
 """ALEF: expert pool (fault tolerance, labels = direct exact solves, DE fallback), query strategies,
 frozen-encoder training, and a short end-to-end fine-tune on a tiny drifted cell."""
+
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import numpy as np
@@ -12,12 +12,19 @@ import torch
 
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches, replay_split
 from lambo_ray.alef.expert_pool import ExpertPool, LabellingError, LabelWorker, LabelWorkerConfig
-from lambo_ray.alef.finetune import (AlefConfig, decide, drift_stream, imitation_losses, make_optimizer,
-                                     run_alef, train_decoder)
+from lambo_ray.alef.finetune import (
+    AlefConfig,
+    decide,
+    drift_stream,
+    imitation_losses,
+    make_optimizer,
+    run_alef,
+    train_decoder,
+)
 from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, select
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.scenario import ScenarioConfig
@@ -141,9 +148,16 @@ class _Stub(Expert):
             raise RuntimeError("solver crashed")
         target = np.zeros(inst.n_ues, dtype=np.int64)  # all local: feasible, rarely optimal
         proven = self.outcome == "optimal"
-        return target, np.zeros(inst.n_ues), {"status": "optimal" if proven else "time_limit",
-                                              "proven_optimal": proven, "lower_bound": self.lower_bound,
-                                              "gap": 0.0 if proven else None}
+        return (
+            target,
+            np.zeros(inst.n_ues),
+            {
+                "status": "optimal" if proven else "time_limit",
+                "proven_optimal": proven,
+                "lower_bound": self.lower_bound,
+                "gap": 0.0 if proven else None,
+            },
+        )
 
 
 def test_worker_falls_back_to_de_and_records_source_and_gap(small_instances):
@@ -227,8 +241,14 @@ def test_training_touches_only_the_decoder(small_instances):
     assert not any(p.requires_grad for p in policy.encoder_parameters())
 
     buf = LabelBuffer(exact_examples(small_instances, "min_energy"))
-    stats = train_decoder(policy, opt, buf, LabelBuffer(exact_examples(small_instances[:2], "min_latency")), cfg,
-                          np.random.default_rng(0))
+    stats = train_decoder(
+        policy,
+        opt,
+        buf,
+        LabelBuffer(exact_examples(small_instances[:2], "min_latency")),
+        cfg,
+        np.random.default_rng(0),
+    )
     assert stats["steps"] == 2 * 3  # 2 epochs x 6 drifted labels in minibatches of 2 (+1 replay)
     for n, p in policy.named_parameters():
         if n in frozen_before:
@@ -267,8 +287,21 @@ def test_drift_streams_are_seeded_and_drifted():
 
 def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     policy = tiny_policy(4)
-    cfg = AlefConfig(drift="outage", prompts=("min_energy",), rounds=2, pool_size=16, budget=16, experts=2,
-                     epochs=6, batch_size=8, lr=2e-3, n_replay=6, n_heldout=10, scenario=TINY, seed=3)
+    cfg = AlefConfig(
+        drift="outage",
+        prompts=("min_energy",),
+        rounds=2,
+        pool_size=16,
+        budget=16,
+        experts=2,
+        epochs=6,
+        batch_size=8,
+        lr=2e-3,
+        n_replay=6,
+        n_heldout=10,
+        scenario=TINY,
+        seed=3,
+    )
     res = run_alef(policy, cfg, pool)
     before, after = res.before["drifted"], res.after["drifted"]
     assert res.labels_used == 16 and [r.labels_this_round for r in res.rounds] == [8, 8]
@@ -299,8 +332,18 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
         return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
 
     monkeypatch.setattr(ft, "train_decoder", wreck)
-    cfg = AlefConfig(drift="outage", prompts=("min_energy",), rounds=1, pool_size=8, budget=8, experts=2,
-                     n_replay=4, n_heldout=4, scenario=TINY, seed=1)
+    cfg = AlefConfig(
+        drift="outage",
+        prompts=("min_energy",),
+        rounds=1,
+        pool_size=8,
+        budget=8,
+        experts=2,
+        n_replay=4,
+        n_heldout=4,
+        scenario=TINY,
+        seed=1,
+    )
     res = run_alef(policy, cfg, pool)
     m = res.rounds[0]
     assert not m.accepted and m.gate_gap_after > m.gate_gap_before
@@ -323,8 +366,24 @@ def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
     save_policy(tmp_path / "pre" / "policy", base)
     out = tmp_path / "dec"
     common = ["finetune", "--checkpoint", str(tmp_path / "pre"), "--out", str(out), "--experts", "1"]
-    tiny = ["--n-ues", "6", "--n-servers", "2", "--prompt", "min_energy", "--rounds", "1", "--pool-size", "8",
-            "--heldout", "4", "--n-replay", "2", "--epochs", "2"]
+    tiny = [
+        "--n-ues",
+        "6",
+        "--n-servers",
+        "2",
+        "--prompt",
+        "min_energy",
+        "--rounds",
+        "1",
+        "--pool-size",
+        "8",
+        "--heldout",
+        "4",
+        "--n-replay",
+        "2",
+        "--epochs",
+        "2",
+    ]
     assert main(common + ["--drift", "storm", "--budget", "4"]) == 2
     assert main(common + ["--drift", "load", "--budget", "0"]) == 2
     assert main(["finetune", "--checkpoint", str(tmp_path / "missing"), "--out", str(out), "--drift", "load"]) == 2

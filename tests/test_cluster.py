@@ -1,5 +1,6 @@
 """cluster/: every file validates, broken copies fail naming the field, and the local recipe really
 starts a two-node cluster, runs a job on it and stops it (slow)."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
-import ray
 from lambo_ray.cluster_validation import (
     ClusterConfigError,
     ray_launcher_schema,
@@ -41,8 +42,11 @@ def test_every_cluster_file_validates(path):
 def test_the_three_kuberay_kinds_are_present_and_pin_the_installed_ray():
     docs = {_load(p)["kind"]: _load(p) for p in MANIFESTS}
     assert set(docs) == {"RayCluster", "RayJob", "RayService"}
-    specs = [docs["RayCluster"]["spec"], docs["RayJob"]["spec"]["rayClusterSpec"],
-             docs["RayService"]["spec"]["rayClusterConfig"]]
+    specs = [
+        docs["RayCluster"]["spec"],
+        docs["RayJob"]["spec"]["rayClusterSpec"],
+        docs["RayService"]["spec"]["rayClusterConfig"],
+    ]
     assert all(s["rayVersion"] == ray.__version__ for s in specs)
     assert docs["RayJob"]["spec"]["entrypoint"].split()[:2] == ["lambo", "pretrain"]
 
@@ -68,14 +72,28 @@ def test_rayservice_mirrors_the_serve_config():
     validate_serve_config(theirs, where=str(serve_cfg))
 
     def shape(cfg):
-        return [(a.get("name"), a["import_path"], a.get("route_prefix"), sorted(a.get("args", {})),
-                 [d["name"] for d in a.get("deployments", [])]) for a in cfg["applications"]]
+        return [
+            (
+                a.get("name"),
+                a["import_path"],
+                a.get("route_prefix"),
+                sorted(a.get("args", {})),
+                [d["name"] for d in a.get("deployments", [])],
+            )
+            for a in cfg["applications"]
+        ]
 
     assert shape(ours) == shape(theirs)
     # The checkpoints are on the volume every pod mounts.
-    mounts = {m["mountPath"] for grp in [svc["spec"]["rayClusterConfig"]["headGroupSpec"],
-                                         *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
-              for c in grp["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+    mounts = {
+        m["mountPath"]
+        for grp in [
+            svc["spec"]["rayClusterConfig"]["headGroupSpec"],
+            *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"],
+        ]
+        for c in grp["template"]["spec"]["containers"]
+        for m in c.get("volumeMounts", [])
+    }
     for app in ours["applications"]:
         for key in ("checkpoint", "decoders_dir"):
             assert any(app["args"][key].startswith(m + "/") for m in mounts), (key, app["args"][key], mounts)
@@ -134,41 +152,78 @@ KUBERAY_BREAKS = [
     ("raycluster.yaml", "kind", "RayClusterz", "kind"),
     ("raycluster.yaml", "metadata.name", "Lambo_Ray", "metadata.name"),
     ("raycluster.yaml", "spec.headGroupSpec.rayStartParams", _DELETE, "spec.headGroupSpec.rayStartParams"),
-    ("raycluster.yaml", "spec.headGroupSpec.rayStartParams.num-cpus", 0,
-     "spec.headGroupSpec.rayStartParams.num-cpus"),
-    ("raycluster.yaml", "spec.headGroupSpec.template.spec.containers[0].image", _DELETE,
-     "spec.headGroupSpec.template.spec.containers[0].image"),
-    ("raycluster.yaml", "spec.headGroupSpec.template.spec.containers", [],
-     "spec.headGroupSpec.template.spec.containers"),
+    (
+        "raycluster.yaml",
+        "spec.headGroupSpec.rayStartParams.num-cpus",
+        0,
+        "spec.headGroupSpec.rayStartParams.num-cpus",
+    ),
+    (
+        "raycluster.yaml",
+        "spec.headGroupSpec.template.spec.containers[0].image",
+        _DELETE,
+        "spec.headGroupSpec.template.spec.containers[0].image",
+    ),
+    (
+        "raycluster.yaml",
+        "spec.headGroupSpec.template.spec.containers",
+        [],
+        "spec.headGroupSpec.template.spec.containers",
+    ),
     ("raycluster.yaml", "spec.workerGroupSpecs[0].groupName", _DELETE, "spec.workerGroupSpecs[0].groupName"),
     ("raycluster.yaml", "spec.workerGroupSpecs[1].groupName", "cpu", "spec.workerGroupSpecs[1].groupName"),
-    ("raycluster.yaml", "spec.workerGroupSpecs[0].maxReplicas", _DELETE, "spec.workerGroupSpecs[0].maxReplicas"),
+    (
+        "raycluster.yaml",
+        "spec.workerGroupSpecs[0].maxReplicas",
+        _DELETE,
+        "spec.workerGroupSpecs[0].maxReplicas",
+    ),
     ("raycluster.yaml", "spec.workerGroupSpecs[0].minReplicas", 20, "spec.workerGroupSpecs[0].minReplicas"),
     ("raycluster.yaml", "spec.workerGroupSpecs[0].replicas", 50, "spec.workerGroupSpecs[0].replicas"),
-    ("raycluster.yaml", "spec.workerGroupSpecs[1].template.spec.containers[0].image", "",
-     "spec.workerGroupSpecs[1].template.spec.containers[0].image"),
+    (
+        "raycluster.yaml",
+        "spec.workerGroupSpecs[1].template.spec.containers[0].image",
+        "",
+        "spec.workerGroupSpecs[1].template.spec.containers[0].image",
+    ),
     ("rayjob-pretrain.yaml", "spec.entrypoint", "  ", "spec.entrypoint"),
     ("rayjob-pretrain.yaml", "spec.rayClusterSpec", _DELETE, "spec.rayClusterSpec"),
     ("rayjob-pretrain.yaml", "spec.shutdownAfterJobFinishes", "yes", "spec.shutdownAfterJobFinishes"),
-    ("rayjob-pretrain.yaml", "spec.rayClusterSpec.workerGroupSpecs[0].replicas", -1,
-     "spec.rayClusterSpec.workerGroupSpecs[0].replicas"),
+    (
+        "rayjob-pretrain.yaml",
+        "spec.rayClusterSpec.workerGroupSpecs[0].replicas",
+        -1,
+        "spec.rayClusterSpec.workerGroupSpecs[0].replicas",
+    ),
     ("rayservice.yaml", "spec.serveConfigV2", _DELETE, "spec.serveConfigV2"),
     ("rayservice.yaml", "spec.serveConfigV2", "applications: [\n", "spec.serveConfigV2"),
-    ("rayservice.yaml", "spec.serveConfigV2", "applications:\n  - name: x\n    import_path: serving/app.py\n",
-     "applications[0].import_path"),
+    (
+        "rayservice.yaml",
+        "spec.serveConfigV2",
+        "applications:\n  - name: x\n    import_path: serving/app.py\n",
+        "applications[0].import_path",
+    ),
     ("rayservice.yaml", "spec.serveConfigV2", "http_options: {}\n", "applications"),
     # Only Ray Serve's schema catches this one (num_replicas must be an int or "auto").
-    ("rayservice.yaml", "spec.serveConfigV2",
-     "applications:\n  - name: x\n    import_path: a.b:c\n"
-     "    deployments:\n      - name: D\n        num_replicas: many\n",
-     "ServeDeploySchema"),
-    ("rayservice.yaml", "spec.rayClusterConfig.headGroupSpec.template", _DELETE,
-     "spec.rayClusterConfig.headGroupSpec.template"),
+    (
+        "rayservice.yaml",
+        "spec.serveConfigV2",
+        "applications:\n  - name: x\n    import_path: a.b:c\n"
+        "    deployments:\n      - name: D\n        num_replicas: many\n",
+        "ServeDeploySchema",
+    ),
+    (
+        "rayservice.yaml",
+        "spec.rayClusterConfig.headGroupSpec.template",
+        _DELETE,
+        "spec.rayClusterConfig.headGroupSpec.template",
+    ),
 ]
 
 
-@pytest.mark.parametrize("fname,field,value,named", KUBERAY_BREAKS,
-                         ids=[f"{b[0]}:{b[1]}={b[2]!r}"[:70] for b in KUBERAY_BREAKS])
+@pytest.mark.parametrize(
+    "fname,field,value,named", KUBERAY_BREAKS, ids=[f"{b[0]}:{b[1]}={b[2]!r}"[:70] for b in KUBERAY_BREAKS]
+)
 def test_broken_kuberay_manifest_fails_naming_the_field(fname, field, value, named):
     good = _load(CLUSTER / "kuberay" / fname)
     validate_kuberay(good)
@@ -222,10 +277,18 @@ def test_local_recipe_runs_a_job_on_two_nodes_and_stops_them(tmp_path):
     assert shutil.which("ray"), "the ray CLI must be on PATH"
     env = dict(os.environ, LAMBO_PORT_BASE=str(_free_port_base()), LAMBO_LOCAL_TIMEOUT="300")
     env.pop("RAY_ADDRESS", None)
-    job = ("import ray; ray.init(); "
-           "print('NODES', sum(n['Alive'] for n in ray.nodes()), 'CPUS', int(ray.cluster_resources()['CPU']))")
-    proc = subprocess.run(["bash", str(CLUSTER / "local.sh"), "python", "-c", job], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=420)
+    job = (
+        "import ray; ray.init(); "
+        "print('NODES', sum(n['Alive'] for n in ray.nodes()), 'CPUS', int(ray.cluster_resources()['CPU']))"
+    )
+    proc = subprocess.run(
+        ["bash", str(CLUSTER / "local.sh"), "python", "-c", job],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "NODES 2 CPUS 2" in out, out[-3000:]
@@ -242,7 +305,13 @@ def test_local_recipe_runs_a_job_on_two_nodes_and_stops_them(tmp_path):
 def test_local_recipe_reports_a_failed_job(tmp_path):
     env = dict(os.environ, LAMBO_PORT_BASE=str(_free_port_base()), LAMBO_LOCAL_TIMEOUT="300")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(["bash", str(CLUSTER / "local.sh"), "python", "-c", "raise SystemExit(3)"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER / "local.sh"), "python", "-c", "raise SystemExit(3)"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     assert "did not succeed" in proc.stderr

@@ -1,14 +1,15 @@
 """Differential evolution: feasibility, reproducibility, budget, brute-force optimum, batch shares."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.bruteforce import brute_force
 from lambo_ray.experts.de import DEConfig, population_shares, violation
 from lambo_ray.mec.drift import apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS
@@ -69,8 +70,11 @@ def test_population_shares_match_water_filling_and_violation(paper_instances, de
     for inst in (paper_instances[0], deadline_instances[0]):
         k = 300
         # Mostly-local populations, so that many are feasible and some minimum shares bind.
-        targets = np.where(rng.random((k, inst.n_ues)) < rng.uniform(0.4, 0.95, (k, 1)), 0,
-                           rng.integers(1, inst.n_servers + 1, (k, inst.n_ues)))
+        targets = np.where(
+            rng.random((k, inst.n_ues)) < rng.uniform(0.4, 0.95, (k, 1)),
+            0,
+            rng.integers(1, inst.n_servers + 1, (k, inst.n_ues)),
+        )
         a_min = inst.min_share()
         shares = population_shares(inst, targets, a_min)
         viol = violation(inst, targets, a_min, inst.local_feasible())
@@ -82,8 +86,11 @@ def test_population_shares_match_water_filling_and_violation(paper_instances, de
                 np.testing.assert_allclose(shares[row], ref, rtol=1e-12, atol=1e-15)
                 n_feasible += feasible
                 n_compared += 1
-                n_bind += bool(np.any(np.isclose(ref[targets[row] > 0],
-                                                 a_min[targets[row] > 0, targets[row][targets[row] > 0] - 1])))
+                n_bind += bool(
+                    np.any(
+                        np.isclose(ref[targets[row] > 0], a_min[targets[row] > 0, targets[row][targets[row] > 0] - 1])
+                    )
+                )
     # The comparison covered feasible assignments and binding deadlines, not only the easy case.
     assert n_compared > 100 and n_feasible > 20 and n_bind > 5
 

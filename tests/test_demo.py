@@ -1,4 +1,5 @@
 """The main job end to end on a tiny scenario (the README's `lambo demo`, seconds-long variant)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ def test_demo_tiny_pipeline(ray_session, tmp_path, capsys):
     assert "Comparison (gap to exact in %)" in printed and "Demo finished" in printed
     report = json.loads((out / "report" / "report.json").read_text())
     methods = {r["method"] for r in report["comparison"]}
-    assert {"exact", "lambo", "lambo_best_of_k", "local_search", "greedy", "de", "droo", "are", "all_local",
-            "all_offload"} <= methods
+    assert {
+        "exact",
+        "lambo",
+        "lambo_best_of_k",
+        "local_search",
+        "greedy",
+        "de",
+        "droo",
+        "are",
+        "all_local",
+        "all_offload",
+    } <= methods
     assert any(r["method"] == "lambo+alef" for r in report["drift"])
     # The exact row of the report is optimal: no method beats it on any prompt.
     for prompt in ("min_latency", "min_energy"):

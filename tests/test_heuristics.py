@@ -1,15 +1,16 @@
 """Heuristic baselines and the incremental placement model, checked against the evaluator and brute force."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.bruteforce import brute_force
 from lambo_ray.experts.heuristics import equal_shares, improve
 from lambo_ray.experts.placement import Assignment, build_tables
 from lambo_ray.mec.drift import apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS
@@ -168,8 +169,10 @@ def test_improve_rejects_bad_targets(paper_instances):
 
 def test_all_offload_equal_shares_and_seeded(paper_instances):
     inst = paper_instances[0]
-    a, b = get_expert("all_offload", seed=5).solve(inst, "min_energy"), get_expert("all_offload", seed=5).solve(
-        inst, "min_energy")
+    a, b = (
+        get_expert("all_offload", seed=5).solve(inst, "min_energy"),
+        get_expert("all_offload", seed=5).solve(inst, "min_energy"),
+    )
     assert np.array_equal(a.target, b.target) and np.all(a.target > 0)
     load = np.bincount(a.target, weights=a.share, minlength=inst.n_servers + 1)[1:]
     used = np.bincount(a.target, minlength=inst.n_servers + 1)[1:] > 0

@@ -5,6 +5,7 @@ for local clusters, see shared/notes/RLLIB.md section 7); teardown sends SIGTERM
 processes, which makes each of them stop the Ray processes it started, so other Ray sessions on the
 machine are untouched.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,16 +48,36 @@ def two_node_cluster(tmp_path):
     logs = []
 
     def start(args: list[str], name: str) -> None:
-        log = open(tmp_path / f"{name}.log", "w")
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed at the end of the test
         logs.append(log)
-        procs.append(subprocess.Popen([*ray_cli(), "start", "--block", "--num-cpus=1", "--disable-usage-stats",
-                                       *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [*ray_cli(), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
     try:
-        start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-               "--include-dashboard=true", f"--temp-dir={head_dir}"], "head")
-        wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "head node dashboard", procs,
-                 tmp_path)
+        start(
+            [
+                "--head",
+                f"--port={gcs}",
+                f"--dashboard-port={dash}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                f"--temp-dir={head_dir}",
+            ],
+            "head",
+        )
+        wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"),
+            120,
+            "head node dashboard",
+            procs,
+            tmp_path,
+        )
         start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_dir}"], "worker")
         wait_for(lambda: _alive_nodes(env, gcs) == 2, 120, "second node", procs, tmp_path)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
@@ -80,7 +101,7 @@ def wait_for(check, timeout: float, what: str, procs: list[subprocess.Popen], lo
     end = time.time() + timeout
     while time.time() < end:
         if any(p.poll() is not None for p in procs):
-            tail = "".join((f.read_text()[-2000:] for f in sorted(logs.glob("*.log"))))
+            tail = "".join(f.read_text()[-2000:] for f in sorted(logs.glob("*.log")))
             raise RuntimeError(f"a `ray start` process exited while waiting for {what}:\n{tail}")
         try:
             if check():
@@ -98,8 +119,10 @@ def _http_ok(url: str) -> bool:
 
 
 def _alive_nodes(env: dict, gcs: int) -> int:
-    code = ("import ray; ray.init(address='127.0.0.1:%d', log_to_driver=False);"
-            "print(sum(n['Alive'] for n in ray.nodes()))" % gcs)
+    code = (
+        f"import ray; ray.init(address='127.0.0.1:{gcs}', log_to_driver=False);"
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
@@ -108,11 +131,43 @@ def test_job_submit_runs_pretraining_on_the_cluster(two_node_cluster, tmp_path):
     """Two env runners need 1 CPU each and each node has 1 CPU, so one runs on each node; the driver
     (learner) is the job's entrypoint process."""
     out = tmp_path / "run"
-    cmd = [*ray_cli(), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", str(REPO),
-           "--", "lambo", "pretrain", "--out", str(out), "--n-ues", "6", "--n-servers", "2", "--iterations", "2",
-           "--num-env-runners", "2", "--num-envs-per-env-runner", "2", "--train-batch-size", "32",
-           "--minibatch-size", "32", "--instances-per-episode", "8", "--epochs", "2", "--val-size", "4",
-           "--val-expert", "none", "--quiet"]
+    cmd = [
+        *ray_cli(),
+        "job",
+        "submit",
+        "--address",
+        two_node_cluster["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--",
+        "lambo",
+        "pretrain",
+        "--out",
+        str(out),
+        "--n-ues",
+        "6",
+        "--n-servers",
+        "2",
+        "--iterations",
+        "2",
+        "--num-env-runners",
+        "2",
+        "--num-envs-per-env-runner",
+        "2",
+        "--train-batch-size",
+        "32",
+        "--minibatch-size",
+        "32",
+        "--instances-per-episode",
+        "8",
+        "--epochs",
+        "2",
+        "--val-size",
+        "4",
+        "--val-expert",
+        "none",
+        "--quiet",
+    ]
     deadline = time.monotonic() + 240.0  # the head's job agent comes up after the dashboard (slowly under load)
     while True:
         res = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=540)

@@ -1,18 +1,19 @@
 """DROO and ARE: feasibility on paper and deadline-drifted instances, the order-preserving quantiser
 against hand-worked and paper-formula results, ARE's equal split, learning from a warm-up, shape
 checks and checkpoint round trips. Every objective and feasibility verdict comes from the evaluator."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
-from lambo_ray.experts.are import ARE, AREConfig, equal_shares, refine_to_local, _Fitness
+from lambo_ray.experts.are import ARE, AREConfig, _Fitness, equal_shares, refine_to_local
 from lambo_ray.experts.droo import DROO, DROOConfig, order_preserving_quantise, project_feasible
 from lambo_ray.experts.online import fallback_assignment, fits_equal, fits_optimal
 from lambo_ray.mec.drift import apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS
@@ -37,6 +38,7 @@ def _experts():
 
 
 # --- feasibility ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["droo", "are"])
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -118,20 +120,25 @@ def test_projection_unloads_servers_by_largest_consumer_only_as_far_as_needed(pa
 
 # --- order-preserving quantisation ---------------------------------------------------------------
 
+
 def test_order_preserving_quantisation_hand_worked():
-    prob = np.array([
-        [0.70, 0.20, 0.10],  # best 0, second 1, margin .5
-        [0.10, 0.50, 0.40],  # best 1, second 2, margin .1
-        [0.50, 0.30, 0.20],  # best 0, second 1, margin .2
-        [0.30, 0.60, 0.10],  # best 1, second 0, margin .3
-    ])
-    expected = np.array([
-        [0, 1, 0, 1],  # argmax
-        [0, 2, 0, 1],  # pivot UE1 (margin .1): UEs with best 1 and margin <= .1 -> second choice
-        [0, 1, 1, 1],  # pivot UE2 (margin .2): best 0 and margin <= .2
-        [0, 2, 0, 0],  # pivot UE3 (margin .3): best 1 and margin <= .3 -> UE1 and UE3 move
-        [1, 1, 1, 1],  # pivot UE0 (margin .5): best 0 and margin <= .5 -> UE0 and UE2 move
-    ])
+    prob = np.array(
+        [
+            [0.70, 0.20, 0.10],  # best 0, second 1, margin .5
+            [0.10, 0.50, 0.40],  # best 1, second 2, margin .1
+            [0.50, 0.30, 0.20],  # best 0, second 1, margin .2
+            [0.30, 0.60, 0.10],  # best 1, second 0, margin .3
+        ]
+    )
+    expected = np.array(
+        [
+            [0, 1, 0, 1],  # argmax
+            [0, 2, 0, 1],  # pivot UE1 (margin .1): UEs with best 1 and margin <= .1 -> second choice
+            [0, 1, 1, 1],  # pivot UE2 (margin .2): best 0 and margin <= .2
+            [0, 2, 0, 0],  # pivot UE3 (margin .3): best 1 and margin <= .3 -> UE1 and UE3 move
+            [1, 1, 1, 1],  # pivot UE0 (margin .5): best 0 and margin <= .5 -> UE0 and UE2 move
+        ]
+    )
     np.testing.assert_array_equal(order_preserving_quantise(prob, 4), expected[:4])
     np.testing.assert_array_equal(order_preserving_quantise(prob, 10), expected)  # at most N + 1
     np.testing.assert_array_equal(order_preserving_quantise(prob, 1), expected[:1])
@@ -158,6 +165,7 @@ def test_order_preserving_quantisation_never_moves_to_a_masked_option():
 
 
 # --- learning ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_droo_warmup_beats_its_untrained_self(prompt):
@@ -194,6 +202,7 @@ def test_are_warmup_beats_its_untrained_self(paper_instances):
 
 
 # --- shapes, configs, checkpoints ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["droo", "are"])
 def test_shape_mismatch_raises(method, paper_instances):

@@ -1,13 +1,14 @@
 """System model: evaluator against hand-computed values, water-filling against closed forms,
 generator reproducibility, drift and mobility."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.channel import channel_gain, uplink_rate
 from lambo_ray.mec.drift import DRIFTS, apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate, objectives_batch, relative_gap
 from lambo_ray.mec.generator import generate_many, generate_series
 from lambo_ray.mec.instance import Instance
@@ -106,7 +107,7 @@ def test_water_fill_kkt_with_binding_minimum(rng):
         # clamped entries have c_i / a_i^2 <= that multiplier.
         free = s > amin + 1e-12
         if free.any():
-            lam = (c[free] / s[free] ** 2)
+            lam = c[free] / s[free] ** 2
             assert np.allclose(lam, lam[0])
             assert np.all(c[~free] / s[~free] ** 2 <= lam[0] * (1 + 1e-9))
         # no perturbation that keeps feasibility improves the objective
@@ -184,8 +185,9 @@ def test_drifts_change_what_they_document():
     mob = generate_many(apply_drift(base, "mobility"), 20, 0)
     centre = np.array([0.15, 0.15]) * base.area_m
     d_mob = np.mean([np.linalg.norm(np.array(i.geometry["ue_xy"]) - centre, axis=1).mean() for i in mob])
-    d_base = np.mean([np.linalg.norm(np.array(i.geometry["ue_xy"]) - centre, axis=1).mean()
-                      for i in generate_many(base, 20, 0)])
+    d_base = np.mean(
+        [np.linalg.norm(np.array(i.geometry["ue_xy"]) - centre, axis=1).mean() for i in generate_many(base, 20, 0)]
+    )
     assert d_mob < 0.6 * d_base  # the crowd gathered near the hotspot
     with pytest.raises(LamboInputError, match="unknown drift"):
         apply_drift(base, "earthquake")

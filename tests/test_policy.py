@@ -4,6 +4,7 @@ Independent references: the evaluator (feasibility and objectives of every decod
 ``torch.distributions`` (entropies, log-probs), explicit numpy permutations of instances (augmentation),
 real parameter sums (meta-device counts), and re-decoding after a save/load round trip.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,16 +15,28 @@ import numpy as np
 import pytest
 import torch
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy import (
-    SCALES, LamboPolicy, PolicyBatch, PolicyConfig, claims_from_shares, count_parameters, decide, featurize,
+    SCALES,
+    LamboPolicy,
+    PolicyBatch,
+    PolicyConfig,
+    claims_from_shares,
+    count_parameters,
+    decide,
+    featurize,
     fill_capacity,
-    load_decoder, load_policy, policy_fingerprint, resolve_policy_dir, save_decoder, save_policy,
+    load_decoder,
+    load_policy,
+    policy_fingerprint,
+    resolve_policy_dir,
+    save_decoder,
+    save_policy,
 )
 from lambo_ray.policy.decoding import permute, unpermute
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, instance_features
@@ -59,9 +72,14 @@ def mixed_instances() -> list[Instance]:
 def _scaled(inst: Instance, compute: float, comm: float, time_: float = 1.0) -> Instance:
     """The same cell in other units: compute (cycles, speeds) x compute, bits and rates x comm."""
     return dataclasses.replace(
-        inst, cycles=inst.cycles * compute * time_, local_cps=inst.local_cps * compute,
-        capacity_cps=inst.capacity_cps * compute, data_bits=inst.data_bits * comm * time_,
-        rate_bps=inst.rate_bps * comm, deadline_s=inst.deadline_s * time_)
+        inst,
+        cycles=inst.cycles * compute * time_,
+        local_cps=inst.local_cps * compute,
+        capacity_cps=inst.capacity_cps * compute,
+        data_bits=inst.data_bits * comm * time_,
+        rate_bps=inst.rate_bps * comm,
+        deadline_s=inst.deadline_s * time_,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -192,12 +210,18 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
         rows = slice(i, i + 1)
         srv = dec.dynamic_servers(enc, rows, rem[:, None], b.amin[:, rows])
         x = dec.query(enc, rows, srv)
-        tokens = torch.cat([dec.bos.expand(b.batch_size, 1, -1),
-                            dec.decision_tokens(enc, slice(0, i), target[:, :i], share[:, :i])], 1)
+        tokens = torch.cat(
+            [
+                dec.bos.expand(b.batch_size, 1, -1),
+                dec.decision_tokens(enc, slice(0, i), target[:, :i], share[:, :i]),
+            ],
+            1,
+        )
         mems = [layer.memory_kv(tokens) for layer in dec.layers]
         g = dec.run_layers(x, mems, torch.zeros(1, 1, 1, i + 1), ue_kvs, ue_bias, srv, srv_bias)
-        allowed, dead = allowed_options(rem[:, None], b.amin[:, rows], b.local_ok[:, rows], b.server_mask,
-                                        b.ue_mask[:, rows])
+        allowed, dead = allowed_options(
+            rem[:, None], b.amin[:, rows], b.local_ok[:, rows], b.server_mask, b.ue_mask[:, rows]
+        )
         logits = dec.logits(enc, rows, g, srv, allowed)[:, 0]
         logp = torch.log_softmax(logits, -1)
         if noise is None:
@@ -208,8 +232,9 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
         if noise is None:
             u = beta.mean[:, 0]
         else:
-            u = beta_from_noise(beta.concentration1[:, 0], beta.concentration0[:, 0], noise.normal[:, i],
-                                noise.accept[:, i]).float()
+            u = beta_from_noise(
+                beta.concentration1[:, 0], beta.concentration0[:, 0], noise.normal[:, i], noise.accept[:, i]
+            ).float()
         u = u.clamp(eps, 1 - eps)
         off = t > 0
         j = (t - 1).clamp_min(0)
@@ -218,8 +243,11 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
         s = torch.where(off, lo + u.double() * (hi - lo), 0.0)
         real = b.ue_mask[:, i]
         out["logp_target"][:, i] = torch.where(real, logp.gather(1, t[:, None])[:, 0], 0.0)
-        out["entropy_target"][:, i] = torch.where(real, torch.distributions.Categorical(
-            logits=torch.where(allowed[:, 0], logits, -torch.inf)).entropy(), 0.0)
+        out["entropy_target"][:, i] = torch.where(
+            real,
+            torch.distributions.Categorical(logits=torch.where(allowed[:, 0], logits, -torch.inf)).entropy(),
+            0.0,
+        )
         out["logp_share"][:, i] = torch.where(off, beta.log_prob(torch.where(off, u, 0.5)[:, None])[:, 0], 0.0)
         out["entropy_share"][:, i] = torch.where(off, beta.entropy()[:, 0], 0.0)
         out["dead_ue"][:, i] = dead[:, 0]
@@ -230,8 +258,7 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
 @pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
-def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_instances, mixed_instances,
-                                                         monkeypatch):
+def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_instances, mixed_instances, monkeypatch):
     """The optimised incremental decoder (precomputation, fused weights, K/V caches, scoring after the
     loop; TorchScript-compiled or its eager fallback) decides exactly like the plain step-by-step
     reference, greedy and sampled, with and without padding; greedy targets are also the argmax of the
@@ -281,8 +308,9 @@ def test_expert_labels_are_never_masked_under_teacher_forcing():
     # A label filling a server to exactly 1 may leave round-off: a_min a hair above what remains.
     rem = torch.tensor([[[0.3, 0.3, 0.3]]], dtype=torch.float64)
     amin = torch.tensor([[[0.3 * (1 + 1e-12), 0.3 * (1 + 1e-6), float("inf")]]], dtype=torch.float64)
-    ok, dead = allowed_options(rem, amin, torch.tensor([[False]]), torch.ones(1, 3, dtype=torch.bool),
-                               torch.tensor([[True]]))
+    ok, dead = allowed_options(
+        rem, amin, torch.tensor([[False]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[True]])
+    )
     assert ok.tolist() == [[[False, True, False, False]]] and not dead.any()
 
 
@@ -315,8 +343,9 @@ def test_entropies_and_logps_match_torch_distributions(mixed_instances):
 def test_dead_end_goes_local_with_zero_logp():
     """A UE that misses its deadline locally and fits nowhere: forced local, flagged, no log-prob mass."""
     inst = generate_many(ScenarioConfig(n_ues=3, n_servers=1, capacities_cps=(1e10,)), 1, seed=0)[0]
-    inst = dataclasses.replace(inst, deadline_s=inst.local_latency() * np.array([0.5, 1.2, 1.2]),
-                               rate_bps=np.full((3, 1), 1.0))  # 1 bit/s: nothing can be offloaded
+    inst = dataclasses.replace(
+        inst, deadline_s=inst.local_latency() * np.array([0.5, 1.2, 1.2]), rate_bps=np.full((3, 1), 1.0)
+    )  # 1 bit/s: nothing can be offloaded
     pol = make_policy()
     with torch.no_grad():
         b = featurize([inst], "min_latency")
@@ -387,8 +416,11 @@ def test_noise_samplers_match_the_distributions():
     idx = categorical_from_uniform(probs.log().expand(n, 4), allowed.expand(n, 4), u)
     freq = torch.bincount(idx, minlength=4).double() / n
     assert freq[1] == 0 and torch.allclose(freq, probs.double(), atol=0.01)
-    edge = categorical_from_uniform(probs.log()[None].expand(3, 4), allowed[None].expand(3, 4),
-                                    torch.tensor([0.0, 1.0 - 1e-16, 0.1], dtype=torch.float64))
+    edge = categorical_from_uniform(
+        probs.log()[None].expand(3, 4),
+        allowed[None].expand(3, 4),
+        torch.tensor([0.0, 1.0 - 1e-16, 0.1], dtype=torch.float64),
+    )
     assert edge.tolist() == [0, 3, 2]
 
 
@@ -418,14 +450,17 @@ def test_fill_capacity_grows_shares_and_fills_used_servers():
             on = target[r] == j
             if on.any():
                 assert abs(float(filled[r][on].sum()) - 1.0) < 1e-12
-                torch.testing.assert_close(filled[r][on] / share[r][on], (filled[r][on] / share[r][on])[:1].expand(int(on.sum())))
+                torch.testing.assert_close(
+                    filled[r][on] / share[r][on], (filled[r][on] / share[r][on])[:1].expand(int(on.sum()))
+                )
 
 
 def test_claims_from_shares_inverts_fill_capacity_on_expert_labels():
     from lambo_ray.experts import get_expert
 
     insts = generate_many(ScenarioConfig(n_ues=15), 4, seed=5) + generate_many(
-        apply_drift(ScenarioConfig(n_ues=15), "deadline"), 4, seed=6)
+        apply_drift(ScenarioConfig(n_ues=15), "deadline"), 4, seed=6
+    )
     labels = [get_expert("local_search").solve(inst, "min_latency") for inst in insts]
     b = featurize(insts, "min_latency")
     target = torch.tensor(np.stack([d.target for d in labels]))
@@ -487,8 +522,14 @@ def test_permutation_augmentation_undoes_exactly(mixed_instances):
     p, q = rng.permutation(inst.n_ues), rng.permutation(inst.n_servers)
     assert (p != np.arange(inst.n_ues)).any() and (q != np.arange(inst.n_servers)).any()
     permuted = dataclasses.replace(
-        inst, data_bits=inst.data_bits[p], cycles=inst.cycles[p], deadline_s=inst.deadline_s[p],
-        local_cps=inst.local_cps[p], rate_bps=inst.rate_bps[p][:, q], capacity_cps=inst.capacity_cps[q])
+        inst,
+        data_bits=inst.data_bits[p],
+        cycles=inst.cycles[p],
+        deadline_s=inst.deadline_s[p],
+        local_cps=inst.local_cps[p],
+        rate_bps=inst.rate_bps[p][:, q],
+        capacity_cps=inst.capacity_cps[q],
+    )
     with torch.no_grad():
         b = featurize([inst], "min_latency")
         pb, pe = permute(b, pol.encode(b), torch.tensor([0]), torch.from_numpy(p)[None], torch.from_numpy(q)[None])

@@ -1,4 +1,5 @@
 """The report on a tiny configuration: its numbers are checked against the evaluator and the JSON."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from lambo_ray.results import fmt
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    cfg = ReportConfig(count=3, methods=("exact", "greedy", "all_local"), sections=("comparison",),
-                       exact_time_limit=60.0)
+    cfg = ReportConfig(
+        count=3, methods=("exact", "greedy", "all_local"), sections=("comparison",), exact_time_limit=60.0
+    )
     result = build_report(out, PolicySource(None), cfg, log=lambda *_: None)
     return out, cfg, result
 

@@ -3,6 +3,7 @@
 References are independent of the code under test: objectives come straight from the evaluator,
 optimal shares from the water-filling of ``mec.shares``, sampled log-probs from the decoder loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.scenario import ScenarioConfig
@@ -32,7 +33,8 @@ def expected_reward(inst, prompt, target, share, penalty):
     size = 0.0
     for v in ev.violations:
         rel = {"deadline": lambda v: v["excess_s"] / v["deadline_s"], "capacity": lambda v: v["excess"]}.get(
-            v["constraint"], lambda v: 1.0)(v)
+            v["constraint"], lambda v: 1.0
+        )(v)
         size += 1.0 + min(rel, 1.0)
     return gain - penalty * size
 
@@ -142,9 +144,13 @@ def build_module(heads=2, inference_only=False):
 
     env = MecEnv({"scenario": SMALL, "n_max": 10, "m_max": 3})
     torch.manual_seed(0)
-    spec = RLModuleSpec(module_class=LamboRLModule, observation_space=env.observation_space,
-                        action_space=env.action_space, inference_only=inference_only,
-                        model_config=module_model_config(SCALES["S"], heads))
+    spec = RLModuleSpec(
+        module_class=LamboRLModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        inference_only=inference_only,
+        model_config=module_model_config(SCALES["S"], heads),
+    )
     return env, spec.build()
 
 
@@ -198,11 +204,22 @@ def test_single_head_module_outputs_one_value():
 # Training with RLlib (embedded Ray)
 # ----------------------------------------------------------------------------------------------
 def small_config(**kw):
-    from lambo_ray.rl.pretrain import PretrainConfig
+    from lambo_ray.rl.config import PretrainConfig
 
-    base = dict(scenario=dict(SMALL), iterations=3, num_env_runners=0, num_envs_per_env_runner=8,
-                instances_per_episode=32, train_batch_size=128, minibatch_size=64, num_epochs=4, val_size=12,
-                val_expert="exact", val_expert_time_limit=10.0, seed=3)
+    base = dict(
+        scenario=dict(SMALL),
+        iterations=3,
+        num_env_runners=0,
+        num_envs_per_env_runner=8,
+        instances_per_episode=32,
+        train_batch_size=128,
+        minibatch_size=64,
+        num_epochs=4,
+        val_size=12,
+        val_expert="exact",
+        val_expert_time_limit=10.0,
+        seed=3,
+    )
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -247,7 +264,10 @@ def test_checkpoint_layout_and_policy_without_rllib(trained_run, small_instances
     state = json.loads((out / "state.json").read_text())
     assert state["iteration"] == 3 and state["config"]["scale"] == "S" and len(state["history"]) == len(history)
     assert (out / "rllib" / "lambo_state.json").exists() and list((out / "tb").iterdir())
-    assert json.loads((out / "val_labels.json").read_text())["objective"].keys() == {"min_latency", "min_energy"}
+    assert json.loads((out / "val_labels.json").read_text())["objective"].keys() == {
+        "min_latency",
+        "min_energy",
+    }
     policy, meta = load_policy(out / "policy", expected_scale="S")
     assert meta["iteration"] == 3
     for k, v in policy.state_dict().items():
@@ -281,7 +301,7 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
 
 
 def test_corrupt_or_mismatched_checkpoints_are_clear_errors(trained_run, tmp_path):
-    from lambo_ray.rl.pretrain import check_run_dir
+    from lambo_ray.rl.run_dir import check_run_dir
 
     src, _, _ = trained_run
     out = tmp_path / "run"
@@ -326,14 +346,26 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("critic,ratio,credit", [("two_head", "per_ue", "total"), ("single_head", "joint", "total"),
-                                                ("two_head", "per_ue", "alloc")])
+@pytest.mark.parametrize(
+    "critic,ratio,credit",
+    [("two_head", "per_ue", "total"), ("single_head", "joint", "total"), ("two_head", "per_ue", "alloc")],
+)
 def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit):
     """The distributed path: 2 env-runner actors x 8 envs, learner in the driver; and the ablations."""
     from lambo_ray.rl.pretrain import Pretrainer
 
-    trainer = Pretrainer(small_config(num_env_runners=2, iterations=4, critic=critic, ratio=ratio, share_credit=credit,
-                                      entropy_bonus=critic == "two_head"), tmp_path / "run", progress=False)
+    trainer = Pretrainer(
+        small_config(
+            num_env_runners=2,
+            iterations=4,
+            critic=critic,
+            ratio=ratio,
+            share_credit=credit,
+            entropy_bonus=critic == "two_head",
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     try:
         history = trainer.run()
     finally:
@@ -348,8 +380,11 @@ def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, r
 def test_warm_start_reduces_the_gap_before_acrl(ray_session, tmp_path):
     from lambo_ray.rl.pretrain import Pretrainer
 
-    trainer = Pretrainer(small_config(iterations=1, warm_start_labels=64, warm_start_epochs=10),
-                         tmp_path / "run", progress=False)
+    trainer = Pretrainer(
+        small_config(iterations=1, warm_start_labels=64, warm_start_epochs=10),
+        tmp_path / "run",
+        progress=False,
+    )
     try:
         history = trainer.run()
     finally:

@@ -5,11 +5,13 @@ evaluations with the evaluator applied to the returned decision. The policy is a
 saved with ``save_policy`` (serving does not care whether it was trained), decoders are perturbed copies
 saved with ``save_decoder``.
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,13 @@ from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.io import instance_to_dict
 from lambo_ray.mec.scenario import ScenarioConfig
-from lambo_ray.policy.checkpoint import load_decoder, load_policy, policy_fingerprint, save_decoder, save_policy
+from lambo_ray.policy.checkpoint import (
+    load_decoder,
+    load_policy,
+    policy_fingerprint,
+    save_decoder,
+    save_policy,
+)
 from lambo_ray.policy.config import scale_config
 from lambo_ray.policy.decoding import available_strategies, decide
 from lambo_ray.policy.model import LamboPolicy
@@ -65,11 +73,19 @@ def served(ray_session, setup):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServeConfig.from_dict({
-        "checkpoint": str(setup / "ckpt"), "decoders_dir": str(setup / "decoders"), "max_ues": MAX_UES,
-        "max_body_bytes": MAX_BODY, "max_batch_instances": 8, "max_batch_size": 8, "batch_wait_timeout_s": 0.02,
-        "policy_num_cpus": 0, "decoder_cache_size": 2,
-    })
+    cfg = ServeConfig.from_dict(
+        {
+            "checkpoint": str(setup / "ckpt"),
+            "decoders_dir": str(setup / "decoders"),
+            "max_ues": MAX_UES,
+            "max_body_bytes": MAX_BODY,
+            "max_batch_instances": 8,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.02,
+            "policy_num_cpus": 0,
+            "decoder_cache_size": 2,
+        }
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="lambo-test", route_prefix="/", blocking=False)
     try:
@@ -151,7 +167,7 @@ def test_lru_cache_is_bounded_and_keeps_pinned():
 
 
 def test_catalog_ids_are_immutable(setup):
-    from lambo_ray.mec.errors import LamboInputError
+    from lambo_ray.errors import LamboInputError
     from lambo_ray.policy import checkpoint
     from lambo_ray.serving.decoders import DECODER_MANIFEST, is_decoder_checkpoint
 
@@ -167,7 +183,7 @@ def test_catalog_ids_are_immutable(setup):
 
 
 def test_engine_views_share_the_encoder_and_decide_like_load_decoder(setup, local, instances):
-    from lambo_ray.mec.errors import LamboInputError
+    from lambo_ray.errors import LamboInputError
     from lambo_ray.serving.engine import PolicyEngine
 
     engine = PolicyEngine(ServeConfig.from_dict({"checkpoint": str(setup / "ckpt"), "decoder_cache_size": 1}))
@@ -184,13 +200,16 @@ def test_engine_views_share_the_encoder_and_decide_like_load_decoder(setup, loca
         np.testing.assert_array_equal(got.target, want.target)
         np.testing.assert_allclose(got.share, want.share, atol=SHARE_ATOL)
     engine.decide(instances[:1], "min_energy", DecoderEntry("late", str(setup / "late"), "registered"), "greedy", 1, 0)
-    assert engine.loaded_decoders() == ["default", "late"]  # cache of 1 besides the pinned default: LRU evicted
+    assert engine.loaded_decoders() == [
+        "default",
+        "late",
+    ]  # cache of 1 besides the pinned default: LRU evicted
     with pytest.raises(LamboInputError, match="encoder"):
         engine.load_view(str(setup / "alien"))
 
 
 def test_config_rejects_bad_values():
-    from lambo_ray.mec.errors import LamboInputError
+    from lambo_ray.errors import LamboInputError
 
     with pytest.raises(LamboInputError, match="unknown key"):
         ServeConfig.from_dict({"checkpoint": "x", "max_batch": 3})
@@ -206,7 +225,7 @@ def test_serve_config_yaml_is_a_valid_deploy_config(setup):
 
     from lambo_ray.serving.app import build_app
 
-    doc = yaml.safe_load(open("serve/config.yaml"))
+    doc = yaml.safe_load(Path("serve/config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(doc)
     app = schema.applications[0]
     assert app.import_path == "lambo_ray.serving.app:build_app"
@@ -241,8 +260,14 @@ def test_decide_equals_local_decide_and_evaluator(client, local, instances):
 
 
 def test_decide_batch_in_order(client, local, instances):
-    r = client.post("/v1/decide_batch", json={"instances": [instance_to_dict(i) for i in instances],
-                                              "prompt": "min_energy", "decoder": "drift_a"})
+    r = client.post(
+        "/v1/decide_batch",
+        json={
+            "instances": [instance_to_dict(i) for i in instances],
+            "prompt": "min_energy",
+            "decoder": "drift_a",
+        },
+    )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == len(instances)
@@ -257,8 +282,9 @@ def test_concurrent_callers_are_batched(client, served, local, instances):
 
     async def go():
         async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
-            return await asyncio.gather(*(ac.post("/v1/decide", json={"instance": instance_to_dict(inst),
-                                                                      "prompt": p}) for inst, p in jobs))
+            return await asyncio.gather(
+                *(ac.post("/v1/decide", json={"instance": instance_to_dict(inst), "prompt": p}) for inst, p in jobs)
+            )
 
     responses = asyncio.run(go())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
@@ -272,7 +298,13 @@ def test_concurrent_callers_are_batched(client, served, local, instances):
 
 def test_stochastic_decode_is_reproducible_and_unbatched(client, local, instances):
     inst = instances[0]
-    body = {"instance": instance_to_dict(inst), "prompt": "min_latency", "decode": "best_of_k", "k": 4, "seed": 3}
+    body = {
+        "instance": instance_to_dict(inst),
+        "prompt": "min_latency",
+        "decode": "best_of_k",
+        "k": 4,
+        "seed": 3,
+    }
     first, second = client.post("/v1/decide", json=body), client.post("/v1/decide", json=body)
     assert first.status_code == second.status_code == 200, first.text
     assert first.json()["decision"]["target"] == second.json()["decision"]["target"]
@@ -305,25 +337,43 @@ def _inst_doc(inst) -> dict:
     return instance_to_dict(inst)
 
 
-@pytest.mark.parametrize("mutate, status, needle", [
-    (lambda d: "{not json", 422, "invalid JSON"),
-    (lambda d: {**d, "prompt": "min_cost"}, 422, "prompt"),
-    (lambda d: {**d, "decode": "beam"}, 422, "decode"),
-    (lambda d: {**d, "k": 10_000}, 422, "k="),
-    (lambda d: {**d, "decodr": "x"}, 422, "decodr"),
-    (lambda d: {"prompt": "min_latency"}, 422, "instance"),
-    (lambda d: {**d, "instance": {**d["instance"], "ues": {**d["instance"]["ues"],
-                                                            "rate_bps": d["instance"]["ues"]["rate_bps"][:-1]}}},
-     422, "rate_bps"),
-    (lambda d: json.dumps(d).replace(str(d["instance"]["ues"]["cycles"][2]), "NaN", 1), 422, "ues.cycles"),
-    (lambda d: {**d, "decoder": "no_such_decoder"}, 404, "no_such_decoder"),
-])
+@pytest.mark.parametrize(
+    "mutate, status, needle",
+    [
+        (lambda d: "{not json", 422, "invalid JSON"),
+        (lambda d: {**d, "prompt": "min_cost"}, 422, "prompt"),
+        (lambda d: {**d, "decode": "beam"}, 422, "decode"),
+        (lambda d: {**d, "k": 10_000}, 422, "k="),
+        (lambda d: {**d, "decodr": "x"}, 422, "decodr"),
+        (lambda d: {"prompt": "min_latency"}, 422, "instance"),
+        (
+            lambda d: {
+                **d,
+                "instance": {
+                    **d["instance"],
+                    "ues": {**d["instance"]["ues"], "rate_bps": d["instance"]["ues"]["rate_bps"][:-1]},
+                },
+            },
+            422,
+            "rate_bps",
+        ),
+        (
+            lambda d: json.dumps(d).replace(str(d["instance"]["ues"]["cycles"][2]), "NaN", 1),
+            422,
+            "ues.cycles",
+        ),
+        (lambda d: {**d, "decoder": "no_such_decoder"}, 404, "no_such_decoder"),
+    ],
+)
 def test_bad_requests_are_refused_with_the_field_named(client, local, instances, mutate, status, needle):
     inst = instances[1]
     doc = {"instance": _inst_doc(inst), "prompt": "min_latency"}
     body = mutate(doc)
-    r = client.post("/v1/decide", content=body if isinstance(body, str) else json.dumps(body),
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/decide",
+        content=body if isinstance(body, str) else json.dumps(body),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert needle in r.json()["detail"] and r.json()["status"] == status
     ok = client.post("/v1/decide", json=doc)  # and the deployment keeps serving
@@ -343,16 +393,20 @@ def test_too_large_is_413_and_service_continues(client, served, instances):
     bad_item = [instance_to_dict(instances[1]), {"schema": "lambo.instance/1"}]
     r = client.post("/v1/decide_batch", json={"instances": bad_item, "prompt": "min_energy"})
     assert r.status_code == 422 and "instances[1]" in r.json()["detail"]
-    assert client.post("/v1/decide", json={"instance": instance_to_dict(instances[1]),
-                                           "prompt": "min_energy"}).status_code == 200
+    assert (
+        client.post("/v1/decide", json={"instance": instance_to_dict(instances[1]), "prompt": "min_energy"}).status_code
+        == 200
+    )
 
 
 def test_register_rejects_bad_checkpoints(client, setup):
-    cases = [({"id": "ghost", "path": str(setup / "missing")}, 422, "does not exist"),
-             ({"id": "alien", "path": str(setup / "alien")}, 422, "encoder"),
-             ({"id": "ckpt", "path": str(setup / "ckpt")}, 422, "not a decoder checkpoint"),
-             ({"id": "bad/id", "path": str(setup / "late")}, 422, "id"),
-             ({"id": "drift_a", "path": str(setup / "late")}, 409, "immutable")]
+    cases = [
+        ({"id": "ghost", "path": str(setup / "missing")}, 422, "does not exist"),
+        ({"id": "alien", "path": str(setup / "alien")}, 422, "encoder"),
+        ({"id": "ckpt", "path": str(setup / "ckpt")}, 422, "not a decoder checkpoint"),
+        ({"id": "bad/id", "path": str(setup / "late")}, 422, "id"),
+        ({"id": "drift_a", "path": str(setup / "late")}, 409, "immutable"),
+    ]
     for body, status, needle in cases:
         r = client.post("/v1/decoders", json=body)
         assert r.status_code == status, (body, r.text)

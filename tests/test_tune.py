@@ -1,6 +1,7 @@
 """lambo tune: search-space files are checked, trial configs map onto PretrainConfig, and a tiny real
 sweep (4 trials, ASHA, 2 CPUs, N=6 / M=2 cells, 2 iterations) runs end to end, is interrupted and
 resumes without re-running finished trials (checked through Tune's own result files)."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.tuning import (
     GAP_METRIC,
     load_tune_spec,
@@ -90,9 +91,11 @@ def test_loguniform_bounds_written_with_exponents_are_numbers():
 
 
 def _spec(**changes):
-    raw = {"fixed": {"scale": "S", "iterations": 4, "num_env_runners": 0},
-           "param_space": {"lr": {"loguniform": [1e-4, 1e-2]}},
-           "scheduler": {"type": "asha", "max_t": 4}}
+    raw = {
+        "fixed": {"scale": "S", "iterations": 4, "num_env_runners": 0},
+        "param_space": {"lr": {"loguniform": [1e-4, 1e-2]}},
+        "scheduler": {"type": "asha", "max_t": 4},
+    }
     for key, value in changes.items():
         if value is None:
             raw.pop(key, None)
@@ -104,29 +107,51 @@ def _spec(**changes):
 BAD_SPECS = [
     (dict(resourcez={"cpu": 1}), "unknown key(s) resourcez"),
     (dict(param_space=None), "param_space: missing"),
-    (dict(param_space={"lr": {"logunifrom": [1e-4, 1e-2]}}), "param_space.lr: unknown distribution 'logunifrom'"),
+    (
+        dict(param_space={"lr": {"logunifrom": [1e-4, 1e-2]}}),
+        "param_space.lr: unknown distribution 'logunifrom'",
+    ),
     (dict(param_space={"lr": {"loguniform": [1e-2, 1e-4]}}), "param_space.lr.loguniform: lower bound"),
     (dict(param_space={"lr": {"loguniform": [0.0, 1e-2]}}), "param_space.lr.loguniform: bounds must be > 0"),
     (dict(param_space={"lr": {"uniform": [0.1]}}), "param_space.lr.uniform: expected 2 numbers"),
     (dict(param_space={"lr": {"uniform": ["a", "b"]}}), "param_space.lr.uniform: expected numbers"),
     (dict(param_space={"lr": 0.001}), "param_space.lr: expected one distribution"),
-    (dict(param_space={"enc_layers": {"choice": []}}), "param_space.enc_layers.choice: expected a non-empty list"),
-    (dict(param_space={"learning_rate": {"choice": [1e-3]}}), "param_space.learning_rate: not a PretrainConfig"),
+    (
+        dict(param_space={"enc_layers": {"choice": []}}),
+        "param_space.enc_layers.choice: expected a non-empty list",
+    ),
+    (
+        dict(param_space={"learning_rate": {"choice": [1e-3]}}),
+        "param_space.learning_rate: not a PretrainConfig",
+    ),
     (dict(fixed={"scale": "S", "iterations": 4, "colour": "red"}), "fixed.colour: not a PretrainConfig"),
-    (dict(fixed={"scale": "S", "iterations": 4, "eval_every": 2}), "fixed.eval_every: set by the Tune trainable"),
+    (
+        dict(fixed={"scale": "S", "iterations": 4, "eval_every": 2}),
+        "fixed.eval_every: set by the Tune trainable",
+    ),
     (dict(fixed={"scale": "S", "iterations": 4, "lr": 1e-3}), "fixed and param_space both set lr"),
     # d_model 96 is not divisible by 5 heads: the loader names the offending combination.
-    (dict(param_space={"d_model": {"choice": [64, 96]}, "n_heads": {"choice": [4, 5]}}),
-     "invalid trial (d_model=64, n_heads=5)"),
-    (dict(param_space={"critic": {"choice": ["two_head", "three_head"]}}), "invalid trial (critic='three_head')"),
+    (
+        dict(param_space={"d_model": {"choice": [64, 96]}, "n_heads": {"choice": [4, 5]}}),
+        "invalid trial (d_model=64, n_heads=5)",
+    ),
+    (
+        dict(param_space={"critic": {"choice": ["two_head", "three_head"]}}),
+        "invalid trial (critic='three_head')",
+    ),
     (dict(scheduler={"type": "asha", "max_t": 10}), "scheduler.max_t: 10 exceeds fixed.iterations 4"),
     (dict(scheduler={"type": "asha", "grace_period": 0}), "scheduler.grace_period: expected an integer >= 1"),
-    (dict(scheduler={"type": "asha", "reduction_factor": 1}), "scheduler.reduction_factor: expected a number > 1"),
+    (
+        dict(scheduler={"type": "asha", "reduction_factor": 1}),
+        "scheduler.reduction_factor: expected a number > 1",
+    ),
     (dict(scheduler={"type": "hyperband"}), "scheduler.type: expected one of asha, fifo"),
     (dict(scheduler={"type": "asha", "max_tt": 3}), "scheduler: unknown key(s) max_tt"),
     (dict(search={"type": "bayes"}), "search.type: expected one of random, optuna"),
-    (dict(search={"type": "optuna"}, param_space={"lr": {"grid": [1e-3, 1e-2]}}),
-     "grid is not supported by the optuna"),
+    (
+        dict(search={"type": "optuna"}, param_space={"lr": {"grid": [1e-3, 1e-2]}}),
+        "grid is not supported by the optuna",
+    ),
     (dict(mode="minimum"), "mode: expected min or max"),
     (dict(fixed={"scale": "S", "iterations": 4, "val_expert": None}), "fixed.val_expert is null"),
     (dict(num_samples=0), "num_samples: expected an integer >= 1"),
@@ -157,9 +182,18 @@ def test_unparsable_or_missing_file_is_an_input_error(tmp_path):
 
 
 def test_trial_config_splits_policy_fields_into_overrides():
-    cfg = pretrain_config_from_trial({"scale": "S", "lr": 2e-3, "enc_layers": 1, "d_model": 32, "n_heads": 2,
-                                      "scenario": {"n_ues": 6, "n_servers": 2, "capacities_cps": [1.5e10, 3e10]},
-                                      "iterations": 3, "eval_every": 5})
+    cfg = pretrain_config_from_trial(
+        {
+            "scale": "S",
+            "lr": 2e-3,
+            "enc_layers": 1,
+            "d_model": 32,
+            "n_heads": 2,
+            "scenario": {"n_ues": 6, "n_servers": 2, "capacities_cps": [1.5e10, 3e10]},
+            "iterations": 3,
+            "eval_every": 5,
+        }
+    )
     assert cfg.lr == 2e-3 and cfg.iterations == 3 and cfg.eval_every == 1
     assert cfg.policy_overrides == {"enc_layers": 1, "d_model": 32, "n_heads": 2}
     pol = cfg.policy_config()
@@ -264,7 +298,7 @@ def test_tiny_sweep_reports_the_best_trial_and_resumes_without_repeating_finishe
     assert len(after) == spec.num_samples == 4 and results.num_errors == 0
     for t in finished_before:  # not run again: its result file is byte for byte what it was
         assert next(exp.glob(f"*{t}*/result.json")).read_text() == finished_text[t]
-    for t, rows in after.items():
+    for rows in after.values():
         its = [r["training_iteration"] for r in rows]
         assert its == list(range(1, len(its) + 1)) and len(its) <= spec.iterations, (t, its)
         # A trial resumed from its checkpoint continues the Pretrainer's own count (1 then 2); one that
@@ -303,8 +337,21 @@ def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothin
 
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
     env.pop("RAY_ADDRESS", None)
-    base = [sys.executable, "-m", "lambo_ray.cli", "tune", "--config", str(ROOT / "tune_configs" / "small.yaml"),
-            "--storage", str(tmp_path), "--name", "cli", "--quiet", "--num-cpus", "2"]
+    base = [
+        sys.executable,
+        "-m",
+        "lambo_ray.cli",
+        "tune",
+        "--config",
+        str(ROOT / "tune_configs" / "small.yaml"),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "cli",
+        "--quiet",
+        "--num-cpus",
+        "2",
+    ]
 
     def run(*extra):
         return subprocess.run(base + list(extra), capture_output=True, text=True, env=env, timeout=600)
@@ -335,8 +382,21 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
 
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "lambo_ray.cli", "tune", "--config", str(ROOT / "tune_configs" / "small.yaml"),
-           "--storage", str(tmp_path), "--name", "ctrlc", "--quiet", "--num-cpus", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lambo_ray.cli",
+        "tune",
+        "--config",
+        str(ROOT / "tune_configs" / "small.yaml"),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "ctrlc",
+        "--quiet",
+        "--num-cpus",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     exp = tmp_path / "ctrlc"
     deadline = time.monotonic() + 400
@@ -363,8 +423,9 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     assert len(after) == 4
     for t, text in done_text.items():
         assert next(exp.glob(f"*{t}*/result.json")).read_text() == text
-    for t, rows in after.items():
-        assert [r["iteration"] for r in rows] == [r["training_iteration"] for r in rows] == \
-            list(range(1, len(rows) + 1))
+    for rows in after.values():
+        assert (
+            [r["iteration"] for r in rows] == [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
+        )
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["unfinished"] == 0 and len(summary["trials"]) == 4

@@ -4,6 +4,7 @@ Fine-tuning only on the drifted regime makes the decoder forget the old one (the
 back: an outage ends, the crowd disperses). A small set of undrifted instances is labelled once
 at the start and a fixed fraction of every training minibatch is drawn from it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,14 +54,18 @@ def replay_split(batch_size: int, replay_fraction: float, have_replay: bool) -> 
     return batch_size - n_replay, n_replay
 
 
-def epoch_minibatches(drifted: LabelBuffer, replay: LabelBuffer, batch_size: int, replay_fraction: float,
-                      rng: np.random.Generator) -> list[list[Example]]:
+def epoch_minibatches(
+    drifted: LabelBuffer,
+    replay: LabelBuffer,
+    batch_size: int,
+    replay_fraction: float,
+    rng: np.random.Generator,
+) -> list[list[Example]]:
     """One epoch: every drifted example once (shuffled), each minibatch topped up with replay samples."""
     n_drift, n_replay = replay_split(batch_size, replay_fraction, len(replay) > 0)
     order = rng.permutation(len(drifted))
     batches = []
     for start in range(0, len(order), n_drift):
-        chunk = [drifted.examples[i] for i in order[start:start + n_drift]]
-        batches.append(chunk + replay.sample(max(1, round(len(chunk) * n_replay / n_drift)) if n_replay else 0,
-                                             rng))
+        chunk = [drifted.examples[i] for i in order[start : start + n_drift]]
+        batches.append(chunk + replay.sample(max(1, round(len(chunk) * n_replay / n_drift)) if n_replay else 0, rng))
     return batches

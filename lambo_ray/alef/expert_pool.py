@@ -14,8 +14,10 @@ a dead actor is replaced by a fresh one and its instance goes back to the front 
 results are stored by position, so every instance is labelled exactly once and returned in input
 order, however many actors die on the way.
 """
+
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 
 LabelSource = Literal["exact", "exact_time_limit", "de"]
@@ -50,8 +52,14 @@ class Label:
     attempt: int = 1  # 2 or more: the first actor(s) died with this instance in flight
 
     def decision(self) -> Decision:
-        return Decision(target=self.target, share=self.share, prompt=self.prompt, method=self.source,
-                        objective=self.objective, stats={"gap": self.gap, "source": self.source})
+        return Decision(
+            target=self.target,
+            share=self.share,
+            prompt=self.prompt,
+            method=self.source,
+            objective=self.objective,
+            stats={"gap": self.gap, "source": self.source},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,8 +107,7 @@ class LabelWorker:
             self._fallback = self._get_expert(self.cfg.fallback, **self.cfg.fallback_kwargs)
         return self._fallback
 
-    def label(self, instance_id: int, inst: Instance, prompt: str, time_limit: float | None,
-              attempt: int = 1) -> Label:
+    def label(self, instance_id: int, inst: Instance, prompt: str, time_limit: float | None, attempt: int = 1) -> Label:
         start = time.perf_counter()
         exact: Decision | None = None
         try:
@@ -118,24 +125,45 @@ class LabelWorker:
             de = self.fallback().solve(inst, prompt, time_limit)
         except Exception as err:
             if best is None:
-                raise LabellingError(f"instance {instance_id}: exact ({status}) and "
-                                     f"{self.cfg.fallback} ({type(err).__name__}: {err}) both failed") from err
+                raise LabellingError(
+                    f"instance {instance_id}: exact ({status}) and "
+                    f"{self.cfg.fallback} ({type(err).__name__}: {err}) both failed"
+                ) from err
             de = None
         if de is not None and de.stats.get("feasible") and (best is None or de.objective < best.objective):
             best, source = de, "de"
         if best is None:
-            raise LabellingError(f"instance {instance_id}: neither exact ({status}) nor "
-                                 f"{self.cfg.fallback} found a feasible decision")
+            raise LabellingError(
+                f"instance {instance_id}: neither exact ({status}) nor {self.cfg.fallback} found a feasible decision"
+            )
         return self._make(instance_id, prompt, best, source, lower_bound, status, start, attempt)
 
     @staticmethod
-    def _make(instance_id: int, prompt: str, d: Decision, source: LabelSource, lower_bound: float | None,
-              status: str, start: float, attempt: int) -> Label:
+    def _make(
+        instance_id: int,
+        prompt: str,
+        d: Decision,
+        source: LabelSource,
+        lower_bound: float | None,
+        status: str,
+        start: float,
+        attempt: int,
+    ) -> Label:
         gap = d.stats.get("gap") if source == "exact" else _certified_gap(d.objective, lower_bound)
-        return Label(instance_id=instance_id, prompt=prompt, target=d.target.copy(), share=d.share.copy(),
-                     objective=float(d.objective), source=source, gap=None if gap is None else float(gap),
-                     lower_bound=lower_bound, exact_status=status, wall_s=time.perf_counter() - start,
-                     worker_pid=os.getpid(), attempt=attempt)
+        return Label(
+            instance_id=instance_id,
+            prompt=prompt,
+            target=d.target.copy(),
+            share=d.share.copy(),
+            objective=float(d.objective),
+            source=source,
+            gap=None if gap is None else float(gap),
+            lower_bound=lower_bound,
+            exact_status=status,
+            wall_s=time.perf_counter() - start,
+            worker_pid=os.getpid(),
+            attempt=attempt,
+        )
 
 
 @dataclass
@@ -153,8 +181,14 @@ class ExpertPool:
     ``label_iter`` yields them as they complete (so a caller can keep deciding online meanwhile).
     """
 
-    def __init__(self, n_actors: int = 2, time_limit: float | None = 10.0,
-                 worker: LabelWorkerConfig | None = None, max_attempts: int = 3, cpus_per_actor: float = 1.0) -> None:
+    def __init__(
+        self,
+        n_actors: int = 2,
+        time_limit: float | None = 10.0,
+        worker: LabelWorkerConfig | None = None,
+        max_attempts: int = 3,
+        cpus_per_actor: float = 1.0,
+    ) -> None:
         """``cpus_per_actor`` stays 1 in production (HiGHS runs single-threaded, one instance per
         actor); tests sharing a 2-CPU Ray with other actors may pass a fraction."""
         import ray
@@ -168,8 +202,10 @@ class ExpertPool:
         cpus = ray.cluster_resources().get("CPU", 0)
         if n_actors * cpus_per_actor > cpus:
             # Each actor reserves its CPU: more than the cluster has would wait forever to be placed.
-            raise LamboInputError(f"{n_actors} expert actors need {n_actors * cpus_per_actor:g} CPUs, "
-                                  f"the cluster has {cpus:g}", where="experts")
+            raise LamboInputError(
+                f"{n_actors} expert actors need {n_actors * cpus_per_actor:g} CPUs, the cluster has {cpus:g}",
+                where="experts",
+            )
         self.n_actors = n_actors
         self.time_limit = time_limit
         self.worker_cfg = worker or LabelWorkerConfig()
@@ -187,14 +223,16 @@ class ExpertPool:
 
         return ray.get([a.pid.remote() for a in self.actors])
 
-    def label(self, instances: Sequence[Instance], prompt: str | Sequence[str],
-              ids: Sequence[int] | None = None) -> list[Label]:
+    def label(
+        self, instances: Sequence[Instance], prompt: str | Sequence[str], ids: Sequence[int] | None = None
+    ) -> list[Label]:
         by_id = {lab.instance_id: lab for lab in self.label_iter(instances, prompt, ids)}
         ids = list(range(len(instances))) if ids is None else list(ids)
         return [by_id[i] for i in ids]
 
-    def label_iter(self, instances: Sequence[Instance], prompt: str | Sequence[str],
-                   ids: Sequence[int] | None = None) -> Iterator[Label]:
+    def label_iter(
+        self, instances: Sequence[Instance], prompt: str | Sequence[str], ids: Sequence[int] | None = None
+    ) -> Iterator[Label]:
         """Labels as they complete (any order); ``prompt`` is one for all or one per instance."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
@@ -222,8 +260,7 @@ class ExpertPool:
             while queue and idle:
                 slot, pos = idle.pop(), queue.popleft()
                 attempts[pos] += 1
-                ref = self.actors[slot].label.remote(ids[pos], refs[pos], prompts[pos], self.time_limit,
-                                                     attempts[pos])
+                ref = self.actors[slot].label.remote(ids[pos], refs[pos], prompts[pos], self.time_limit, attempts[pos])
                 in_flight[ref] = (slot, pos)
 
         while queue or in_flight:
@@ -256,10 +293,8 @@ class ExpertPool:
     def _replace(self, slot: int) -> None:
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already gone: nothing to clean up
             ray.kill(self.actors[slot], no_restart=True)
-        except Exception:  # already gone: nothing to clean up
-            pass
         self.actors[slot] = self._new_actor()
         self.stats.actors_replaced += 1
 
@@ -274,13 +309,11 @@ class ExpertPool:
         import ray
 
         for a in self.actors:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
-            except Exception:
-                pass
         self.actors = []
 
-    def __enter__(self) -> "ExpertPool":
+    def __enter__(self) -> ExpertPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

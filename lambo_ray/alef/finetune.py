@@ -17,6 +17,7 @@ the decoder is small and cheap to swap per regime (Serve keeps one encoder and m
 The online decision of an instance never waits for labelling: it is made and recorded before the
 round queries anything; labels only change the decisions of instances that arrive later.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,13 @@ import torch
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches
 from lambo_ray.alef.expert_pool import ExpertPool, Label
 from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, select
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS, apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate, relative_gap
 from lambo_ray.mec.generator import generate, generate_series
 from lambo_ray.mec.instance import Instance, check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
-from lambo_ray.policy.model import claims_from_shares
-
-MASKED_LOGP = -1e6  # teacher-forced log-probs below this are masked options (the mask adds -1e9)
+from lambo_ray.policy.imitation import ImitationLoss, imitation_loss, pad_labels
 
 
 @dataclass
@@ -164,8 +163,7 @@ class Decided:
     decide_s: float  # wall time of the whole batch (featurize + encode + decode)
 
 
-def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str],
-           chunk: int = 64) -> Decided:
+def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], chunk: int = 64) -> Decided:
     """Greedy decisions and per-UE entropies of both heads, one encoder pass per instance."""
     from lambo_ray.policy.features import featurize
     from lambo_ray.policy.model import fill_capacity
@@ -175,14 +173,14 @@ def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequ
     n_max = max(inst.n_ues for inst in instances)
     with torch.no_grad():
         for lo in range(0, len(instances), chunk):
-            part = instances[lo:lo + chunk]
-            batch = featurize(part, list(prompts[lo:lo + chunk]), n_max=n_max)
+            part = instances[lo : lo + chunk]
+            batch = featurize(part, list(prompts[lo : lo + chunk]), n_max=n_max)
             out = policy.decode(batch, policy.encode(batch), "greedy")
             # What users get: the policy's output mapping spreads each server's leftover capacity.
             share = fill_capacity(out.target, out.share, batch.m_max)
             for k, inst in enumerate(part):
-                targets.append(out.target[k, :inst.n_ues].cpu().numpy().astype(np.int64))
-                shares.append(share[k, :inst.n_ues].double().cpu().numpy())
+                targets.append(out.target[k, : inst.n_ues].cpu().numpy().astype(np.int64))
+                shares.append(share[k, : inst.n_ues].double().cpu().numpy())
             ent_t.append(out.entropy_target.double().cpu().numpy())
             ent_s.append(out.entropy_share.double().cpu().numpy())
             masks.append(batch.ue_mask.cpu().numpy())
@@ -190,50 +188,24 @@ def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequ
     return Decided(targets, shares, q, time.perf_counter() - start)
 
 
-@dataclass
-class ImitationLoss:
-    target_ce: torch.Tensor  # scalar
-    share_nll: torch.Tensor  # scalar
-    masked_labels: int  # expert targets the policy's feasibility mask excludes (round-off at a_min)
-
-
 def imitation_losses(policy: torch.nn.Module, examples: Sequence[Example]) -> ImitationLoss:
-    """The two ALEF loss terms on a minibatch of expert labels (teacher forcing, one decoder pass).
-
-    * ``target_ce``: cross-entropy of the expert's targets, -mean over real UEs of log pi(target_i).
-    * ``share_nll``: negative log-likelihood of the expert's shares under the share head (the Beta
-      density of the ``u`` that maps to the expert's share given the remaining capacity), mean over
-      real offloaded UEs (local UEs have no share to imitate).
-    A feasible expert decision always passes the policy's masks, up to floating-point round-off
-    when a share sits exactly on a_min of a full server; such UEs (log-prob ~ -1e9) are left out
-    of the cross-entropy and counted, rather than letting one of them dominate the loss.
-    Gradients reach only the decoder (the encoder runs under ``no_grad`` and is frozen anyway).
-    """
+    """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
+    encoder frozen: gradients reach only the decoder."""
     from lambo_ray.policy.features import featurize
 
     batch = featurize([e.instance for e in examples], [e.prompt for e in examples])
-    n = batch.n_max
-    target = torch.zeros(len(examples), n, dtype=torch.long)
-    share = torch.zeros(len(examples), n, dtype=torch.float64)
-    for k, e in enumerate(examples):
-        target[k, :e.target.size] = torch.as_tensor(np.array(e.target))
-        share[k, :e.share.size] = torch.as_tensor(np.array(e.share, dtype=np.float64))
-    with torch.no_grad():
-        enc = policy.encode(batch)
-    # Decode-time claims behind the expert's shares (claims_from_shares): imitating full-server
-    # shares literally would teach early UEs to take the capacity later UEs need.
-    tf = policy.teacher_forced(batch, enc, target, claims_from_shares(target, share, batch.amin))
-    real = batch.ue_mask
-    masked = real & (tf.logp_target < MASKED_LOGP)
-    keep = real & ~masked
-    off = keep & (target > 0)
-    target_ce = -(tf.logp_target.masked_fill(~keep, 0.0)).sum() / keep.sum().clamp(min=1)
-    share_nll = -(tf.logp_share.masked_fill(~off, 0.0)).sum() / off.sum().clamp(min=1)
-    return ImitationLoss(target_ce, share_nll, int(masked.sum()))
+    target, share = pad_labels([e.target for e in examples], [e.share for e in examples], batch.n_max)
+    return imitation_loss(policy, batch, target, share, train_encoder=False)
 
 
-def train_decoder(policy: torch.nn.Module, opt: torch.optim.Optimizer, drifted: LabelBuffer, replay: LabelBuffer,
-                  cfg: AlefConfig, rng: np.random.Generator) -> dict[str, float]:
+def train_decoder(
+    policy: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    drifted: LabelBuffer,
+    replay: LabelBuffer,
+    cfg: AlefConfig,
+    rng: np.random.Generator,
+) -> dict[str, float]:
     """``cfg.epochs`` passes over the drifted labels, each minibatch topped up with replay labels."""
     params = [p for group in opt.param_groups for p in group["params"]]
     sums = {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0}
@@ -269,8 +241,10 @@ class LabelledSet:
     labels: list[Label]
 
     def examples(self) -> list[Example]:
-        return [Example(i, p, lab.target, lab.share, lab.source, lab.objective)
-                for i, p, lab in zip(self.instances, self.prompts, self.labels)]
+        return [
+            Example(i, p, lab.target, lab.share, lab.source, lab.objective)
+            for i, p, lab in zip(self.instances, self.prompts, self.labels)
+        ]
 
 
 def gap_report(policy: torch.nn.Module, ref: LabelledSet) -> dict[str, float]:
@@ -419,11 +393,18 @@ def prepare_references(cfg: AlefConfig, pool: ExpertPool) -> References:
     """Draw and label the reference sets in one parallel pool call (negative ids: the stream's are >= 0)."""
     seeds = _seeds(cfg.seed)
     sets = [
-        (snapshot_set(apply_drift(cfg.scenario, cfg.drift), cfg.n_heldout, seeds["heldout_drifted"]),
-         cycle_prompts(cfg.prompts, cfg.n_heldout)),
-        (snapshot_set(cfg.scenario, cfg.n_heldout, seeds["heldout_undrifted"]), cycle_prompts(cfg.prompts, cfg.n_heldout)),
-        (snapshot_set(cfg.scenario, cfg.n_replay, seeds["replay"]) if cfg.n_replay else [],
-         cycle_prompts(cfg.prompts, cfg.n_replay)),
+        (
+            snapshot_set(apply_drift(cfg.scenario, cfg.drift), cfg.n_heldout, seeds["heldout_drifted"]),
+            cycle_prompts(cfg.prompts, cfg.n_heldout),
+        ),
+        (
+            snapshot_set(cfg.scenario, cfg.n_heldout, seeds["heldout_undrifted"]),
+            cycle_prompts(cfg.prompts, cfg.n_heldout),
+        ),
+        (
+            snapshot_set(cfg.scenario, cfg.n_replay, seeds["replay"]) if cfg.n_replay else [],
+            cycle_prompts(cfg.prompts, cfg.n_replay),
+        ),
     ]
     instances = [i for insts, _ in sets for i in insts]
     prompts = [p for _, ps in sets for p in ps]
@@ -432,13 +413,18 @@ def prepare_references(cfg: AlefConfig, pool: ExpertPool) -> References:
     label_s = time.perf_counter() - t0
     out, lo = [], 0
     for insts, ps in sets:
-        out.append(LabelledSet(list(insts), list(ps), labels[lo:lo + len(insts)]))
+        out.append(LabelledSet(list(insts), list(ps), labels[lo : lo + len(insts)]))
         lo += len(insts)
     return References(out[0], out[1], out[2], label_s, reference_key(cfg))
 
 
-def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, references: References | None = None,
-             log: Callable[[str], None] = lambda s: None) -> AlefResult:
+def run_alef(
+    policy: torch.nn.Module,
+    cfg: AlefConfig,
+    pool: ExpertPool,
+    references: References | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> AlefResult:
     """Fine-tune ``policy``'s decoder in place under ``cfg.drift``; returns per-round metrics.
 
     ``references`` (from :func:`prepare_references` with the same config) skips labelling them again.
@@ -459,8 +445,10 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
     heldout, undrifted, replay_set = refs.heldout, refs.undrifted, refs.replay
     replay = LabelBuffer(replay_set.examples())
     before = {"drifted": gap_report(policy, heldout), "undrifted": gap_report(policy, undrifted)}
-    log(f"before: drifted gap {before['drifted']['gap']:.4f}, undrifted gap {before['undrifted']['gap']:.4f}"
-        f" (reference labels {setup_label_s:.1f} s)")
+    log(
+        f"before: drifted gap {before['drifted']['gap']:.4f}, undrifted gap {before['undrifted']['gap']:.4f}"
+        f" (reference labels {setup_label_s:.1f} s)"
+    )
 
     stream = drift_stream(cfg.scenario, cfg.drift, seeds["stream"], cfg.series_dt_s)
     budget = LabelBudget(cfg.budget, cfg.rounds, cfg.budget_per_round)
@@ -483,8 +471,10 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
         # 2. Query the most uncertain decisions within this round's budget.
         scores = query(online.query_input, rng_query)
         chosen = select(scores, k)
-        served = [OnlineRecord(ids[i], r + 1, prompts[i], evals[i].objective(prompts[i]), evals[i].feasible,
-                               float(scores[i])) for i in range(len(arrivals))]
+        served = [
+            OnlineRecord(ids[i], r + 1, prompts[i], evals[i].objective(prompts[i]), evals[i].feasible, float(scores[i]))
+            for i in range(len(arrivals))
+        ]
         records.extend(served)  # recorded before any label exists: labels only change later decisions
 
         # 3. The expert pool labels them in parallel.
@@ -492,10 +482,18 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
         labels = pool.label([arrivals[i] for i in chosen], [prompts[i] for i in chosen], ids=[ids[i] for i in chosen])
         label_s = time.perf_counter() - t0
         budget.spend(len(labels))
-        buffer.add([Example(arrivals[i], prompts[i], lab.target, lab.share, lab.source, lab.objective)
-                    for i, lab in zip(chosen, labels)])
+        buffer.add(
+            [
+                Example(arrivals[i], prompts[i], lab.target, lab.share, lab.source, lab.objective)
+                for i, lab in zip(chosen, labels)
+            ]
+        )
         for i, lab in zip(chosen, labels):
-            served[i].queried, served[i].label_objective, served[i].label_source = True, lab.objective, lab.source
+            served[i].queried, served[i].label_objective, served[i].label_source = (
+                True,
+                lab.objective,
+                lab.source,
+            )
         queried_gaps = [g for g in (served[i].gap for i in chosen) if g is not None]
 
         # 4. Train the decoder on the labelled buffer (+ pre-drift replay), encoder frozen; keep the
@@ -522,8 +520,10 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             labels_used=budget.spent,
             labels_this_round=len(labels),
             label_sources=sources,
-            online_objective={p: float(np.mean([e.objective(p) for e, q in zip(evals, prompts) if q == p]))
-                              for p in sorted(set(prompts))},
+            online_objective={
+                p: float(np.mean([e.objective(p) for e, q in zip(evals, prompts) if q == p]))
+                for p in sorted(set(prompts))
+            },
             online_feasible=float(np.mean([e.feasible for e in evals])),
             queried_online_gap=float(np.mean(queried_gaps)) if queried_gaps else float("nan"),
             query_score_mean=float(np.mean(scores[chosen])) if len(chosen) else float("nan"),
@@ -539,9 +539,18 @@ def run_alef(policy: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, referen
             accepted=accepted,
         )
         rounds.append(m)
-        log(f"round {m.round}: labels {m.labels_used}/{cfg.budget} {sources}, loss {train['loss']:.4f}, "
+        log(
+            f"round {m.round}: labels {m.labels_used}/{cfg.budget} {sources}, loss {train['loss']:.4f}, "
             f"drifted gap {m.drifted['gap']:.4f}, undrifted gap {m.undrifted['gap']:.4f}, "
             f"label {label_s:.1f} s, train {train_s:.1f} s"
-            + ("" if accepted else f" (update rolled back: labelled gap {gate_before:.4f} -> {gate_after:.4f})"))
-    return AlefResult(config=cfg.to_dict(), before=before, rounds=rounds, setup_label_s=setup_label_s,
-                      wall_s=time.perf_counter() - start, pool_stats=dataclasses.asdict(pool.stats), online=records)
+            + ("" if accepted else f" (update rolled back: labelled gap {gate_before:.4f} -> {gate_after:.4f})")
+        )
+    return AlefResult(
+        config=cfg.to_dict(),
+        before=before,
+        rounds=rounds,
+        setup_label_s=setup_label_s,
+        wall_s=time.perf_counter() - start,
+        pool_stats=dataclasses.asdict(pool.stats),
+        online=records,
+    )

@@ -14,6 +14,7 @@ negative, and mixing it in is a choice to make knowingly, not by default.
 ``random``: uniform scores from a seeded generator; the baseline that shows what the entropy
 query buys at the same label budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ def query_strategies() -> list[str]:
 
 def get_query(name: str, **kwargs: float) -> Scorer:
     if name not in _STRATEGIES:
-        raise LamboInputError(f"unknown query strategy {name!r}; expected one of {', '.join(query_strategies())}",
-                              where="query")
+        raise LamboInputError(
+            f"unknown query strategy {name!r}; expected one of {', '.join(query_strategies())}", where="query"
+        )
     return _STRATEGIES[name](**kwargs)
 
 

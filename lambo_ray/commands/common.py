@@ -1,4 +1,5 @@
 """Argument helpers shared by sub-commands: scenario flags generated from ScenarioConfig, Ray start-up."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS, apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 
-_SHORT = {"n_ues": "--n-ues", "n_servers": "--n-servers", "capacities_cps": "--capacities", "area_m": "--area"}
+_SHORT = {
+    "n_ues": "--n-ues",
+    "n_servers": "--n-servers",
+    "capacities_cps": "--capacities",
+    "area_m": "--area",
+}
 
 
 def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,11 +30,15 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
         flag = _SHORT.get(f.name, "--" + f.name.replace("_", "-"))
         default = f.default
         if isinstance(default, tuple) or f.name == "hotspot":
-            g.add_argument(flag, dest=f"sc_{f.name}", type=float, nargs="+", default=None,
-                           help=f"default {default}")
+            g.add_argument(flag, dest=f"sc_{f.name}", type=float, nargs="+", default=None, help=f"default {default}")
         elif isinstance(default, bool):
-            g.add_argument(flag, dest=f"sc_{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                           default=None, help=f"default {default}")
+            g.add_argument(
+                flag,
+                dest=f"sc_{f.name}",
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+                default=None,
+                help=f"default {default}",
+            )
         else:
             g.add_argument(flag, dest=f"sc_{f.name}", type=type(default), default=None, help=f"default {default}")
 

@@ -13,6 +13,7 @@ step can be re-run by hand):
                         all-offload) on the held-out set, both prompts, and LAMBO before/after ALEF
                         under the drift; comparison table, Fig. 5/6-style plots, JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import shlex
 import time
 from pathlib import Path
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS
-from lambo_ray.mec.errors import LamboInputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=3, help="ACRL iterations after the warm start")
     p.add_argument("--warm-start-labels", type=int, default=384, help="expert labels for the warm start")
     p.add_argument("--budget", type=int, default=24, help="ALEF expert labels")
-    p.add_argument("--tiny", action="store_true",
-                   help="a seconds-long smoke run on N=6, M=2 instances (what the tests use)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a seconds-long smoke run on N=6, M=2 instances (what the tests use)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory's runs")
 
 
@@ -63,36 +67,145 @@ def run(args: argparse.Namespace) -> int:
     init_ray(num_cpus=2)
     if args.tiny:
         scen = ["--n-ues", "6", "--n-servers", "2"]
-        pre = ["--iterations", "2", "--num-env-runners", "2", "--num-envs-per-env-runner", "2",
-               "--instances-per-episode", "16", "--train-batch-size", "64", "--minibatch-size", "32",
-               "--val-size", "4", "--warm-start-labels", "32", "--warm-start-epochs", "5"]
-        fin = ["--budget", "6", "--rounds", "2", "--pool-size", "8", "--n-replay", "4", "--heldout", "4",
-               "--experts", "2", "--time-limit", "5"]
+        pre = [
+            "--iterations",
+            "2",
+            "--num-env-runners",
+            "2",
+            "--num-envs-per-env-runner",
+            "2",
+            "--instances-per-episode",
+            "16",
+            "--train-batch-size",
+            "64",
+            "--minibatch-size",
+            "32",
+            "--val-size",
+            "4",
+            "--warm-start-labels",
+            "32",
+            "--warm-start-epochs",
+            "5",
+        ]
+        fin = [
+            "--budget",
+            "6",
+            "--rounds",
+            "2",
+            "--pool-size",
+            "8",
+            "--n-replay",
+            "4",
+            "--heldout",
+            "4",
+            "--experts",
+            "2",
+            "--time-limit",
+            "5",
+        ]
         rep = ["--count", "3", "--drift-count", "3", "--exact-time-limit", "10"]
     else:
         scen = []
-        pre = ["--iterations", str(args.iterations), "--num-env-runners", "2", "--num-envs-per-env-runner", "2",
-               "--instances-per-episode", "32", "--train-batch-size", "128", "--minibatch-size", "64",
-               "--val-size", "8", "--warm-start-labels", str(args.warm_start_labels), "--warm-start-epochs", "20",
-               "--warm-start-prompts", "min_energy", "min_latency"]
-        fin = ["--budget", str(args.budget), "--rounds", "2", "--pool-size", "24", "--n-replay", "12",
-               "--heldout", "8", "--experts", "2", "--time-limit", "10"]
-        rep = ["--count", str(args.count), "--drift-count", str(max(4, args.count // 2)), "--exact-time-limit", "30"]
+        pre = [
+            "--iterations",
+            str(args.iterations),
+            "--num-env-runners",
+            "2",
+            "--num-envs-per-env-runner",
+            "2",
+            "--instances-per-episode",
+            "32",
+            "--train-batch-size",
+            "128",
+            "--minibatch-size",
+            "64",
+            "--val-size",
+            "8",
+            "--warm-start-labels",
+            str(args.warm_start_labels),
+            "--warm-start-epochs",
+            "20",
+            "--warm-start-prompts",
+            "min_energy",
+            "min_latency",
+        ]
+        fin = [
+            "--budget",
+            str(args.budget),
+            "--rounds",
+            "2",
+            "--pool-size",
+            "24",
+            "--n-replay",
+            "12",
+            "--heldout",
+            "8",
+            "--experts",
+            "2",
+            "--time-limit",
+            "10",
+        ]
+        rep = [
+            "--count",
+            str(args.count),
+            "--drift-count",
+            str(max(4, args.count // 2)),
+            "--exact-time-limit",
+            "30",
+        ]
     overwrite = ["--overwrite"] if args.overwrite else []
-    _step("1/4 generate held-out instances of the paper scenario",
-          ["generate", "--count", rep[1], "--seed", "5000", "--out", str(out / "heldout.jsonl"), *scen])
+    _step(
+        "1/4 generate held-out instances of the paper scenario",
+        ["generate", "--count", rep[1], "--seed", "5000", "--out", str(out / "heldout.jsonl"), *scen],
+    )
     if pretrain_dir.exists():
         import shutil
 
         shutil.rmtree(pretrain_dir)
-    _step("2/4 pretrain LAMBO-S (warm start + ACRL on RLlib)",
-          ["pretrain", "--scale", "S", "--out", str(pretrain_dir), "--quiet", *pre, *scen])
-    _step(f"3/4 ALEF fine-tuning under drift '{args.drift}'",
-          ["finetune", "--checkpoint", str(pretrain_dir), "--drift", args.drift, "--query", "entropy",
-           "--out", str(decoder_dir), *fin, *overwrite, *scen])
-    _step("4/4 report: every method, both prompts, drift before/after ALEF",
-          ["report", "--out", str(out / "report"), "--checkpoint", str(pretrain_dir), "--sections", "comparison",
-           "drift", "--instances", str(out / "heldout.jsonl"), "--decoders", f"{args.drift}={decoder_dir}", *rep, "--drifts", args.drift, *scen])
-    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.md'}; "
-          f"plots: {out / 'report'}/*.png")
+    _step(
+        "2/4 pretrain LAMBO-S (warm start + ACRL on RLlib)",
+        ["pretrain", "--scale", "S", "--out", str(pretrain_dir), "--quiet", *pre, *scen],
+    )
+    _step(
+        f"3/4 ALEF fine-tuning under drift '{args.drift}'",
+        [
+            "finetune",
+            "--checkpoint",
+            str(pretrain_dir),
+            "--drift",
+            args.drift,
+            "--query",
+            "entropy",
+            "--out",
+            str(decoder_dir),
+            *fin,
+            *overwrite,
+            *scen,
+        ],
+    )
+    _step(
+        "4/4 report: every method, both prompts, drift before/after ALEF",
+        [
+            "report",
+            "--out",
+            str(out / "report"),
+            "--checkpoint",
+            str(pretrain_dir),
+            "--sections",
+            "comparison",
+            "drift",
+            "--instances",
+            str(out / "heldout.jsonl"),
+            "--decoders",
+            f"{args.drift}={decoder_dir}",
+            *rep,
+            "--drifts",
+            args.drift,
+            *scen,
+        ],
+    )
+    print(
+        f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {out / 'report' / 'report.md'}; "
+        f"plots: {out / 'report'}/*.png"
+    )
     return 0

@@ -1,4 +1,5 @@
 """`lambo evaluate`: score decisions against their instances with the one evaluator."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate, relative_gap
 from lambo_ray.mec.io import read_decisions, read_instances
 from lambo_ray.results import print_table
@@ -34,31 +35,45 @@ def evaluate_files(instances_path: Path, decisions_path: Path, reference_path: P
             ev = evaluate(inst, dec.target, dec.share)
         except LamboInputError as err:
             raise err.located(f"{decisions_path}:{k + 1}") from None
-        row = {"index": k, "method": dec.method, "prompt": dec.prompt, "objective": ev.objective(dec.prompt),
-               "feasible": ev.feasible, "violations": ev.violations,
-               "mean_latency_s": ev.mean_latency_s, "total_energy_j": ev.total_energy_j}
+        row = {
+            "index": k,
+            "method": dec.method,
+            "prompt": dec.prompt,
+            "objective": ev.objective(dec.prompt),
+            "feasible": ev.feasible,
+            "violations": ev.violations,
+            "mean_latency_s": ev.mean_latency_s,
+            "total_energy_j": ev.total_energy_j,
+        }
         if dec.objective is not None:
             row["claimed_objective"] = dec.objective
         if references is not None:
             ref = references[k]
             if ref.prompt != dec.prompt:
-                raise LamboInputError(f"reference prompt {ref.prompt!r} differs from decision prompt {dec.prompt!r}",
-                                      where=f"{reference_path}:{k + 1}")
+                raise LamboInputError(
+                    f"reference prompt {ref.prompt!r} differs from decision prompt {dec.prompt!r}",
+                    where=f"{reference_path}:{k + 1}",
+                )
             ref_obj = evaluate(inst, ref.target, ref.share).objective(ref.prompt)
             row["reference_objective"] = ref_obj
             row["gap"] = relative_gap(row["objective"], ref_obj)
         per.append(row)
     objs = np.array([r["objective"] for r in per])
-    summary = {"instances": len(per), "prompt": per[0]["prompt"], "method": per[0]["method"],
-               "mean_objective": float(objs.mean()),
-               "feasible_rate": float(np.mean([r["feasible"] for r in per]))}
+    summary = {
+        "instances": len(per),
+        "prompt": per[0]["prompt"],
+        "method": per[0]["method"],
+        "mean_objective": float(objs.mean()),
+        "feasible_rate": float(np.mean([r["feasible"] for r in per])),
+    }
     if references is not None:
         gaps = np.array([r["gap"] for r in per])
         summary.update(mean_gap=float(gaps.mean()), max_gap=float(gaps.max()))
     claimed = [r for r in per if "claimed_objective" in r]
     if claimed:
-        summary["claims_match"] = bool(all(
-            np.isclose(r["claimed_objective"], r["objective"], rtol=1e-6) for r in claimed))
+        summary["claims_match"] = bool(
+            all(np.isclose(r["claimed_objective"], r["objective"], rtol=1e-6) for r in claimed)
+        )
     return {"summary": summary, "instances": per}
 
 

@@ -10,6 +10,7 @@ same encoder with ``load_decoder`` / ``lambo solve --decoder`` / Serve) plus ``m
 The output directory appears complete or not at all: it is assembled in a temporary sibling and
 renamed into place; an existing one is only replaced with ``--overwrite``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lambo_ray.commands.common import add_scenario_arguments, init_ray, scenario_from_args
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.instance import PROMPTS
 
 
@@ -35,28 +36,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=d["budget"].default, help="expert labels in total")
     p.add_argument("--budget-per-round", type=int, default=None, help="default: budget / rounds")
     p.add_argument("--rounds", type=int, default=d["rounds"].default)
-    p.add_argument("--pool-size", type=int, default=d["pool_size"].default,
-                   help="unlabelled drifted instances decided online per round")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=d["pool_size"].default,
+        help="unlabelled drifted instances decided online per round",
+    )
     p.add_argument("--query", default=d["query"].default, help="query strategy: entropy or random")
     p.add_argument("--experts", type=int, default=d["experts"].default, help="expert actors (1 CPU each)")
-    p.add_argument("--time-limit", type=float, default=d["label_time_limit"].default,
-                   help="seconds per label for exact (and again for the DE fallback)")
-    p.add_argument("--prompt", nargs="+", default=list(d["prompts"].default),
-                   help=f"prompt(s) of the arriving instances, from {', '.join(PROMPTS)}")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=d["label_time_limit"].default,
+        help="seconds per label for exact (and again for the DE fallback)",
+    )
+    p.add_argument(
+        "--prompt",
+        nargs="+",
+        default=list(d["prompts"].default),
+        help=f"prompt(s) of the arriving instances, from {', '.join(PROMPTS)}",
+    )
     p.add_argument("--epochs", type=int, default=d["epochs"].default)
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
     p.add_argument("--lr", type=float, default=d["lr"].default)
     p.add_argument("--replay-fraction", type=float, default=d["replay_fraction"].default)
     p.add_argument("--n-replay", type=int, default=d["n_replay"].default, help="pre-drift labelled replay set")
-    p.add_argument("--heldout", type=int, default=d["n_heldout"].default,
-                   help="held-out drifted (and undrifted) instances for the gap metrics")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=d["n_heldout"].default,
+        help="held-out drifted (and undrifted) instances for the gap metrics",
+    )
     p.add_argument("--target-weight", type=float, default=d["target_weight"].default)
     p.add_argument("--share-weight", type=float, default=d["share_weight"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--decoder-id", default=None, help="id of the new decoder (default: DRIFT-QUERY)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--no-gate", action="store_true",
-                   help="keep every round's update even if greedy decisions on the labelled data got worse")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="keep every round's update even if greedy decisions on the labelled data got worse",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver")
     add_scenario_arguments(p)  # --drift NAME and the undrifted scenario's values
     for action in p._actions:  # an unknown drift is reported in one line by config_from_args
@@ -72,19 +92,35 @@ def config_from_args(args: argparse.Namespace):
         what = "--drift is required" if args.drift is None else f"unknown drift {args.drift!r}"
         raise LamboInputError(f"{what}; expected one of {', '.join(DRIFTS)}", where="drift")
     if args.query not in query_strategies():
-        raise LamboInputError(f"unknown query strategy {args.query!r}; expected one of "
-                              f"{', '.join(query_strategies())}", where="query")
+        raise LamboInputError(
+            f"unknown query strategy {args.query!r}; expected one of {', '.join(query_strategies())}",
+            where="query",
+        )
     if args.budget < 1:
         raise LamboInputError(f"--budget must be >= 1 label (got {args.budget})", where="budget")
     if args.budget_per_round is not None and args.budget_per_round < 1:
         raise LamboInputError(f"--budget-per-round must be >= 1 (got {args.budget_per_round})", where="budget")
     base = scenario_from_args(argparse.Namespace(**{**vars(args), "drift": None}))
     return AlefConfig(
-        drift=args.drift, prompts=tuple(args.prompt), rounds=args.rounds, pool_size=args.pool_size,
-        budget=args.budget, budget_per_round=args.budget_per_round, query=args.query, experts=args.experts,
-        label_time_limit=args.time_limit, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        replay_fraction=args.replay_fraction, n_replay=args.n_replay, n_heldout=args.heldout,
-        target_weight=args.target_weight, share_weight=args.share_weight, seed=args.seed, scenario=base,
+        drift=args.drift,
+        prompts=tuple(args.prompt),
+        rounds=args.rounds,
+        pool_size=args.pool_size,
+        budget=args.budget,
+        budget_per_round=args.budget_per_round,
+        query=args.query,
+        experts=args.experts,
+        label_time_limit=args.time_limit,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        replay_fraction=args.replay_fraction,
+        n_replay=args.n_replay,
+        n_heldout=args.heldout,
+        target_weight=args.target_weight,
+        share_weight=args.share_weight,
+        seed=args.seed,
+        scenario=base,
         gate=not args.no_gate,
     )
 
@@ -113,8 +149,13 @@ def run(args: argparse.Namespace) -> int:
     from lambo_ray.alef.expert_pool import ExpertPool
     from lambo_ray.alef.finetune import run_alef
     from lambo_ray.mec.io import write_json
-    from lambo_ray.policy.checkpoint import (DECODER_ID_RE, load_policy, policy_fingerprint, resolve_policy_dir,
-                                             save_decoder)
+    from lambo_ray.policy.checkpoint import (
+        DECODER_ID_RE,
+        load_policy,
+        policy_fingerprint,
+        resolve_policy_dir,
+        save_decoder,
+    )
     from lambo_ray.results import print_table, run_metadata
 
     if not DECODER_ID_RE.match(decoder_id):
@@ -130,19 +171,34 @@ def run(args: argparse.Namespace) -> int:
     if policy_fingerprint(policy) != base_fp:  # the frozen encoder moved: a bug, never ship such a decoder
         raise RuntimeError("encoder weights changed during decoder-only fine-tuning")
 
-    metrics: dict[str, Any] = {**run_metadata(), "checkpoint": str(policy_dir), "base_fingerprint": base_fp,
-                               "decoder_id": decoder_id, **result.to_dict(), "total_s": time.perf_counter() - start}
-    summary = {"drift": cfg.drift, "query": cfg.query, "labels_used": result.labels_used,
-               "gap_before": result.before["drifted"]["gap"], "gap_after": result.after["drifted"]["gap"],
-               "undrifted_gap_before": result.before["undrifted"]["gap"],
-               "undrifted_gap_after": result.after["undrifted"]["gap"]}
+    metrics: dict[str, Any] = {
+        **run_metadata(),
+        "checkpoint": str(policy_dir),
+        "base_fingerprint": base_fp,
+        "decoder_id": decoder_id,
+        **result.to_dict(),
+        "total_s": time.perf_counter() - start,
+    }
+    summary = {
+        "drift": cfg.drift,
+        "query": cfg.query,
+        "labels_used": result.labels_used,
+        "gap_before": result.before["drifted"]["gap"],
+        "gap_after": result.after["drifted"]["gap"],
+        "undrifted_gap_before": result.before["undrifted"]["gap"],
+        "undrifted_gap_after": result.after["undrifted"]["gap"],
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
     try:
         stage = stage_root / "out"
-        save_decoder(stage, policy, decoder_id, meta={"alef": summary, "config": result.config,
-                                                      "checkpoint": str(policy_dir)})
+        save_decoder(
+            stage,
+            policy,
+            decoder_id,
+            meta={"alef": summary, "config": result.config, "checkpoint": str(policy_dir)},
+        )
         write_json(stage / "metrics.json", metrics)
         umask = os.umask(0)
         os.umask(umask)
@@ -151,12 +207,27 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
 
-    rows = [{"round": 0, "labels": 0, "drifted_gap": result.before["drifted"]["gap"],
-             "drifted_feasible": result.before["drifted"]["feasible"],
-             "undrifted_gap": result.before["undrifted"]["gap"], "loss": None}]
-    rows += [{"round": r.round, "labels": r.labels_used, "drifted_gap": r.drifted["gap"],
-              "drifted_feasible": r.drifted["feasible"], "undrifted_gap": r.undrifted["gap"],
-              "loss": r.train["loss"]} for r in result.rounds]
+    rows = [
+        {
+            "round": 0,
+            "labels": 0,
+            "drifted_gap": result.before["drifted"]["gap"],
+            "drifted_feasible": result.before["drifted"]["feasible"],
+            "undrifted_gap": result.before["undrifted"]["gap"],
+            "loss": None,
+        }
+    ]
+    rows += [
+        {
+            "round": r.round,
+            "labels": r.labels_used,
+            "drifted_gap": r.drifted["gap"],
+            "drifted_feasible": r.drifted["feasible"],
+            "undrifted_gap": r.undrifted["gap"],
+            "loss": r.train["loss"],
+        }
+        for r in result.rounds
+    ]
     print_table(rows, title=f"ALEF {cfg.drift} ({cfg.query} query, {result.labels_used} labels)")
     print(f"decoder {decoder_id!r} written to {out} (metrics.json alongside)")
     return 0

@@ -5,6 +5,7 @@ line and exit code 2, not a crash-looping replica. With an embedded local Ray th
 until Ctrl-C (the app lives as long as this process's Ray); when connected to a cluster (RAY_ADDRESS)
 the app is deployed and the command returns unless ``--blocking`` is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 APP_NAME = "lambo"
 
@@ -31,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8_000_000, help="refuse (413) larger request bodies")
     p.add_argument("--cache-size", type=int, default=4, help="decoders kept in memory per replica (LRU)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
-    p.add_argument("--blocking", action="store_true",
-                   help="stay in the foreground until Ctrl-C (always the case with an embedded local Ray)")
+    p.add_argument(
+        "--blocking",
+        action="store_true",
+        help="stay in the foreground until Ctrl-C (always the case with an embedded local Ray)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -42,17 +46,19 @@ def config_from_args(args: argparse.Namespace):
         raise LamboInputError(f"--port must be in 1..65535 (got {args.port})")
     if args.replicas < 1:
         raise LamboInputError(f"--replicas must be >= 1 (got {args.replicas})")
-    return ServeConfig.from_dict({
-        "checkpoint": str(args.checkpoint),
-        "decoders_dir": str(args.decoders) if args.decoders else None,
-        "policy_replicas": args.replicas,
-        "batching": not args.no_batching,
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
-        "max_ues": args.max_ues,
-        "max_body_bytes": args.max_body_bytes,
-        "decoder_cache_size": args.cache_size,
-    })
+    return ServeConfig.from_dict(
+        {
+            "checkpoint": str(args.checkpoint),
+            "decoders_dir": str(args.decoders) if args.decoders else None,
+            "policy_replicas": args.replicas,
+            "batching": not args.no_batching,
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
+            "max_ues": args.max_ues,
+            "max_body_bytes": args.max_body_bytes,
+            "decoder_cache_size": args.cache_size,
+        }
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -86,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if embedded:
         _check_port_free(args.host, args.port)
     url = start(cfg, args.host, args.port, num_cpus=args.num_cpus)
-    print(f"lambo serve: policy {cfg.checkpoint} ready at {url}  (POST {url}/v1/decide, docs {url}/docs)",
-          flush=True)
+    print(
+        f"lambo serve: policy {cfg.checkpoint} ready at {url}  (POST {url}/v1/decide, docs {url}/docs)",
+        flush=True,
+    )
     if not (args.blocking or embedded):
         return 0
     from ray import serve

@@ -1,4 +1,5 @@
 """`lambo solve`: decide every instance of a file with one method; decisions + a summary table."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,12 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import PROMPTS, Decision, Instance
 from lambo_ray.mec.io import read_instances, write_decisions
 from lambo_ray.results import print_table
 
-METHODS = ("exact", "de", "droo", "are", "greedy", "local_search", "all_local", "all_offload", "brute_force", "lambo")
+METHODS = (
+    "exact",
+    "de",
+    "droo",
+    "are",
+    "greedy",
+    "local_search",
+    "all_local",
+    "all_offload",
+    "brute_force",
+    "lambo",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +41,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def solve_all(method: str, instances: list[Instance], prompt: str, *, time_limit: float | None = None,
-              seed: int = 0, checkpoint: Path | None = None, decoder: Path | None = None,
-              decode: str = "greedy", k: int = 16, progress: bool = True) -> list[Decision]:
+def solve_all(
+    method: str,
+    instances: list[Instance],
+    prompt: str,
+    *,
+    time_limit: float | None = None,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    decoder: Path | None = None,
+    decode: str = "greedy",
+    k: int = 16,
+    progress: bool = True,
+) -> list[Decision]:
     """Decisions of one method for a list of instances (the function benchmarks and the report reuse)."""
     if method == "lambo":
         return _solve_lambo(instances, prompt, checkpoint, decoder, decode, k, seed)
@@ -88,9 +110,18 @@ def run(args: argparse.Namespace) -> int:
         raise LamboInputError(f"--time-limit must be > 0 (got {args.time_limit})")
     instances = read_instances(args.inp)
     start = time.perf_counter()
-    decisions = solve_all(args.method, instances, args.prompt, time_limit=args.time_limit, seed=args.seed,
-                          checkpoint=args.checkpoint, decoder=args.decoder, decode=args.decode, k=args.k,
-                          progress=not args.quiet)
+    decisions = solve_all(
+        args.method,
+        instances,
+        args.prompt,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        decoder=args.decoder,
+        decode=args.decode,
+        k=args.k,
+        progress=not args.quiet,
+    )
     write_decisions(args.out, decisions)
     row = summarize(decisions)
     print_table([row], title=f"lambo solve ({time.perf_counter() - start:.1f} s) -> {args.out}")

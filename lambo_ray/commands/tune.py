@@ -8,6 +8,7 @@ directory next to Tune's own files. Under `ray job submit` it joins that cluster
 Exit status: 0, 1 when no trial reported the metric, 2 on bad input, 130 when interrupted (Ctrl+C:
 Tune saves the experiment state first, so ``--resume`` continues it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,20 +16,30 @@ import json
 import sys
 from pathlib import Path
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="search space, e.g. tune_configs/small.yaml")
-    p.add_argument("--storage", type=Path, required=True,
-                   help="directory that holds experiments (Tune's storage_path); the sweep goes to STORAGE/NAME")
+    p.add_argument(
+        "--storage",
+        type=Path,
+        required=True,
+        help="directory that holds experiments (Tune's storage_path); the sweep goes to STORAGE/NAME",
+    )
     p.add_argument("--name", help="experiment name (default: the config file's name)")
     p.add_argument("--num-samples", type=int, help="trials to sample (default: the config's num_samples)")
-    p.add_argument("--max-concurrent", type=int, help="trials running at once (default: the config's, else "
-                   "as many as the cluster's resources allow)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the experiment STORAGE/NAME: finished trials are kept, interrupted and "
-                        "errored ones continue from their last checkpoint, pending ones start")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="trials running at once (default: the config's, else as many as the cluster's resources allow)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the experiment STORAGE/NAME: finished trials are kept, interrupted and "
+        "errored ones continue from their last checkpoint, pending ones start",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (ignored with RAY_ADDRESS)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no Tune progress output")
@@ -37,7 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lambo_ray.commands.common import init_ray
     from lambo_ray.tuning import (
-        SPEC_FILE, SUMMARY_FILE, check_experiment, experiment_dir, format_table, load_tune_spec, run_sweep, summarize,
+        SPEC_FILE,
+        SUMMARY_FILE,
+        check_experiment,
+        experiment_dir,
+        format_table,
+        load_tune_spec,
+        run_sweep,
+        summarize,
     )
 
     spec = load_tune_spec(args.config)  # checked before Ray starts: bad files fail in a second
@@ -47,11 +65,16 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         stored = exp / SPEC_FILE
         if stored.exists() and stored.read_text() != spec.source:
-            raise LamboInputError(f"{args.config} differs from the spec this experiment was started with "
-                                  f"({stored}); a resume continues the stored one", where="--config")
+            raise LamboInputError(
+                f"{args.config} differs from the spec this experiment was started with "
+                f"({stored}); a resume continues the stored one",
+                where="--config",
+            )
         if args.num_samples is not None or args.max_concurrent is not None:
-            print("lambo tune: --resume keeps the experiment's own --num-samples / --max-concurrent",
-                  file=sys.stderr)
+            print(
+                "lambo tune: --resume keeps the experiment's own --num-samples / --max-concurrent",
+                file=sys.stderr,
+            )
     else:
         spec = spec.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
 
@@ -67,14 +90,21 @@ def run(args: argparse.Namespace) -> int:
         if best is None:
             print(f"\nno trial reported {spec.metric}", file=sys.stderr)
         else:
-            print(f"\nbest trial {best['trial_id']}: {spec.metric} = {best['best']:.4g} with "
-                  + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+            print(
+                f"\nbest trial {best['trial_id']}: {spec.metric} = {best['best']:.4g} with "
+                + ", ".join(f"{k}={v}" for k, v in best["params"].items())
+            )
             if best["checkpoint"]:
-                print(f"best checkpoint: {best['checkpoint']}  (a `lambo pretrain` run directory: "
-                      "policy/, rllib/, state.json)")
+                print(
+                    f"best checkpoint: {best['checkpoint']}  (a `lambo pretrain` run directory: "
+                    "policy/, rllib/, state.json)"
+                )
         print(f"experiment: {exp}")
     if summary["unfinished"]:  # Tune ends early only when interrupted (Ctrl+C / SIGUSR1)
-        print(f"lambo tune: interrupted with {summary['unfinished']} trial(s) unfinished; continue with the "
-              "same command plus --resume", file=sys.stderr)
+        print(
+            f"lambo tune: interrupted with {summary['unfinished']} trial(s) unfinished; continue with the "
+            "same command plus --resume",
+            file=sys.stderr,
+        )
         return 130
     return 1 if summary["best"] is None else 0

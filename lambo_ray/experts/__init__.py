@@ -2,6 +2,7 @@
 
 Each module registers its methods on import; import failures of optional parts are not hidden.
 """
+
 from lambo_ray.experts.base import Expert, available_methods, get_expert, make_decision
 
 __all__ = ["Expert", "available_methods", "get_expert", "make_decision"]

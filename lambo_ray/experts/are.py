@@ -38,6 +38,7 @@ Adaptations (documented choices, not in the original):
   (``stats["fallback"] == "water_filling"``), so ARE never returns an infeasible decision when a greedy
   placement exists.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import register
 from lambo_ray.experts.online import (
     OnlineExpert,
@@ -58,7 +60,6 @@ from lambo_ray.experts.online import (
     reachable_targets,
     seeded_module,
 )
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import Evaluation, evaluate
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -90,27 +91,32 @@ class AREConfig:
             if getattr(self, name) < 1:
                 raise LamboInputError(f"AREConfig.{name} must be >= 1 (got {getattr(self, name)})", where="config")
         if not 0 < self.batch_fraction <= 1:
-            raise LamboInputError(f"AREConfig.batch_fraction must be in (0, 1] (got {self.batch_fraction})",
-                                  where="config")
+            raise LamboInputError(
+                f"AREConfig.batch_fraction must be in (0, 1] (got {self.batch_fraction})", where="config"
+            )
         if not (0 < self.damp_start < 1 and 0 < self.damp_end < 1):
             raise LamboInputError("AREConfig.damp_start and damp_end must be in (0, 1)", where="config")
         if not 0 < self.sa_t_min < self.sa_t_init:
             raise LamboInputError("AREConfig needs 0 < sa_t_min < sa_t_init", where="config")
         if self.warmup_steps < 0 or self.damp_steps < 0 or self.deadline_penalty < 0:
-            raise LamboInputError("AREConfig.warmup_steps, damp_steps and deadline_penalty must be >= 0",
-                                  where="config")
+            raise LamboInputError(
+                "AREConfig.warmup_steps, damp_steps and deadline_penalty must be >= 0", where="config"
+            )
         self.hidden = tuple(self.hidden)
 
 
 def are_features(inst: Instance) -> np.ndarray:
     """(N, 3 + 2M) rows: d_i/max d, c_i/max c, T_i/(c_i/f_i), r_ij/max_j r_ij, F_j/sum F."""
     m = inst.n_servers
-    return np.column_stack([
-        inst.data_bits / inst.data_bits.max(), inst.cycles / inst.cycles.max(),
-        inst.deadline_s / inst.local_latency(),
-        inst.rate_bps / inst.rate_bps.max(axis=1, keepdims=True),
-        np.broadcast_to(inst.capacity_cps / inst.capacity_cps.sum(), (inst.n_ues, m)),
-    ]).astype(np.float32)
+    return np.column_stack(
+        [
+            inst.data_bits / inst.data_bits.max(),
+            inst.cycles / inst.cycles.max(),
+            inst.deadline_s / inst.local_latency(),
+            inst.rate_bps / inst.rate_bps.max(axis=1, keepdims=True),
+            np.broadcast_to(inst.capacity_cps / inst.capacity_cps.sum(), (inst.n_ues, m)),
+        ]
+    ).astype(np.float32)
 
 
 def equal_shares(inst: Instance, target: np.ndarray) -> np.ndarray:
@@ -187,8 +193,13 @@ class _Agent:
         self.losses.append(loss.item())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "memory": self.memory.state(),
-                "steps": self.steps, "rng": self.rng.bit_generator.state}
+        return {
+            "net": self.net.state_dict(),
+            "opt": self.opt.state_dict(),
+            "memory": self.memory.state(),
+            "steps": self.steps,
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -223,12 +234,13 @@ class ARE(OnlineExpert):
     def _new_agent(self, n: int, m: int, prompt: str) -> _Agent:
         return _Agent(self.config, n, m, seed=self.config.seed * len(PROMPTS) + PROMPTS.index(prompt))
 
-    def anneal(self, agent: _Agent, fit: _Fitness, x: np.ndarray, start: np.ndarray,
-               reachable: np.ndarray) -> tuple[np.ndarray | None, int]:
+    def anneal(
+        self, agent: _Agent, fit: _Fitness, x: np.ndarray, start: np.ndarray, reachable: np.ndarray
+    ) -> tuple[np.ndarray | None, int]:
         """SA.m from ``start``; returns the best feasible state visited (None if none) and the number of
         fitness evaluations."""
         cfg, rng, n, m = self.config, agent.rng, fit.inst.n_ues, fit.inst.n_servers
-        channel = np.where(reachable[:, 1:], x[:, 3:3 + m], 0.0)
+        channel = np.where(reachable[:, 1:], x[:, 3 : 3 + m], 0.0)
         current = start.copy()
         cur_fit, ev = fit(current)
         best, best_obj = (current.copy(), ev.objective(fit.prompt)) if ev.feasible else (None, np.inf)
@@ -241,8 +253,9 @@ class ARE(OnlineExpert):
                     proposal[i] = 0
                 elif reachable[i, 1:].any():
                     w = channel[i]
-                    proposal[i] = 1 + (int(w.argmax()) if w.sum() < cfg.channel_threshold
-                                       else int(rng.choice(m, p=w / w.sum())))
+                    proposal[i] = 1 + (
+                        int(w.argmax()) if w.sum() < cfg.channel_threshold else int(rng.choice(m, p=w / w.sum()))
+                    )
                 new_fit, ev = fit(proposal)
                 evals += 1
                 d = new_fit - cur_fit

@@ -6,6 +6,7 @@ and, where the method knows them, ``lower_bound``, ``gap`` (relative, certified)
 ``proven_optimal`` (bool). ``decision.objective`` is always the evaluator's value, never a
 solver-internal one, so every method is scored the same way.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 
@@ -45,8 +46,9 @@ def make_decision(
     """Wrap a decision with the evaluator's objective and feasibility (the only source of both)."""
     ev = evaluate(inst, target, share)
     stats = {**stats, "feasible": ev.feasible}
-    return Decision(target=target, share=share, prompt=prompt, method=method, objective=ev.objective(prompt),
-                    stats=stats)
+    return Decision(
+        target=target, share=share, prompt=prompt, method=method, objective=ev.objective(prompt), stats=stats
+    )
 
 
 _REGISTRY: dict[str, Callable[..., Expert]] = {}
@@ -65,8 +67,9 @@ def get_expert(name: str, **kwargs: Any) -> Expert:
     import lambo_ray.experts  # noqa: F401  (imports every module, which registers itself)
 
     if name not in _REGISTRY:
-        raise LamboInputError(f"unknown method {name!r}; expected one of {', '.join(sorted(_REGISTRY))}",
-                              where="method")
+        raise LamboInputError(
+            f"unknown method {name!r}; expected one of {', '.join(sorted(_REGISTRY))}", where="method"
+        )
     return _REGISTRY[name](**kwargs)
 
 

@@ -8,6 +8,7 @@ drops assignments for which no shares exist (a UE local past its deadline, or of
 deadline is unreachable, or minimum shares overflowing a server); it is a necessary condition only,
 and the evaluator still decides feasibility of everything that passes it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -47,8 +48,11 @@ def admissible(inst: Instance, targets: np.ndarray) -> np.ndarray:
     ok = np.all(np.isfinite(need), axis=1)
     ok &= np.all((targets > 0) | inst.local_feasible()[None, :], axis=1)
     load = np.zeros((targets.shape[0], inst.n_servers + 1))
-    np.add.at(load, (np.repeat(np.arange(targets.shape[0]), inst.n_ues), targets.ravel()),
-              np.where(np.isfinite(need), need, 0.0).ravel())
+    np.add.at(
+        load,
+        (np.repeat(np.arange(targets.shape[0]), inst.n_ues), targets.ravel()),
+        np.where(np.isfinite(need), need, 0.0).ravel(),
+    )
     ok &= np.all(load[:, 1:] <= 1.0 + 1e-12, axis=1)
     return ok
 
@@ -63,7 +67,9 @@ def brute_force(inst: Instance, prompt: str) -> tuple[np.ndarray, np.ndarray, fl
     if total > MAX_ASSIGNMENTS:
         raise LamboInputError(
             f"brute force would enumerate (M+1)^N = {inst.n_servers + 1}^{inst.n_ues} = {total:.3g} "
-            f"assignments (limit {MAX_ASSIGNMENTS:.0e}); use a smaller instance", where="instance")
+            f"assignments (limit {MAX_ASSIGNMENTS:.0e}); use a smaller instance",
+            where="instance",
+        )
     best_t, best_s, best_obj, n_feasible = np.zeros(inst.n_ues, np.int64), np.zeros(inst.n_ues), np.inf, 0
     for targets in assignment_chunks(inst.n_ues, inst.n_servers):
         targets = targets[admissible(inst, targets)]
@@ -93,6 +99,15 @@ class BruteForceExpert(Expert):
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         target, share, obj, n_feasible = brute_force(inst, prompt)
         status = "optimal" if np.isfinite(obj) else "infeasible"
-        return target, share, {"status": status, "proven_optimal": status == "optimal", "gap": 0.0 if
-                               status == "optimal" else None, "lower_bound": obj if status == "optimal" else None,
-                               "n_assignments": n_assignments(inst), "n_feasible": n_feasible}
+        return (
+            target,
+            share,
+            {
+                "status": status,
+                "proven_optimal": status == "optimal",
+                "gap": 0.0 if status == "optimal" else None,
+                "lower_bound": obj if status == "optimal" else None,
+                "n_assignments": n_assignments(inst),
+                "n_feasible": n_feasible,
+            },
+        )

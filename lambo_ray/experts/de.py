@@ -24,6 +24,7 @@ the first population. Final guarantee: the best feasible individual ever evaluat
 none was ever feasible (possible only when many UEs must offload), the greedy assignment is returned
 instead and ``stats["fallback"] = "greedy"``.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.experts.placement import CAP_TOL
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Instance
-from lambo_ray.experts.placement import CAP_TOL
 from lambo_ray.mec.shares import optimal_shares
 
 
@@ -201,8 +202,12 @@ class DifferentialEvolution:
             for name in ("fitness", "objective", "feasible", "shares"):
                 getattr(pop, name)[better] = getattr(cand, name)[better]
             generation += 1
-        return {"generations": generation, "evaluations": self.evaluations, "stopped": stopped,
-                "final_feasible_fraction": float(pop.feasible.mean())}
+        return {
+            "generations": generation,
+            "evaluations": self.evaluations,
+            "stopped": stopped,
+            "final_feasible_fraction": float(pop.feasible.mean()),
+        }
 
 
 @register("de")
@@ -214,8 +219,9 @@ class DEExpert(Expert):
         known = {f.name for f in fields(DEConfig)}
         for key, value in overrides.items():
             if key not in known:
-                raise LamboInputError(f"unknown de option {key!r}; expected one of {', '.join(sorted(known))}",
-                                      where="de")
+                raise LamboInputError(
+                    f"unknown de option {key!r}; expected one of {', '.join(sorted(known))}", where="de"
+                )
             setattr(cfg, key, value)
         cfg.__post_init__()
         self.config = cfg

@@ -32,6 +32,7 @@ Measured on the paper scenario (N=50, M=4): learning is fast and then plateaus (
 objective 266 untrained, 249 after 300 steps, 250 after 10000; K shrinks to ~5): the flat DNN imitates
 the best of its own K neighbours and does not generalise far beyond them at this input width.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import register
 from lambo_ray.experts.online import (
     OnlineExpert,
@@ -51,7 +53,6 @@ from lambo_ray.experts.online import (
     reachable_targets,
     seeded_module,
 )
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -105,8 +106,16 @@ def droo_features(inst: Instance) -> np.ndarray:
     tx = np.log(inst.tx_latency() / local[:, None])
     compute = np.log(inst.local_cps[:, None] / inst.capacity_cps[None, :])
     a_min = np.minimum(inst.min_share(), MAX_SHARE_FEATURE)
-    per_ue = np.column_stack([tx, compute, a_min, np.log(inst.deadline_s / local),
-                              inst.cycles / inst.cycles.mean(), inst.data_bits / inst.data_bits.mean()])
+    per_ue = np.column_stack(
+        [
+            tx,
+            compute,
+            a_min,
+            np.log(inst.deadline_s / local),
+            inst.cycles / inst.cycles.mean(),
+            inst.data_bits / inst.data_bits.mean(),
+        ]
+    )
     return per_ue.astype(np.float32).ravel()
 
 
@@ -169,10 +178,15 @@ class _Agent:
         self.cfg, self.n, self.m = cfg, n, m
         in_dim, out_dim = feature_width(n, m), n * (m + 1)
         h1, h2 = cfg.hidden
-        self.net = seeded_module(seed, lambda: nn.Sequential(
-            nn.Linear(in_dim, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, out_dim)))
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                    weight_decay=cfg.weight_decay)
+        self.net = seeded_module(
+            seed,
+            lambda: nn.Sequential(
+                nn.Linear(in_dim, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, out_dim)
+            ),
+        )
+        self.opt = torch.optim.Adam(
+            self.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        )
         self.memory = ReplayMemory(cfg.memory_size, in_dim, (n,))
         self.rng = np.random.default_rng(seed)
         self.k_max = cfg.k_max or n
@@ -206,9 +220,14 @@ class _Agent:
             del self.best_index_history[:-delta]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "memory": self.memory.state(),
-                "k": self.k, "best_index_history": list(self.best_index_history),
-                "rng": self.rng.bit_generator.state}
+        return {
+            "net": self.net.state_dict(),
+            "opt": self.opt.state_dict(),
+            "memory": self.memory.state(),
+            "k": self.k,
+            "best_index_history": list(self.best_index_history),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])

@@ -29,6 +29,7 @@ Public API: ``get_expert("exact", **ExactConfig fields)`` or ``ExactExpert(Exact
 ``.solve(instance, prompt, time_limit)``; ``build_model`` / ``read_assignment`` for anyone who wants
 the Pyomo model itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,8 @@ import pyomo.environ as pyo
 from pyomo.contrib.appsi.base import TerminationCondition
 from pyomo.contrib.appsi.solvers import Highs
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -153,7 +154,8 @@ def build_model(inst: Instance, prompt: str) -> pyo.ConcreteModel:
             expr=(
                 sum(local_lat[i] * (1 - offloaded[i]) for i in range(n))
                 + sum(tx[i, j] * model.x[i, j] + model.t[i, j] for i, j in pairs)
-            ) / n,
+            )
+            / n,
             sense=pyo.minimize,
         )
     return model
@@ -171,7 +173,7 @@ def read_assignment(model: pyo.ConcreteModel, n_ues: int) -> np.ndarray:
 def set_point(model: pyo.ConcreteModel, inst: Instance, target: np.ndarray, share: np.ndarray) -> None:
     """Load a decision into the variables (the MIP start): t at its true value c / (a F), which every
     tangent cut under-estimates, so the point is feasible for the MILP whatever cuts it holds."""
-    for (i, j) in model.P:
+    for i, j in model.P:
         on = target[i] == j + 1
         model.x[i, j].set_value(1.0 if on else 0.0)
         model.a[i, j].set_value(float(share[i]) if on else 0.0)
@@ -263,8 +265,9 @@ class ExactSolver:
         self.n_cuts = 0
         self.terminations: list[str] = []
         self._cut_keys: set[tuple[int, int, float]] = set()
-        self._users = {j: [i for i, jj in self.model.P if jj == j] if self.model is not None else []
-                       for j in range(inst.n_servers)}
+        self._users = {
+            j: [i for i, jj in self.model.P if jj == j] if self.model is not None else [] for j in range(inst.n_servers)
+        }
 
     # -- bookkeeping -------------------------------------------------------------------------
     def remaining(self) -> float:
@@ -295,8 +298,9 @@ class ExactSolver:
         self.rounds += 1
         self.solver.config.time_limit = max(self.remaining(), 1e-3)
         loose = self.prompt == "min_latency" and self.rounds == 1
-        self.solver.config.mip_gap = max(self.cfg.first_round_mip_gap, self.cfg.mip_rel_gap) if loose \
-            else self.cfg.mip_rel_gap
+        self.solver.config.mip_gap = (
+            max(self.cfg.first_round_mip_gap, self.cfg.mip_rel_gap) if loose else self.cfg.mip_rel_gap
+        )
         if self.incumbent is not None:
             set_point(self.model, self.inst, self.incumbent.target, self.incumbent.share)
         res = self.solver.solve(self.model)
@@ -394,14 +398,17 @@ class ExactSolver:
         sqrt_c = np.sqrt(self.inst.cycles)
         a_min = self.inst.min_share()
         mass = np.array([sqrt_c[target == j + 1].sum() for j in range(self.inst.n_servers)])
-        return [self.add_cut(i, j, min(1.0, max(a_min[i, j], sqrt_c[i] / (mass[j] + sqrt_c[i]))))
-                for (i, j) in self.model.P if target[i] != j + 1]
+        return [
+            self.add_cut(i, j, min(1.0, max(a_min[i, j], sqrt_c[i] / (mass[j] + sqrt_c[i]))))
+            for (i, j) in self.model.P
+            if target[i] != j + 1
+        ]
 
     def cuts_at_milp_point(self) -> list[pyo.Constraint | None]:
         """Cuts at the MILP's own shares where its epigraph value under-estimates the true term:
         they remove the current MILP point, which the cuts at the water-filled shares may not."""
         cuts = []
-        for (i, j) in self.model.P:
+        for i, j in self.model.P:
             x, a, t = (self.model.x[i, j].value, self.model.a[i, j].value, self.model.t[i, j].value)
             if x is None or x < 0.5 or a is None or a <= 0:
                 continue
@@ -491,7 +498,10 @@ class ExactExpert(Expert):
         }
         if inc is None:  # infeasible instance, or no feasible assignment found in time
             target = np.zeros(inst.n_ues, dtype=np.int64)
-            return target, np.zeros(inst.n_ues), {**stats, "status": status if status == "infeasible" else
-                                                   f"{status}_no_incumbent"}
+            return (
+                target,
+                np.zeros(inst.n_ues),
+                {**stats, "status": status if status == "infeasible" else f"{status}_no_incumbent"},
+            )
         stats["objective"] = inc.objective
         return inc.target, inc.share, stats

@@ -14,6 +14,7 @@
 Every method except ``all_offload`` returns a feasible decision whenever the UEs that must offload
 fit first-fit-decreasing (the generator's acceptance test, so always on generated instances).
 """
+
 from __future__ import annotations
 
 import time
@@ -22,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
 from lambo_ray.experts.placement import CAP_TOL, Assignment, PlacementTables, build_tables
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.instance import Instance, check_prompt
 from lambo_ray.mec.shares import optimal_shares
 
@@ -62,7 +63,7 @@ def _place_must_offload(a: Assignment) -> bool:
     pending = pending[np.argsort(t.a_min[pending].min(axis=1), kind="stable")[::-1]]
     ok = True
     for pos, i in enumerate(pending):
-        rest = t.a_min[pending[pos + 1:]]
+        rest = t.a_min[pending[pos + 1 :]]
         free = 1.0 - a.load
         fits = np.flatnonzero(np.isfinite(t.a_min[i]) & (t.a_min[i] <= free + CAP_TOL))
         if fits.size == 0:
@@ -174,8 +175,7 @@ def improve(
     check_prompt(prompt)
     target = np.asarray(target, dtype=np.int64)
     if target.shape != (inst.n_ues,) or np.any((target < 0) | (target > inst.n_servers)):
-        raise LamboInputError(
-            f"target must hold {inst.n_ues} values in 0..{inst.n_servers}", where="target")
+        raise LamboInputError(f"target must hold {inst.n_ues} values in 0..{inst.n_servers}", where="target")
     tables = build_tables(inst, prompt)
     a = Assignment(tables, target)
     if not a.feasible and not _repair(a):
@@ -216,8 +216,9 @@ class AllOffload(Expert):
 
     def __init__(self, server: str = "random", seed: int = 0) -> None:
         if server not in ("random", "best_rate"):
-            raise LamboInputError(f"unknown server choice {server!r}; expected random or best_rate",
-                                  where="all_offload.server")
+            raise LamboInputError(
+                f"unknown server choice {server!r}; expected random or best_rate", where="all_offload.server"
+            )
         self.server = server
         self.seed = seed
 
@@ -263,8 +264,9 @@ class LocalSearch(Expert):
                 raise LamboInputError(f"unknown local_search option {key!r}", where="local_search")
             setattr(cfg, key, value)
         if cfg.start not in ("greedy", "all_local"):
-            raise LamboInputError(f"unknown start {cfg.start!r}; expected greedy or all_local",
-                                  where="local_search.start")
+            raise LamboInputError(
+                f"unknown start {cfg.start!r}; expected greedy or all_local", where="local_search.start"
+            )
         self.config = cfg
 
     def _solve(self, inst: Instance, prompt: str, time_limit: float | None):

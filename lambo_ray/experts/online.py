@@ -6,6 +6,7 @@ remember, maybe train). :class:`OnlineExpert` holds that state, fixes the cell s
 networks were built for, warms itself up on a generated stream when it meets a prompt for the first
 time, and saves/loads everything for reuse. Subclasses supply the agent (network + one online step).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, make_decision
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.scenario import ScenarioConfig
@@ -65,8 +66,9 @@ class ReplayMemory:
 
     def load(self, state: dict[str, Any]) -> None:
         if state["x"].shape != self.x.shape or state["y"].shape != self.y.shape:
-            raise LamboInputError("replay memory in the checkpoint does not match the configured size",
-                                  where="checkpoint")
+            raise LamboInputError(
+                "replay memory in the checkpoint does not match the configured size", where="checkpoint"
+            )
         self.x[:], self.y[:], self.count = state["x"], state["y"], int(state["count"])
 
 
@@ -81,9 +83,15 @@ def scenario_like(inst: Instance) -> ScenarioConfig:
     lo, hi = float(ratio.min()), float(ratio.max())
     area = (inst.geometry or {}).get("area_m", ScenarioConfig.area_m)
     return ScenarioConfig(
-        n_ues=inst.n_ues, n_servers=inst.n_servers, capacities_cps=tuple(float(c) for c in inst.capacity_cps),
-        tx_w=float(inst.tx_w), local_w=float(inst.local_w), local_cps=float(np.median(inst.local_cps)),
-        area_m=float(area), mean_cycles=float(inst.cycles.mean()), mean_data_bits=float(inst.data_bits.mean()),
+        n_ues=inst.n_ues,
+        n_servers=inst.n_servers,
+        capacities_cps=tuple(float(c) for c in inst.capacity_cps),
+        tx_w=float(inst.tx_w),
+        local_w=float(inst.local_w),
+        local_cps=float(np.median(inst.local_cps)),
+        area_m=float(area),
+        mean_cycles=float(inst.cycles.mean()),
+        mean_data_bits=float(inst.data_bits.mean()),
         deadline_factor=(min(lo, 1.0) if lo < 1.0 else 1.0, max(hi, 1.0)),
     )
 
@@ -171,7 +179,9 @@ class OnlineExpert(Expert):
             raise LamboInputError(
                 f"{self.name} was built for N={self.shape[0]} UEs and M={self.shape[1]} servers; this instance "
                 f"has N={shape[0]}, M={shape[1]} (its network's input width is fixed: train one model per cell "
-                f"shape)", where="instance")
+                f"shape)",
+                where="instance",
+            )
 
     def agent(self, prompt: str) -> Any:
         if self.shape is None:
@@ -200,7 +210,10 @@ class OnlineExpert(Expert):
         if prompt not in self.agents and self.config.warmup_steps > 0:
             start = time.perf_counter()
             self.warmup(generate_many(scenario_like(inst), self.config.warmup_steps, seed=self.warmup_seed()), prompt)
-            warm = {"auto_warmup_steps": self.config.warmup_steps, "auto_warmup_s": time.perf_counter() - start}
+            warm = {
+                "auto_warmup_steps": self.config.warmup_steps,
+                "auto_warmup_s": time.perf_counter() - start,
+            }
         with single_thread():
             target, share, stats = self._step(self.agent(prompt), inst, prompt, learn=self.config.online)
         self.counters["steps"] += 1
@@ -213,14 +226,19 @@ class OnlineExpert(Expert):
         return int(np.random.SeedSequence([self.config.seed, 0x3A1D]).generate_state(1)[0])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "config": asdict(self.config), "shape": self.shape,
-                "agents": {p: a.state_dict() for p, a in self.agents.items()},
-                "counters": dict(self.counters)}
+        return {
+            "method": self.name,
+            "config": asdict(self.config),
+            "shape": self.shape,
+            "agents": {p: a.state_dict() for p, a in self.agents.items()},
+            "counters": dict(self.counters),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.name:
-            raise LamboInputError(f"checkpoint is for method {state.get('method')!r}, not {self.name!r}",
-                                  where="checkpoint")
+            raise LamboInputError(
+                f"checkpoint is for method {state.get('method')!r}, not {self.name!r}", where="checkpoint"
+            )
         self.shape = tuple(state["shape"]) if state["shape"] is not None else None
         self.agents = {}
         for prompt, agent_state in state["agents"].items():

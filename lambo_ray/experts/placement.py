@@ -18,6 +18,7 @@ moves are screened vectorised with it and only the promising ones are water-fill
 An assignment is feasible iff no UE that misses its deadline locally is local and, on every server,
 the minimum shares ``a_min`` fit (``sum a_min <= 1``): exactly when :func:`optimal_shares` succeeds.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -294,7 +295,7 @@ class Assignment:
 
     def best_move_of(self, i: int, tol: float) -> tuple[float, int] | None:
         """Most improving new target q for UE i alone (exact delta), or None."""
-        best = self._best(self.move_bounds()[i:i + 1], lambda _, q: self.move_delta(i, q), tol)
+        best = self._best(self.move_bounds()[i : i + 1], lambda _, q: self.move_delta(i, q), tol)
         return None if best is None else (best[0], best[1][1])
 
     def best_swap(self, tol: float) -> tuple[float, tuple[int, int]] | None:

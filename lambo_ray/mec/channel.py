@@ -1,4 +1,5 @@
 """DROO's free-space path-loss channel with Rayleigh fading, and the Shannon uplink rate."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,11 +9,12 @@
 | density   | N goes from 50 to 80 UEs                                                        |
 | deadline  | deadline factor drawn in [0.8, 1.3]: about 40% of tasks miss locally and must offload |
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.scenario import ScenarioConfig
 
 DRIFTS: dict[str, Callable[[ScenarioConfig], ScenarioConfig]] = {

@@ -3,6 +3,7 @@
 Latency and energy per UE (SPEC section 1), both objectives, and a feasibility report that names each
 broken constraint and by how much. Infeasible decisions are reported, never repaired.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 
 # Relative slack for floating-point round-off in solver output (shares summing to 1 + 1e-12, ...).
@@ -84,14 +85,25 @@ def evaluate(inst: Instance, target: np.ndarray, share: np.ndarray) -> Evaluatio
         violations.append({"constraint": "share_at_most_one", "ue": int(i), "share": float(share[i])})
     late = np.flatnonzero(latency > inst.deadline_s * (1 + TOL))
     for i in late:
-        violations.append({
-            "constraint": "deadline", "ue": int(i), "latency_s": float(latency[i]),
-            "deadline_s": float(inst.deadline_s[i]), "excess_s": float(latency[i] - inst.deadline_s[i]),
-        })
+        violations.append(
+            {
+                "constraint": "deadline",
+                "ue": int(i),
+                "latency_s": float(latency[i]),
+                "deadline_s": float(inst.deadline_s[i]),
+                "excess_s": float(latency[i] - inst.deadline_s[i]),
+            }
+        )
     load = np.bincount(target[off] - 1, weights=share[off], minlength=inst.n_servers)
     for s in np.flatnonzero(load > 1 + TOL):
-        violations.append({"constraint": "capacity", "server": int(s) + 1, "load": float(load[s]),
-                           "excess": float(load[s] - 1)})
+        violations.append(
+            {
+                "constraint": "capacity",
+                "server": int(s) + 1,
+                "load": float(load[s]),
+                "excess": float(load[s] - 1),
+            }
+        )
     return Evaluation(
         latency_s=latency,
         energy_j=energy,

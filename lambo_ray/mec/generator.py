@@ -3,14 +3,15 @@
 Instance ``k`` of a set depends only on (config, seed, k): seeds are spawned per instance, so a
 set of 100 starts with the same 10 instances as a set of 10.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import numpy as np
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.channel import channel_gain, uplink_rate
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.mobility import RandomWaypoint, draw_positions
 from lambo_ray.mec.scenario import ScenarioConfig
@@ -33,7 +34,11 @@ def _capacities(cfg: ScenarioConfig, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_instance(
-    cfg: ScenarioConfig, rng: np.random.Generator, ue_xy: np.ndarray, server_xy: np.ndarray, capacity: np.ndarray
+    cfg: ScenarioConfig,
+    rng: np.random.Generator,
+    ue_xy: np.ndarray,
+    server_xy: np.ndarray,
+    capacity: np.ndarray,
 ) -> Instance:
     """Draw tasks, deadlines and fading for UEs at the given positions."""
     n = ue_xy.shape[0]
@@ -97,7 +102,8 @@ def generate(cfg: ScenarioConfig, rng: np.random.Generator) -> Instance:
         if is_feasible(inst):
             return inst
     raise LamboInputError(
-        f"could not draw a feasible instance in {MAX_REJECTIONS} tries; loosen deadline_factor", where="scenario"
+        f"could not draw a feasible instance in {MAX_REJECTIONS} tries; loosen deadline_factor",
+        where="scenario",
     )
 
 

@@ -3,6 +3,7 @@
 Files and HTTP bodies are converted to these by :mod:`lambo_ray.mec.io`, which validates them first,
 so everything downstream may assume finite, positive, correctly shaped arrays.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 Prompt = Literal["min_latency", "min_energy"]
 PROMPTS: tuple[str, ...] = ("min_latency", "min_energy")

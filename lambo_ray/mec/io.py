@@ -4,6 +4,7 @@ Every failure becomes a :class:`LamboInputError` naming file, line and field; no
 repairs a value. Writes are atomic (temp file + rename) so an interrupted run never leaves a
 half-written result over a good one.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.mec.schema import DECISION_SCHEMA, INSTANCE_SCHEMA, DecisionModel, InstanceModel, describe
 
@@ -79,7 +80,7 @@ def decision_to_dict(dec: Decision) -> dict[str, Any]:
         "method": dec.method,
     }
     if dec.stats:
-        doc["stats"] = _jsonable(dec.stats)
+        doc["stats"] = jsonable(dec.stats)
     return doc
 
 
@@ -90,19 +91,25 @@ def decision_from_dict(doc: Any) -> Decision:
         m = DecisionModel.model_validate(doc)
     except ValidationError as err:
         raise LamboInputError(describe(err)) from None
-    return Decision(target=np.asarray(m.target), share=np.asarray(m.share, dtype=float), prompt=m.prompt,
-                    method=m.method, objective=m.objective, stats=dict(doc.get("stats") or {}))
+    return Decision(
+        target=np.asarray(m.target),
+        share=np.asarray(m.share, dtype=float),
+        prompt=m.prompt,
+        method=m.method,
+        objective=m.objective,
+        stats=dict(doc.get("stats") or {}),
+    )
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """Plain JSON values of nested containers, numpy / torch scalars and arrays; non-finite floats
+    become ``null`` (JSON has no NaN or infinity)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy and torch, arrays and scalars
+        return jsonable(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
@@ -122,7 +129,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise LamboInputError(f"invalid JSON ({err.msg} at column {err.colno})", where=f"{p}:{lineno}") from None
+                raise LamboInputError(
+                    f"invalid JSON ({err.msg} at column {err.colno})", where=f"{p}:{lineno}"
+                ) from None
 
 
 def _read(path: str | os.PathLike, parse) -> list:
@@ -161,26 +170,53 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _aside(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def recover_dir(target: str | os.PathLike) -> Path:
+    """Finish or undo a :func:`swap_in_dir` that a crash interrupted between its two renames: when
+    ``target`` is missing but its moved-aside copy exists, the copy is put back. Returns ``target``."""
+    target = Path(target)
+    old = _aside(target)
+    if not target.exists() and old.exists():
+        os.rename(old, target)
+    return target
+
+
 def swap_in_dir(stage: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Rename a complete staged directory to ``target``. An existing ``target`` is moved aside first
-    and put back if the rename fails, so ``target`` is always either the old or the new complete
-    directory (checkpoints, decoder outputs), never a mix."""
+    """Rename a complete staged directory to ``target``. An existing ``target`` is first moved aside
+    to ``.<name>.old`` and put back if the rename fails, so ``target`` is always either the old or the
+    new complete directory (checkpoints, decoder outputs), never a mix. A process killed between the
+    two renames leaves only ``.<name>.old``; :func:`recover_dir` (called here first, and by every
+    reader of such directories) restores it."""
     import shutil
 
     stage, target = Path(stage), Path(target)
-    old: Path | None = None
+    recover_dir(target)
+    old = _aside(target)
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of a crash after the second rename
+    moved = False
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old)
         os.rename(target, old)
+        moved = True
     try:
         os.rename(stage, target)
     except BaseException:
-        if old is not None:
+        if moved:
             os.rename(old, target)
         raise
-    if old is not None:
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_jsonl(path: str | os.PathLike, docs: Iterable[dict[str, Any]]) -> None:
@@ -196,4 +232,4 @@ def write_decisions(path: str | os.PathLike, decisions: Iterable[Decision]) -> N
 
 
 def write_json(path: str | os.PathLike, doc: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(doc), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(doc), indent=2) + "\n")

@@ -1,4 +1,5 @@
 """Random-waypoint mobility (max 1.2 m/s by default), optionally pulled towards a hotspot."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

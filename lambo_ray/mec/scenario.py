@@ -3,13 +3,14 @@
 One dataclass holds everything the generator needs, so an instance set is reproducible from
 (config, seed) alone and every CLI flag / YAML key maps to exactly one field.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,18 @@ class ScenarioConfig:
         if self.n_servers < 1:
             problems.append(f"n_servers must be >= 1 (got {self.n_servers})")
         if len(self.capacities_cps) != self.n_servers:
-            problems.append(
-                f"capacities_cps has {len(self.capacities_cps)} values but n_servers is {self.n_servers}"
-            )
+            problems.append(f"capacities_cps has {len(self.capacities_cps)} values but n_servers is {self.n_servers}")
         if any(not (c > 0) for c in self.capacities_cps):
             problems.append("capacities_cps must all be > 0")
-        for name in ("area_m", "mean_cycles", "mean_data_bits", "local_cps", "bandwidth_hz", "tx_w", "local_w"):
+        for name in (
+            "area_m",
+            "mean_cycles",
+            "mean_data_bits",
+            "local_cps",
+            "bandwidth_hz",
+            "tx_w",
+            "local_w",
+        ):
             if not (getattr(self, name) > 0):
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
         lo, hi = self.task_spread
@@ -70,17 +77,15 @@ class ScenarioConfig:
         if problems:
             raise LamboInputError("; ".join(problems), where="scenario")
 
-    def replace(self, **changes: Any) -> "ScenarioConfig":
+    def replace(self, **changes: Any) -> ScenarioConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScenarioConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ScenarioConfig:
         """Build from a (YAML/JSON) mapping; unknown keys are an error, not silently ignored."""
-        from lambo_ray.configs import reject_unknown_keys  # lambo_ray.configs imports mec: import here
-
         reject_unknown_keys(cls, data, "scenario")
         kwargs = {}
         for key, value in data.items():

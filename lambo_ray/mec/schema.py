@@ -3,6 +3,7 @@
 Validation lives here and only here; the messages name the field (``ues.rate_bps[3]``) so a user
 can fix the file. Extra fields are allowed (the contract says: add fields freely).
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -51,7 +52,7 @@ class UEsModel(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _same_length(self) -> "UEsModel":
+    def _same_length(self) -> UEsModel:
         n = len(self.cycles)
         for name in ("data_bits", "deadline_s", "local_cps", "rate_bps"):
             if len(getattr(self, name)) != n:
@@ -72,7 +73,7 @@ class InstanceModel(_Strict):
     geometry: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _rate_width(self) -> "InstanceModel":
+    def _rate_width(self) -> InstanceModel:
         m = len(self.servers.capacity_cps)
         for i, row in enumerate(self.ues.rate_bps):
             if len(row) != m:
@@ -107,7 +108,7 @@ class DecisionModel(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _same_length(self) -> "DecisionModel":
+    def _same_length(self) -> DecisionModel:
         if len(self.target) != len(self.share):
             raise ValueError(f"target has {len(self.target)} entries but share has {len(self.share)}")
         return self

@@ -5,6 +5,7 @@ by water-filling: a_i = max(a_min_i, sqrt(c_i) / lambda), lambda chosen so the s
 These shares minimise latency and meet every deadline whenever any shares can, so every method
 that only chooses targets (greedy, local search, DE, DROO, brute force) completes its decision here.
 """
+
 from __future__ import annotations
 
 import numpy as np

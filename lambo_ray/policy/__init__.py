@@ -9,20 +9,45 @@ Public API (other modules should import from here):
 * :func:`decide` and the decode-strategy registry (``greedy``, ``sample``, ``best_of_k``, ``refine``)
 * :func:`save_policy` / :func:`load_policy`, :func:`save_decoder` / :func:`load_decoder`
 """
-from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
-from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
-from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, claims_from_shares, fill_capacity
-from lambo_ray.policy.decoding import available_strategies, decide
+
 from lambo_ray.policy.checkpoint import (
-    load_decoder, load_policy, policy_fingerprint, read_decoder, read_manifest, resolve_policy_dir, save_decoder,
+    load_decoder,
+    load_policy,
+    policy_fingerprint,
+    read_decoder,
+    read_manifest,
+    resolve_policy_dir,
+    save_decoder,
     save_policy,
 )
+from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
+from lambo_ray.policy.decoding import available_strategies, decide
+from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
+from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, claims_from_shares, fill_capacity
 
 __all__ = [
-    "FEATURE_VERSION", "PROMPT_IDS", "PolicyBatch", "featurize",
-    "SCALES", "PolicyConfig", "count_parameters", "scale_config",
-    "DecodeOut", "Encoded", "LamboPolicy", "TFOut", "claims_from_shares", "fill_capacity",
-    "available_strategies", "decide",
-    "load_decoder", "load_policy", "policy_fingerprint", "read_decoder", "read_manifest", "resolve_policy_dir",
-    "save_decoder", "save_policy",
+    "FEATURE_VERSION",
+    "PROMPT_IDS",
+    "PolicyBatch",
+    "featurize",
+    "SCALES",
+    "PolicyConfig",
+    "count_parameters",
+    "scale_config",
+    "DecodeOut",
+    "Encoded",
+    "LamboPolicy",
+    "TFOut",
+    "claims_from_shares",
+    "fill_capacity",
+    "available_strategies",
+    "decide",
+    "load_decoder",
+    "load_policy",
+    "policy_fingerprint",
+    "read_decoder",
+    "read_manifest",
+    "resolve_policy_dir",
+    "save_decoder",
+    "save_policy",
 ]

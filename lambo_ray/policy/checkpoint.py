@@ -17,6 +17,7 @@ place; an existing good checkpoint is only moved aside once the new one is compl
 the final rename fails. Every problem a user can cause (missing or truncated files, wrong scale, a
 decoder for another encoder) is a :class:`LamboInputError` naming the directory and the problem.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ from typing import Any
 
 import torch
 
-from lambo_ray.mec.errors import LamboInputError
-from lambo_ray.mec.io import swap_in_dir
+from lambo_ray.errors import LamboInputError
+from lambo_ray.mec.io import fsync_dir, swap_in_dir
 from lambo_ray.policy.config import SCALES, PolicyConfig
 from lambo_ray.policy.features import FEATURE_VERSION
 from lambo_ray.policy.model import LamboPolicy
@@ -74,14 +75,6 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_dir(target: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into a fresh directory and swap it in place of ``target``."""
     target = Path(target)
@@ -91,9 +84,9 @@ def _atomic_dir(target: Path, files: dict[str, bytes]) -> None:
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         swap_in_dir(tmp, target)  # the good checkpoint is put back if the swap fails
-        _fsync_dir(parent)
+        fsync_dir(parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,7 +132,8 @@ def _read_json(path: Path, fmt: str) -> dict[str, Any]:
     if doc.get("feature_version") != FEATURE_VERSION:
         raise LamboInputError(
             f"written for feature version {doc.get('feature_version')}, this code uses {FEATURE_VERSION}",
-            where=str(path))
+            where=str(path),
+        )
     return doc
 
 
@@ -149,7 +143,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/... on damaged files
-        raise LamboInputError(f"corrupt weights file ({type(err).__name__}: {str(err)[:120]})", where=str(path)) from None
+        raise LamboInputError(
+            f"corrupt weights file ({type(err).__name__}: {str(err)[:120]})", where=str(path)
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LamboInputError("weights file does not hold a state dict", where=str(path))
     return state
@@ -170,8 +166,11 @@ def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or extra or wrong:
         parts = []
         if missing:
@@ -186,8 +185,12 @@ def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
 # ----------------------------------------------------------------------------------------------
 # Whole policy
 # ----------------------------------------------------------------------------------------------
-def save_policy(directory: str | os.PathLike[str], policy: LamboPolicy, meta: dict[str, Any] | None = None,
-                scale: str | None = None) -> str:
+def save_policy(
+    directory: str | os.PathLike[str],
+    policy: LamboPolicy,
+    meta: dict[str, Any] | None = None,
+    scale: str | None = None,
+) -> str:
     """Write a full checkpoint; returns its fingerprint."""
     fp = policy_fingerprint(policy)
     doc = {
@@ -199,7 +202,10 @@ def save_policy(directory: str | os.PathLike[str], policy: LamboPolicy, meta: di
         "n_params": sum(p.numel() for p in policy.parameters()),
         "meta": meta or {},
     }
-    _atomic_dir(Path(directory), {POLICY_WEIGHTS: _state_bytes(policy.state_dict()), POLICY_MANIFEST: _json_bytes(doc)})
+    _atomic_dir(
+        Path(directory),
+        {POLICY_WEIGHTS: _state_bytes(policy.state_dict()), POLICY_MANIFEST: _json_bytes(doc)},
+    )
     return fp
 
 
@@ -210,8 +216,9 @@ def resolve_policy_dir(path: str | os.PathLike[str]) -> Path:
     for cand in (path, path / "policy"):
         if (cand / POLICY_MANIFEST).is_file():
             return cand
-    raise LamboInputError(f"no policy checkpoint here (expected {POLICY_MANIFEST} in DIR or DIR/policy)",
-                          where=str(path))
+    raise LamboInputError(
+        f"no policy checkpoint here (expected {POLICY_MANIFEST} in DIR or DIR/policy)", where=str(path)
+    )
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -221,7 +228,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_policy(
-    directory: str | os.PathLike[str], expected_scale: str | None = None, device: str | torch.device = "cpu",
+    directory: str | os.PathLike[str],
+    expected_scale: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[LamboPolicy, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_policy`; returns (policy in eval mode, caller's meta)."""
     d = _require_dir(Path(directory), "policy checkpoint")
@@ -235,16 +244,23 @@ def load_policy(
     policy.load_state_dict(state)
     fp = policy_fingerprint(policy)
     if doc.get("fingerprint") != fp:
-        raise LamboInputError(f"weights fingerprint {fp} differs from the manifest's {doc.get('fingerprint')!r} "
-                              "(files from different saves?)", where=str(d))
+        raise LamboInputError(
+            f"weights fingerprint {fp} differs from the manifest's {doc.get('fingerprint')!r} "
+            "(files from different saves?)",
+            where=str(d),
+        )
     return policy.to(device).eval(), dict(doc.get("meta") or {})
 
 
 # ----------------------------------------------------------------------------------------------
 # Decoder only
 # ----------------------------------------------------------------------------------------------
-def save_decoder(directory: str | os.PathLike[str], policy: LamboPolicy, decoder_id: str,
-                 meta: dict[str, Any] | None = None) -> None:
+def save_decoder(
+    directory: str | os.PathLike[str],
+    policy: LamboPolicy,
+    decoder_id: str,
+    meta: dict[str, Any] | None = None,
+) -> None:
     """Write only ``policy.decoder``'s weights, tied to the encoder by its fingerprint."""
     if not isinstance(decoder_id, str) or not DECODER_ID_RE.match(decoder_id):
         raise LamboInputError(f"decoder id {decoder_id!r} must match {DECODER_ID_RE.pattern}", where="decoder_id")
@@ -256,12 +272,16 @@ def save_decoder(directory: str | os.PathLike[str], policy: LamboPolicy, decoder
         "feature_version": FEATURE_VERSION,
         "meta": meta or {},
     }
-    _atomic_dir(Path(directory), {DECODER_WEIGHTS: _state_bytes(policy.decoder.state_dict()),
-                                  DECODER_MANIFEST: _json_bytes(doc)})
+    _atomic_dir(
+        Path(directory),
+        {DECODER_WEIGHTS: _state_bytes(policy.decoder.state_dict()), DECODER_MANIFEST: _json_bytes(doc)},
+    )
 
 
-def read_decoder(directory: str | os.PathLike[str], base_fingerprint: str | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_decoder(
+    directory: str | os.PathLike[str],
+    base_fingerprint: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(decoder state dict, manifest) of a decoder checkpoint, checked against ``base_fingerprint``.
 
     Serve uses this to hold several decoders for one encoder without copying the encoder.
@@ -271,7 +291,9 @@ def read_decoder(directory: str | os.PathLike[str], base_fingerprint: str | None
     if base_fingerprint is not None and doc.get("base_fingerprint") != base_fingerprint:
         raise LamboInputError(
             f"decoder {doc.get('decoder_id')!r} was trained on encoder {doc.get('base_fingerprint')!r}, "
-            f"but the loaded policy's encoder is {base_fingerprint!r}", where=str(d))
+            f"but the loaded policy's encoder is {base_fingerprint!r}",
+            where=str(d),
+        )
     return _read_state(d / DECODER_WEIGHTS), doc
 
 

@@ -4,6 +4,7 @@ The scale is chosen by name in every config (pretraining, Tune, Serve), and para
 checked by building the model on the ``meta`` device: the L model (about 1e9 parameters, the
 paper's "large AI model") is counted without allocating its 4 GB of weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,7 @@ from typing import Any
 
 import torch
 
-from lambo_ray.configs import reject_unknown_keys
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ class PolicyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
         reject_unknown_keys(cls, data, "policy config")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "PolicyConfig":
+    def replace(self, **changes: Any) -> PolicyConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -14,6 +14,7 @@
 Every decision passes through :func:`fill_capacity` (part of the policy's output mapping) and is scored
 by :func:`lambo_ray.experts.base.make_decision`: objective and feasibility come from the evaluator only.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 from lambo_ray.policy.features import PolicyBatch, featurize
@@ -68,19 +69,34 @@ def _unpad(insts: Sequence[Instance], target: torch.Tensor, share: torch.Tensor,
     out = []
     for k, inst in enumerate(insts):
         n = inst.n_ues
-        out.append(Candidate(target=target[k, :n].cpu().numpy().astype(np.int64),
-                             share=share[k, :n].cpu().numpy().astype(np.float64),
-                             dead_ends=int(dead[k, :n].sum())))
+        out.append(
+            Candidate(
+                target=target[k, :n].cpu().numpy().astype(np.int64),
+                share=share[k, :n].cpu().numpy().astype(np.float64),
+                dead_ends=int(dead[k, :n].sum()),
+            )
+        )
     return out
 
 
 def _instance_key(inst: Instance) -> list[np.ndarray]:
-    return [inst.data_bits, inst.cycles, inst.deadline_s, inst.local_cps, inst.rate_bps, inst.capacity_cps,
-            np.array([inst.tx_w, inst.local_w])]
+    return [
+        inst.data_bits,
+        inst.cycles,
+        inst.deadline_s,
+        inst.local_cps,
+        inst.rate_bps,
+        inst.capacity_cps,
+        np.array([inst.tx_w, inst.local_w]),
+    ]
 
 
 def decode_instances(
-    policy: LamboPolicy, instances: Sequence[Instance], prompts: Sequence[str], mode: str, seed: int = 0,
+    policy: LamboPolicy,
+    instances: Sequence[Instance],
+    prompts: Sequence[str],
+    mode: str,
+    seed: int = 0,
 ) -> list[Candidate]:
     """One decision per instance (greedy or sampled), batched, shares after :func:`fill_capacity`.
 
@@ -110,13 +126,15 @@ def _instance_perms(n: int, n_max: int, count: int, generator: torch.Generator) 
     return torch.stack([torch.cat([torch.randperm(n, generator=generator), tail]) for _ in range(count)])
 
 
-def permute(batch: PolicyBatch, enc: Encoded, rows: torch.Tensor, ue_perm: torch.Tensor,
-            srv_perm: torch.Tensor) -> tuple[PolicyBatch, Encoded]:
+def permute(
+    batch: PolicyBatch, enc: Encoded, rows: torch.Tensor, ue_perm: torch.Tensor, srv_perm: torch.Tensor
+) -> tuple[PolicyBatch, Encoded]:
     """Copies of instances ``rows`` with UEs reordered by ``ue_perm`` (R, N) and servers by ``srv_perm`` (R, M).
 
     Row r's position p holds original UE ``ue_perm[r, p]`` and server slot s original server
     ``srv_perm[r, s]``. The encoder output is permuted rather than recomputed (it is equivariant).
     """
+
     def g_ue(x: torch.Tensor) -> torch.Tensor:  # rows of x, then its dim 1 reordered by ue_perm
         x = x[rows]
         return torch.gather(x, 1, ue_perm.reshape(*ue_perm.shape, *([1] * (x.dim() - 2))).expand(x.shape))
@@ -127,17 +145,32 @@ def permute(batch: PolicyBatch, enc: Encoded, rows: torch.Tensor, ue_perm: torch
         return torch.gather(x, dim, srv_perm.reshape(shape).expand(x.shape))
 
     pb = PolicyBatch(
-        ue=g_ue(batch.ue), server=g_srv(batch.server[rows], 1), pair=g_srv(g_ue(batch.pair), 2),
-        amin=g_srv(g_ue(batch.amin), 2), local_ok=g_ue(batch.local_ok), ue_mask=g_ue(batch.ue_mask),
-        server_mask=g_srv(batch.server_mask[rows], 1), prompt=batch.prompt[rows],
+        ue=g_ue(batch.ue),
+        server=g_srv(batch.server[rows], 1),
+        pair=g_srv(g_ue(batch.pair), 2),
+        amin=g_srv(g_ue(batch.amin), 2),
+        local_ok=g_ue(batch.local_ok),
+        ue_mask=g_ue(batch.ue_mask),
+        server_mask=g_srv(batch.server_mask[rows], 1),
+        prompt=batch.prompt[rows],
     )
-    pe = Encoded(ue=g_ue(enc.ue), server=g_srv(enc.server[rows], 1), pair=g_srv(g_ue(enc.pair), 2),
-                 prompt=enc.prompt[rows], ue_mask=pb.ue_mask, server_mask=pb.server_mask)
+    pe = Encoded(
+        ue=g_ue(enc.ue),
+        server=g_srv(enc.server[rows], 1),
+        pair=g_srv(g_ue(enc.pair), 2),
+        prompt=enc.prompt[rows],
+        ue_mask=pb.ue_mask,
+        server_mask=pb.server_mask,
+    )
     return pb, pe
 
 
-def unpermute(target: torch.Tensor, share: torch.Tensor, ue_perm: torch.Tensor, srv_perm: torch.Tensor,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def unpermute(
+    target: torch.Tensor,
+    share: torch.Tensor,
+    ue_perm: torch.Tensor,
+    srv_perm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Back to the original UE and server numbering."""
     srv_orig = torch.gather(srv_perm, 1, (target - 1).clamp_min(0)) + 1
     t_orig_order = torch.where(target > 0, srv_orig, 0)
@@ -203,9 +236,13 @@ def best_of_k(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k:
             cands = [greedy_c[lo + c], *sampled]
             best, obj, feas = _pick_best(inst, prompts[lo + c], cands)
             win = cands[best]
-            win.stats = {"k": k, "winner": "greedy" if best == 0 else f"sample_{best - 1}",
-                         "greedy_objective": float(obj[0]), "greedy_feasible": bool(feas[0]),
-                         "feasible_candidates": int(feas.sum())}
+            win.stats = {
+                "k": k,
+                "winner": "greedy" if best == 0 else f"sample_{best - 1}",
+                "greedy_objective": float(obj[0]),
+                "greedy_feasible": bool(feas[0]),
+                "feasible_candidates": int(feas.sum()),
+            }
             out.append(win)
     return out
 
@@ -224,9 +261,14 @@ def refine(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: in
         cands = [raw] if shr is None else [raw, Candidate(tgt, shr, 0)]
         best, obj, feas = _pick_best(inst, prompt, cands)
         win = cands[best]
-        win.stats = {**raw.stats, "raw_objective": float(obj[0]), "raw_feasible": bool(feas[0]),
-                     "raw_dead_ends": raw.dead_ends, "refined": best == 1,
-                     "base_decode": "best_of_k" if k > 1 else "greedy"}
+        win.stats = {
+            **raw.stats,
+            "raw_objective": float(obj[0]),
+            "raw_feasible": bool(feas[0]),
+            "raw_dead_ends": raw.dead_ends,
+            "refined": best == 1,
+            "base_decode": "best_of_k" if k > 1 else "greedy",
+        }
         out.append(win)
     return out
 
@@ -235,8 +277,12 @@ def refine(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: in
 # Entry point
 # ----------------------------------------------------------------------------------------------
 def decide(
-    policy: LamboPolicy, instances: Sequence[Instance], prompt: str | Sequence[str], mode: str = "greedy",
-    k: int = 16, seed: int = 0,
+    policy: LamboPolicy,
+    instances: Sequence[Instance],
+    prompt: str | Sequence[str],
+    mode: str = "greedy",
+    k: int = 16,
+    seed: int = 0,
 ) -> list[Decision]:
     """Decisions of the policy for ``instances`` (one prompt for all, or one per instance).
 
@@ -245,8 +291,7 @@ def decide(
     option; they run locally and the evaluator reports any miss), plus the strategy's own keys.
     """
     if mode not in STRATEGIES:
-        raise LamboInputError(f"unknown decode mode {mode!r}; expected one of {', '.join(STRATEGIES)}",
-                              where="decode")
+        raise LamboInputError(f"unknown decode mode {mode!r}; expected one of {', '.join(STRATEGIES)}", where="decode")
     if k < 0:
         raise LamboInputError(f"k must be >= 0 (got {k})", where="k")
     instances = list(instances)
@@ -270,7 +315,13 @@ def decide(
 
     decisions = []
     for inst, p, c in zip(instances, prompts, cands):
-        stats = {"status": "heuristic", "decode": mode, "wall_s": wall / len(instances), "batch_wall_s": wall,
-                 "dead_ends": c.dead_ends, **c.stats}
+        stats = {
+            "status": "heuristic",
+            "decode": mode,
+            "wall_s": wall / len(instances),
+            "batch_wall_s": wall,
+            "dead_ends": c.dead_ends,
+            **c.stats,
+        }
         decisions.append(make_decision(inst, c.target, c.share, p, METHOD, stats))
     return decisions

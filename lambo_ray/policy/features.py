@@ -11,6 +11,7 @@ deadline, with which minimum share a_min_ij?).
 Batches are padded to (n_max, m_max); padded UEs/servers carry zero features, ``+inf`` minimum
 shares and False masks, and the model never lets them influence a real token.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Instance, check_prompt
 
 FEATURE_VERSION = 1
@@ -169,10 +170,10 @@ class PolicyBatch:
     def m_max(self) -> int:
         return int(self.server.shape[1])
 
-    def to(self, device: torch.device | str) -> "PolicyBatch":
+    def to(self, device: torch.device | str) -> PolicyBatch:
         return PolicyBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def index(self, idx: Any) -> "PolicyBatch":
+    def index(self, idx: Any) -> PolicyBatch:
         """Rows ``idx`` (int, slice, list or tensor) of every field; an int keeps the batch dim."""
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
@@ -197,7 +198,7 @@ class PolicyBatch:
         }
 
     @classmethod
-    def from_tensor_dict(cls, d: dict[str, Any]) -> "PolicyBatch":
+    def from_tensor_dict(cls, d: dict[str, Any]) -> PolicyBatch:
         """Inverse of :meth:`to_numpy_dict`; accepts numpy arrays or tensors of any float/int dtype."""
         missing = [f.name for f in fields(cls) if f.name not in d]
         if missing:
@@ -241,7 +242,8 @@ def featurize(
     m_max = m_big if m_max is None else m_max
     if n_big > n_max or m_big > m_max:
         raise LamboInputError(
-            f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})", where="instances"
+            f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})",
+            where="instances",
         )
     b = len(feats)
     ue = np.zeros((b, n_max, UE_DIM), np.float32)

@@ -30,12 +30,14 @@ only grow, so deadlines and capacity still hold, and latency can only drop). Its
 :func:`claims_from_shares`, turns an expert's full-server shares into the small decode-time claims
 the decoder should imitate.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -160,8 +162,13 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(
-        self, ue: torch.Tensor, server: torch.Tensor, pair: torch.Tensor, prompt: torch.Tensor,
-        ue_mask: torch.Tensor, server_mask: torch.Tensor,
+        self,
+        ue: torch.Tensor,
+        server: torch.Tensor,
+        pair: torch.Tensor,
+        prompt: torch.Tensor,
+        ue_mask: torch.Tensor,
+        server_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = ue.shape[1]
         x = torch.cat([ue, server], dim=1) + prompt[:, None, :]
@@ -198,9 +205,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, Q, d) queries (UEs being decided)
-        mem_k: torch.Tensor, mem_v: torch.Tensor, mem_bias: torch.Tensor,  # (B,H,K,dh) x2, (B|1, 1, Q, K)
-        ue_k: torch.Tensor, ue_v: torch.Tensor, ue_bias: torch.Tensor,  # (B,H,N,dh) x2, (B,1,1,N)
-        srv: torch.Tensor, srv_bias: torch.Tensor,  # (B, Q, M, d) dynamic server tokens, (B,1,1,M)
+        mem_k: torch.Tensor,
+        mem_v: torch.Tensor,
+        mem_bias: torch.Tensor,  # (B,H,K,dh) x2, (B|1, 1, Q, K)
+        ue_k: torch.Tensor,
+        ue_v: torch.Tensor,
+        ue_bias: torch.Tensor,  # (B,H,N,dh) x2, (B,1,1,N)
+        srv: torch.Tensor,
+        srv_bias: torch.Tensor,  # (B, Q, M, d) dynamic server tokens, (B,1,1,M)
     ) -> torch.Tensor:
         q = _split(self.sa_q(self.norm_sa(x)), self.h)  # (B,H,Q,dh)
         s = torch.matmul(q, mem_k.transpose(-1, -2)) * self.scale + mem_bias
@@ -246,17 +258,36 @@ class _LayerWeights(NamedTuple):
     ln_eps: float
 
     @classmethod
-    def of(cls, layer: "DecoderLayer") -> "_LayerWeights":
+    def of(cls, layer: DecoderLayer) -> _LayerWeights:
         norms = (layer.norm_sa, layer.norm_ca, layer.norm_ff, layer.norm_mem)
         if len({nm.eps for nm in norms}) != 1:
             raise ValueError("decoder layer norms must share one eps")
         ff1, ff2 = layer.ffn[0], layer.ffn[-1]
-        return cls(layer.norm_sa.weight, layer.norm_sa.bias, layer.sa_q.weight, layer.sa_q.bias,
-                   layer.sa_out.weight, layer.sa_out.bias, layer.norm_ca.weight, layer.norm_ca.bias,
-                   layer.ca_q.weight, layer.ca_q.bias, layer.ca_out.weight, layer.ca_out.bias,
-                   layer.norm_ff.weight, layer.norm_ff.bias, ff1.weight, ff1.bias, ff2.weight, ff2.bias,
-                   layer.norm_mem.weight, layer.norm_mem.bias, layer.sa_kv.weight, layer.sa_kv.bias,
-                   layer.norm_sa.eps)
+        return cls(
+            layer.norm_sa.weight,
+            layer.norm_sa.bias,
+            layer.sa_q.weight,
+            layer.sa_q.bias,
+            layer.sa_out.weight,
+            layer.sa_out.bias,
+            layer.norm_ca.weight,
+            layer.norm_ca.bias,
+            layer.ca_q.weight,
+            layer.ca_q.bias,
+            layer.ca_out.weight,
+            layer.ca_out.bias,
+            layer.norm_ff.weight,
+            layer.norm_ff.bias,
+            ff1.weight,
+            ff1.bias,
+            ff2.weight,
+            ff2.bias,
+            layer.norm_mem.weight,
+            layer.norm_mem.bias,
+            layer.sa_kv.weight,
+            layer.sa_kv.bias,
+            layer.norm_sa.eps,
+        )
 
 
 class Decoder(nn.Module):
@@ -305,7 +336,9 @@ class Decoder(nn.Module):
         slack = torch.where(finite, rem - amin, torch.full_like(amin, -1.0))
         return torch.stack([rem, ratio.clamp(0.0, 2.0), fits.to(rem.dtype), slack.clamp(-1.0, 1.0)], -1).float()
 
-    def dynamic_servers(self, enc: Encoded, rows: slice | torch.Tensor, rem: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+    def dynamic_servers(
+        self, enc: Encoded, rows: slice | torch.Tensor, rem: torch.Tensor, amin: torch.Tensor
+    ) -> torch.Tensor:
         """Server tokens carrying the MEC state for query UEs ``rows``: (B, Q, M, d)."""
         return enc.server[:, None] + enc.pair[:, rows] + self.dyn(self.dynamic_features(rem, amin))
 
@@ -322,7 +355,9 @@ class Decoder(nn.Module):
         tgt = torch.where((target > 0)[..., None], self.server_target(srv_tok), self.local_target)
         return enc.ue[:, rows] + tgt + self.share_emb(share.float()[..., None])
 
-    def logits(self, enc: Encoded, rows: slice, g: torch.Tensor, srv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, enc: Encoded, rows: slice, g: torch.Tensor, srv: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
         """Pointer logits over {local, servers}: (B, Q, M+1), -1e9 where not allowed."""
         d = g.shape[-1]
         q = self.ptr_q(g)  # (B,Q,d)
@@ -340,8 +375,13 @@ class Decoder(nn.Module):
         return torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
 
     def run_layers(
-        self, x: torch.Tensor, mems: list[tuple[torch.Tensor, torch.Tensor]], mem_bias: torch.Tensor,
-        ue_kvs: list[tuple[torch.Tensor, torch.Tensor]], ue_bias: torch.Tensor, srv: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        mems: list[tuple[torch.Tensor, torch.Tensor]],
+        mem_bias: torch.Tensor,
+        ue_kvs: list[tuple[torch.Tensor, torch.Tensor]],
+        ue_bias: torch.Tensor,
+        srv: torch.Tensor,
         srv_bias: torch.Tensor,
     ) -> torch.Tensor:
         for layer, (mk, mv), (uk, uv) in zip(self.layers, mems, ue_kvs):
@@ -350,20 +390,53 @@ class Decoder(nn.Module):
 
 
 def _decode_loop(
-    n: int, d: int, h: int, greedy: bool, eps: float, fit_scale: float, clip: float, ptr_scale: float,
-    att_scale: float, o_ptr: int, o_end: int,
-    srv_base: List[torch.Tensor], w_dyn_t: torch.Tensor, q_base: List[torch.Tensor], pool_w: torch.Tensor,
-    w_state: torch.Tensor, b_state: torch.Tensor, w_srv: torch.Tensor, b_srv: torch.Tensor,
-    w_g: torch.Tensor, b_g: torch.Tensor, w_sh_t: torch.Tensor, w_h2: torch.Tensor, b_h2: torch.Tensor,
-    w_on: torch.Tensor, b_on: torch.Tensor, eps_on: float, k_loc: List[torch.Tensor],
-    lw: List[List[torch.Tensor]], ln_eps: List[float],
-    ca_kt: List[torch.Tensor], ca_v: List[torch.Tensor], ca_mask: torch.Tensor,
-    sa_kt: List[torch.Tensor], sa_v: List[torch.Tensor],
-    tok_table: torch.Tensor, w_share: torch.Tensor, ue_tok: List[torch.Tensor],
-    amin: List[torch.Tensor], amin_ext: List[torch.Tensor], srv_static: List[torch.Tensor],
-    local_real: List[torch.Tensor], rem_ext: torch.Tensor,
-    n_uniform: List[torch.Tensor], n_normal: List[torch.Tensor], n_accept: List[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n: int,
+    d: int,
+    h: int,
+    greedy: bool,
+    eps: float,
+    fit_scale: float,
+    clip: float,
+    ptr_scale: float,
+    att_scale: float,
+    o_ptr: int,
+    o_end: int,
+    srv_base: list[torch.Tensor],
+    w_dyn_t: torch.Tensor,
+    q_base: list[torch.Tensor],
+    pool_w: torch.Tensor,
+    w_state: torch.Tensor,
+    b_state: torch.Tensor,
+    w_srv: torch.Tensor,
+    b_srv: torch.Tensor,
+    w_g: torch.Tensor,
+    b_g: torch.Tensor,
+    w_sh_t: torch.Tensor,
+    w_h2: torch.Tensor,
+    b_h2: torch.Tensor,
+    w_on: torch.Tensor,
+    b_on: torch.Tensor,
+    eps_on: float,
+    k_loc: list[torch.Tensor],
+    lw: list[list[torch.Tensor]],
+    ln_eps: list[float],
+    ca_kt: list[torch.Tensor],
+    ca_v: list[torch.Tensor],
+    ca_mask: torch.Tensor,
+    sa_kt: list[torch.Tensor],
+    sa_v: list[torch.Tensor],
+    tok_table: torch.Tensor,
+    w_share: torch.Tensor,
+    ue_tok: list[torch.Tensor],
+    amin: list[torch.Tensor],
+    amin_ext: list[torch.Tensor],
+    srv_static: list[torch.Tensor],
+    local_real: list[torch.Tensor],
+    rem_ext: torch.Tensor,
+    n_uniform: list[torch.Tensor],
+    n_normal: list[torch.Tensor],
+    n_accept: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step loop of :meth:`LamboPolicy._decode` (see there); TorchScript-compiled when possible, so
     the ~80 small ops per step are dispatched without the Python interpreter in between.
 
@@ -377,12 +450,12 @@ def _decode_loop(
     rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
     w_dyn_b = w_dyn_t.expand(b, w_dyn_t.shape[0], d)
     n_ca = ca_mask.shape[-1]
-    logits_l: List[torch.Tensor] = []
-    allowed_l: List[torch.Tensor] = []
-    target_l: List[torch.Tensor] = []
-    share_l: List[torch.Tensor] = []
-    u_l: List[torch.Tensor] = []
-    ab_l: List[torch.Tensor] = []
+    logits_l: list[torch.Tensor] = []
+    allowed_l: list[torch.Tensor] = []
+    target_l: list[torch.Tensor] = []
+    share_l: list[torch.Tensor] = []
+    u_l: list[torch.Tensor] = []
+    ab_l: list[torch.Tensor] = []
     for i in range(n):
         amin_i = amin[i]
         # Dynamic features (same values as Decoder.dynamic_features; inf a_min gives ratio 2, slack -1).
@@ -404,8 +477,12 @@ def _decode_loop(
             x = x + F.linear(att.view(b, 1, d), w[4], w[5])
             q = F.linear(F.layer_norm(x, [d], w[6], w[7], le), w[8], w[9]).view(b * h, 1, dh)
             o = 2 * d * li
-            ca_kt[li].view(b, h, dh, n_ca)[:, :, :, n_ca - m:] = proj[:, :, o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
-            ca_v[li].view(b, h, n_ca, dh)[:, :, n_ca - m:] = proj[:, :, o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
+            ca_kt[li].view(b, h, dh, n_ca)[:, :, :, n_ca - m :] = (
+                proj[:, :, o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
+            )
+            ca_v[li].view(b, h, n_ca, dh)[:, :, n_ca - m :] = (
+                proj[:, :, o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
+            )
             sc = torch.baddbmm(ca_mask, q, ca_kt[li], alpha=att_scale)
             att = torch.bmm(sc.softmax(-1), ca_v[li])
             x = x + F.linear(att.view(b, 1, d), w[10], w[11])
@@ -441,15 +518,22 @@ def _decode_loop(
         u_l.append(u)
         ab_l.append(ab)
         if i + 1 < n:
-            tok = ue_tok[i] + torch.gather(tok_table, 1, t1.unsqueeze(2).expand(b, 1, d)).squeeze(1) \
-                + s.float() * w_share
+            tok = (
+                ue_tok[i] + torch.gather(tok_table, 1, t1.unsqueeze(2).expand(b, 1, d)).squeeze(1) + s.float() * w_share
+            )
             for li in range(len(lw)):
                 w = lw[li]
                 kv = F.linear(F.layer_norm(tok, [d], w[18], w[19], ln_eps[li]), w[20], w[21])  # (B,2d)
                 sa_kt[li].view(b, h, dh, n)[:, :, :, i + 1] = kv[:, :d].view(b, h, dh)
                 sa_v[li].view(b, h, n, dh)[:, :, i + 1] = kv[:, d:].view(b, h, dh)
-    return (torch.stack(logits_l, 1), torch.stack(allowed_l, 1), torch.stack(target_l, 1), torch.cat(share_l, 1),
-            torch.stack(u_l, 1), torch.stack(ab_l, 1))
+    return (
+        torch.stack(logits_l, 1),
+        torch.stack(allowed_l, 1),
+        torch.stack(target_l, 1),
+        torch.cat(share_l, 1),
+        torch.stack(u_l, 1),
+        torch.stack(ab_l, 1),
+    )
 
 
 _SCRIPTED_LOOP: list = []  # [compiled function] once tried; [None] when TorchScript is unavailable
@@ -470,14 +554,21 @@ def _loop_fn():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 _SCRIPTED_LOOP.append(torch.jit.script(_decode_loop))
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-            warnings.warn(f"TorchScript could not compile the decode loop ({type(err).__name__}: {err}); "
-                          "decoding runs eagerly", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"TorchScript could not compile the decode loop ({type(err).__name__}: {err}); decoding runs eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             _SCRIPTED_LOOP.append(None)
     return _SCRIPTED_LOOP[0] or _decode_loop
 
 
 def allowed_options(
-    rem: torch.Tensor, amin: torch.Tensor, local_ok: torch.Tensor, server_mask: torch.Tensor, ue_mask: torch.Tensor
+    rem: torch.Tensor,
+    amin: torch.Tensor,
+    local_ok: torch.Tensor,
+    server_mask: torch.Tensor,
+    ue_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feasible options (B,Q,M+1) given remaining capacity before each query UE; and dead ends (B,Q).
 
@@ -562,8 +653,14 @@ class LamboPolicy(nn.Module):
     def encode(self, batch: PolicyBatch) -> Encoded:
         ue, server, pair, prompt = self.embedding(batch)
         h_ue, h_srv = self.encoder(ue, server, pair, prompt, batch.ue_mask, batch.server_mask)
-        return Encoded(ue=h_ue, server=h_srv, pair=pair, prompt=prompt, ue_mask=batch.ue_mask,
-                       server_mask=batch.server_mask)
+        return Encoded(
+            ue=h_ue,
+            server=h_srv,
+            pair=pair,
+            prompt=prompt,
+            ue_mask=batch.ue_mask,
+            server_mask=batch.server_mask,
+        )
 
     @staticmethod
     def pooled(enc: Encoded) -> torch.Tensor:
@@ -586,7 +683,11 @@ class LamboPolicy(nn.Module):
 
     # -- autoregressive decoding ----------------------------------------------------------------
     def decode(
-        self, batch: PolicyBatch, enc: Encoded, mode: str = "greedy", generator: torch.Generator | None = None,
+        self,
+        batch: PolicyBatch,
+        enc: Encoded,
+        mode: str = "greedy",
+        generator: torch.Generator | None = None,
         noise: DecodeNoise | None = None,
     ) -> DecodeOut:
         """Decide every UE in index order, batched over instances, with cached self-attention K/V.
@@ -665,8 +766,9 @@ class LamboPolicy(nn.Module):
             sa_kt.append(k.view(b * h, dh, n))
             sa_v.append(v.view(b * h, n, dh))
         # Decision tokens: UE token + row t of [local target; server targets] (+ share bias) + share * w.
-        tok_table = torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) \
-            + dec.share_emb.bias  # (B,M+1,d)
+        tok_table = (
+            torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) + dec.share_emb.bias
+        )  # (B,M+1,d)
         # Masks and a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need
         # no isfinite per step; slot 0 of the *_ext arrays stands for "local" (a_min = remaining = 0,
         # so a local decision gets share exactly 0 from the same formula as a server).
@@ -676,21 +778,61 @@ class LamboPolicy(nn.Module):
         local_real_full = batch.local_ok & batch.ue_mask
         rem_ext = F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0))  # (B,M+1)
         if noise is not None:
-            n_uniform, n_normal, n_accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
+            n_uniform, n_normal, n_accept = (
+                noise.uniform.unbind(1),
+                noise.normal.unbind(1),
+                noise.accept.unbind(1),
+            )
         else:
             n_uniform = n_normal = n_accept = []
 
         logits, allowed, target, share, u, ab = _loop_fn()(
-            n, d, h, noise is None, float(eps), 1.0 + FIT_RTOL, float(cfg.logit_clip), 1.0 / math.sqrt(d),
-            1.0 / math.sqrt(dh), o_ptr, o_ptr + d,
-            list(srv_base), dec.dyn.weight.t(), list(q_base), pool_w, dec.state.weight, dec.state.bias, w_srv, b_srv,
-            w_g, b_g, w1[:, d:].t(), dec.share_head[2].weight, dec.share_head[2].bias,
-            dec.norm_out.weight, dec.norm_out.bias, float(dec.norm_out.eps), list(k_loc),
-            [list(w[:-1]) for w in lw], [float(w.ln_eps) for w in lw],
-            ca_kt, ca_v, ca_mask, sa_kt, sa_v,
-            tok_table, dec.share_emb.weight[:, 0], list(enc.ue.unbind(1)),
-            list(amin_full.unbind(1)), list(amin_ext.unbind(1)), list(srv_static.unbind(1)),
-            list(local_real_full.unbind(1)), rem_ext, list(n_uniform), list(n_normal), list(n_accept),
+            n,
+            d,
+            h,
+            noise is None,
+            float(eps),
+            1.0 + FIT_RTOL,
+            float(cfg.logit_clip),
+            1.0 / math.sqrt(d),
+            1.0 / math.sqrt(dh),
+            o_ptr,
+            o_ptr + d,
+            list(srv_base),
+            dec.dyn.weight.t(),
+            list(q_base),
+            pool_w,
+            dec.state.weight,
+            dec.state.bias,
+            w_srv,
+            b_srv,
+            w_g,
+            b_g,
+            w1[:, d:].t(),
+            dec.share_head[2].weight,
+            dec.share_head[2].bias,
+            dec.norm_out.weight,
+            dec.norm_out.bias,
+            float(dec.norm_out.eps),
+            list(k_loc),
+            [list(w[:-1]) for w in lw],
+            [float(w.ln_eps) for w in lw],
+            ca_kt,
+            ca_v,
+            ca_mask,
+            sa_kt,
+            sa_v,
+            tok_table,
+            dec.share_emb.weight[:, 0],
+            list(enc.ue.unbind(1)),
+            list(amin_full.unbind(1)),
+            list(amin_ext.unbind(1)),
+            list(srv_static.unbind(1)),
+            list(local_real_full.unbind(1)),
+            rem_ext,
+            list(n_uniform),
+            list(n_normal),
+            list(n_accept),
         )
 
         # ---- scoring, once for all steps (formulas shared with teacher forcing) --------------------
@@ -703,13 +845,26 @@ class LamboPolicy(nn.Module):
         lp_s = torch.where(off, beta.log_prob(u), 0.0)
         ent_s = torch.where(off, beta.entropy(), 0.0)
         dead_ue = real & ~local_real_full & ~allowed[..., 1:].any(-1)
-        return DecodeOut(target=target, share=share, logp=(lp_t + lp_s).sum(-1), entropy_target=ent_t,
-                         entropy_share=ent_s, dead_end=dead_ue.any(-1), dead_ue=dead_ue, logp_target=lp_t,
-                         logp_share=lp_s, u=u)
+        return DecodeOut(
+            target=target,
+            share=share,
+            logp=(lp_t + lp_s).sum(-1),
+            entropy_target=ent_t,
+            entropy_share=ent_s,
+            dead_end=dead_ue.any(-1),
+            dead_ue=dead_ue,
+            logp_target=lp_t,
+            logp_share=lp_s,
+            u=u,
+        )
 
     # -- teacher forcing ------------------------------------------------------------------------
     def teacher_forced(
-        self, batch: PolicyBatch, enc: Encoded, target: torch.Tensor, share: torch.Tensor,
+        self,
+        batch: PolicyBatch,
+        enc: Encoded,
+        target: torch.Tensor,
+        share: torch.Tensor,
         u: torch.Tensor | None = None,
     ) -> TFOut:
         """Log-probs and entropies of given decisions in one parallel pass (causal mask).
@@ -731,8 +886,13 @@ class LamboPolicy(nn.Module):
         rows = slice(0, n)
         srv = dec.dynamic_servers(enc, rows, rem, batch.amin)
         x = dec.query(enc, rows, srv)
-        tokens = torch.cat([dec.bos.to(x.dtype).expand(b, 1, -1), dec.decision_tokens(enc, slice(0, n - 1),
-                                                                                        target[:, :-1], share[:, :-1])], 1)
+        tokens = torch.cat(
+            [
+                dec.bos.to(x.dtype).expand(b, 1, -1),
+                dec.decision_tokens(enc, slice(0, n - 1), target[:, :-1], share[:, :-1]),
+            ],
+            1,
+        )
         mems = [layer.memory_kv(tokens) for layer in dec.layers]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         mem_bias = torch.where(causal, 0.0, _NEG).to(x.dtype)[None, None]

@@ -18,6 +18,7 @@ loop (:func:`lambo_ray.policy.model._decode_loop`): keep them TorchScript-compat
 no Python-side branching on tensor values); if they stop compiling, decoding falls back to eager with a
 warning, and ``test_fast_decode_matches_a_straightforward_reference`` fails on the compiled check.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ class DecodeNoise:
     normal: torch.Tensor  # (B, N, 2, GAMMA_TRIES) Marsaglia-Tsang proposals for the two Gammas
     accept: torch.Tensor  # (B, N, 2, GAMMA_TRIES) uniforms of the acceptance tests
 
-    def to(self, device: torch.device | str) -> "DecodeNoise":
+    def to(self, device: torch.device | str) -> DecodeNoise:
         return DecodeNoise(self.uniform.to(device), self.normal.to(device), self.accept.to(device))
 
 
@@ -98,7 +99,9 @@ def gamma_from_noise(alpha: torch.Tensor, normal: torch.Tensor, accept: torch.Te
     return torch.where(ok.any(-1), sample, d[..., 0])
 
 
-def beta_from_noise(alpha: torch.Tensor, beta: torch.Tensor, normal: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+def beta_from_noise(
+    alpha: torch.Tensor, beta: torch.Tensor, normal: torch.Tensor, accept: torch.Tensor
+) -> torch.Tensor:
     """Beta(alpha, beta) = X / (X + Y); ``normal``/``accept`` (..., 2, K). Returns float64.
 
     Both Gammas go through one elementwise call (the same values as two calls, half the ops).

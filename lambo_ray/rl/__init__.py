@@ -2,7 +2,7 @@
 
 Public API:
 
-* :class:`lambo_ray.rl.pretrain.PretrainConfig`, :class:`lambo_ray.rl.pretrain.Pretrainer`
+* :class:`lambo_ray.rl.config.PretrainConfig`, :class:`lambo_ray.rl.pretrain.Pretrainer`
   (``run()``, ``train_iteration()``, ``save()``, ``policy()``, ``close()``), ``build_algo_config(cfg)``
 * :class:`lambo_ray.rl.env.MecEnv` / ``MecEnvConfig`` and :func:`lambo_ray.rl.env.reward_parts`
   (the reward and its split r = r_off + r_alloc)

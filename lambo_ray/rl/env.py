@@ -22,6 +22,7 @@ r = r_off + r_alloc for the two-headed critic:
 
 All objectives come from :func:`lambo_ray.mec.evaluator.evaluate`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import apply_drift
-from lambo_ray.mec.errors import LamboInputError
 from lambo_ray.mec.evaluator import Evaluation, evaluate
 from lambo_ray.mec.generator import generate
 from lambo_ray.mec.instance import PROMPTS, Instance, check_prompt
@@ -70,7 +71,9 @@ class MecEnvConfig:
         if sc.n_ues > self.n_max or sc.n_servers > self.m_max:
             raise LamboInputError(
                 f"scenario has N={sc.n_ues}, M={sc.n_servers} but the policy is padded to "
-                f"n_max={self.n_max}, m_max={self.m_max}", where="env")
+                f"n_max={self.n_max}, m_max={self.m_max}",
+                where="env",
+            )
 
     def scenario_config(self) -> ScenarioConfig:
         return apply_drift(ScenarioConfig.from_dict(dict(self.scenario)), self.drift)
@@ -81,7 +84,7 @@ class MecEnvConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MecEnvConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MecEnvConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(data).items() if k in known}  # RLlib adds e.g. num_envs
         if "prompts" in kwargs:
@@ -114,8 +117,9 @@ def violation_measure(ev: Evaluation) -> float:
     return total
 
 
-def score(inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, reference: float,
-          penalty: float) -> tuple[float, Evaluation]:
+def score(
+    inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, reference: float, penalty: float
+) -> tuple[float, Evaluation]:
     """Scale-free reward of one decision (module docstring) and its evaluation."""
     ev = evaluate(inst, target, share)
     obj = ev.objective(prompt)
@@ -135,16 +139,22 @@ def all_local_objective(inst: Instance, prompt: str) -> float:
     return evaluate(inst, zeros.astype(np.int64), zeros).objective(prompt)
 
 
-def reward_parts(inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray,
-                 penalty: float) -> RewardParts:
+def reward_parts(inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, penalty: float) -> RewardParts:
     """r, and its split r = r_off + r_alloc (module docstring)."""
     target = np.asarray(target, dtype=np.int64)
     share = np.asarray(share, dtype=np.float64)
     ref = all_local_objective(inst, prompt)
     r, ev = score(inst, prompt, target, share, ref, penalty)
     r_off, _ = score(inst, prompt, target, best_shares(inst, target), ref, penalty)
-    return RewardParts(reward=r, r_off=r_off, r_alloc=r - r_off, objective=ev.objective(prompt), reference=ref,
-                       feasible=ev.feasible, n_violations=len(ev.violations))
+    return RewardParts(
+        reward=r,
+        r_off=r_off,
+        r_alloc=r - r_off,
+        objective=ev.objective(prompt),
+        reference=ref,
+        feasible=ev.feasible,
+        n_violations=len(ev.violations),
+    )
 
 
 class MecEnv(gym.Env):
@@ -170,10 +180,12 @@ class MecEnv(gym.Env):
         self._worker = int(getattr(config, "worker_index", 0) or 0)
         self._rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, self._worker]))
         self.observation_space = observation_space(self.cfg.n_max, self.cfg.m_max)
-        self.action_space = gym.spaces.Dict({
-            "target": gym.spaces.MultiDiscrete([self.cfg.m_max + 1] * self.cfg.n_max),
-            "share": gym.spaces.Box(0.0, 1.0, (self.cfg.n_max,), np.float32),
-        })
+        self.action_space = gym.spaces.Dict(
+            {
+                "target": gym.spaces.MultiDiscrete([self.cfg.m_max + 1] * self.cfg.n_max),
+                "share": gym.spaces.Box(0.0, 1.0, (self.cfg.n_max,), np.float32),
+            }
+        )
         self.instance: Instance | None = None
         self.prompt: str = self.prompts[0]
         self._k = 0
@@ -199,8 +211,14 @@ class MecEnv(gym.Env):
         if self.cfg.fill_capacity:
             share = fill_shares(target, share, self.instance.n_servers)
         parts = reward_parts(self.instance, self.prompt, target, share, self.cfg.penalty)
-        info = {INFO_R_OFF: parts.r_off, INFO_R_ALLOC: parts.r_alloc, "objective": parts.objective,
-                "reference": parts.reference, "feasible": parts.feasible, "prompt": self.prompt}
+        info = {
+            INFO_R_OFF: parts.r_off,
+            INFO_R_ALLOC: parts.r_alloc,
+            "objective": parts.objective,
+            "reference": parts.reference,
+            "feasible": parts.feasible,
+            "prompt": self.prompt,
+        }
         self._k += 1
         truncated = self._k >= self.cfg.instances_per_episode
         return self._next_observation(), parts.reward, False, truncated, info
@@ -214,8 +232,9 @@ def fill_shares(target: np.ndarray, share: np.ndarray, n_servers: int) -> np.nda
 
     from lambo_ray.policy import fill_capacity
 
-    out = fill_capacity(torch.as_tensor(target, dtype=torch.long), torch.as_tensor(share, dtype=torch.float64),
-                        n_servers)
+    out = fill_capacity(
+        torch.as_tensor(target, dtype=torch.long), torch.as_tensor(share, dtype=torch.float64), n_servers
+    )
     return out.numpy()
 
 

@@ -12,10 +12,10 @@ target choice and, when offloaded, the share). Credit assignment follows that sp
         - beta_t H_target - beta_s H_share
 
 with A_s the share credit (below), rho_t,i and rho_s,i the new/old probability ratios of UE i's target
-and share (``ratio="per_ue"``, the default, as token-level PPO does for sequences), H the per-UE mean entropies. Clipping the *joint*
-ratio of a 50-UE decision (``ratio="joint"``) clipped 50-80% of the rows at N = 50 after one epoch,
-and clipped rows carry no gradient. With gamma = 0 (independent instances) the value targets are the
-immediate reward parts, so no GAE is needed; the advantages are computed once per training batch with
+and share (``ratio="per_ue"``, the default, as token-level PPO does for sequences), H the per-UE mean
+entropies. Clipping the *joint* ratio of a 50-UE decision (``ratio="joint"``) clipped 50-80% of the
+rows at N = 50 after one epoch, and clipped rows carry no gradient. With gamma = 0 (independent instances) the value
+targets are the immediate reward parts, so no GAE is needed; the advantages are computed once per training batch with
 the pre-update critic (as PPO does) by :class:`OneStepAdvantages`, which replaces RLlib's GAE piece.
 Dropping the cross terms (r_alloc's effect on the target head and vice versa) trades a small bias for
 lower variance; the ``critic="single_head"`` ablation is the plain PPO: one value of r and one
@@ -35,19 +35,19 @@ Ablation switches come from ``config.learners(learner_config_dict=...)``: ``crit
 "single_head"), ``ratio`` ("per_ue" | "joint"), ``share_credit`` ("total" | "alloc"), ``entropy_bonus``
 (bool), ``entropy_coeff_target``, ``entropy_coeff_share``.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.rl.env import INFO_R_ALLOC, INFO_R_OFF
 
 CRITICS = ("two_head", "single_head")
@@ -96,8 +96,7 @@ class OneStepAdvantages(ConnectorV2):
     allocation; 1: whole reward), advantages standardised per head over the valid rows.
     """
 
-    def __call__(self, *, rl_module: Any, batch: dict, episodes: list, metrics: Any = None,
-                 **kwargs: Any) -> dict:
+    def __call__(self, *, rl_module: Any, batch: dict, episodes: list, metrics: Any = None, **kwargs: Any) -> dict:
         for mid, mbatch in batch.items():
             module = rl_module[mid]
             mask = mbatch[Columns.LOSS_MASK].bool()
@@ -112,7 +111,8 @@ class OneStepAdvantages(ConnectorV2):
             adv = targets - values
             mbatch[Postprocessing.VALUE_TARGETS] = targets
             mbatch[Postprocessing.ADVANTAGES] = torch.stack(
-                [_normalise(adv[:, h], mask) for h in range(adv.shape[-1])], dim=-1)
+                [_normalise(adv[:, h], mask) for h in range(adv.shape[-1])], dim=-1
+            )
             if metrics is not None:
                 metrics.log_dict(_batch_stats(mbatch, mask), key=mid, window=1)
         return batch
@@ -124,9 +124,12 @@ def _batch_stats(mbatch: dict, mask: torch.Tensor) -> dict[str, float]:
 
     reward = mbatch[Columns.REWARDS][mask].double()
     r_off = mbatch[R_OFF][mask].double()
-    out = {"batch_reward_mean": float(reward.mean()), "batch_r_off_mean": float(r_off.mean()),
-           "batch_r_alloc_mean": float((reward - r_off).mean()),
-           "batch_feasible": float(mbatch[FEASIBLE][mask].double().mean())}
+    out = {
+        "batch_reward_mean": float(reward.mean()),
+        "batch_r_off_mean": float(r_off.mean()),
+        "batch_r_alloc_mean": float((reward - r_off).mean()),
+        "batch_feasible": float(mbatch[FEASIBLE][mask].double().mean()),
+    }
     prompt = mbatch[Columns.OBS]["prompt"].reshape(-1)[mask]
     for name, pid in PROMPT_IDS.items():
         sel = prompt == pid
@@ -146,12 +149,16 @@ class AcrlLearner(PPOTorchLearner):
         super().build()
         if float(self.config.gamma) != 0.0:
             raise LamboInputError(
-                f"ACRL needs gamma = 0 (independent instances per step), got {self.config.gamma}", where="gamma")
+                f"ACRL needs gamma = 0 (independent instances per step), got {self.config.gamma}",
+                where="gamma",
+            )
         lc = self._acrl_settings()
         critic_heads(lc["critic"])
         if lc["share_credit"] not in SHARE_CREDITS:
-            raise LamboInputError(f"unknown share_credit {lc['share_credit']!r}; expected one of "
-                                  f"{', '.join(SHARE_CREDITS)}", where="share_credit")
+            raise LamboInputError(
+                f"unknown share_credit {lc['share_credit']!r}; expected one of {', '.join(SHARE_CREDITS)}",
+                where="share_credit",
+            )
         if lc["ratio"] not in RATIOS:
             raise LamboInputError(f"unknown ratio {lc['ratio']!r}; expected one of {', '.join(RATIOS)}", where="ratio")
         if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
@@ -159,8 +166,14 @@ class AcrlLearner(PPOTorchLearner):
             self._learner_connector.append(OneStepAdvantages())
 
     def _acrl_settings(self) -> dict[str, Any]:
-        lc = {"critic": "two_head", "ratio": "per_ue", "share_credit": "total", "entropy_bonus": True,
-              "entropy_coeff_target": 0.01, "entropy_coeff_share": 0.001}
+        lc = {
+            "critic": "two_head",
+            "ratio": "per_ue",
+            "share_credit": "total",
+            "entropy_bonus": True,
+            "entropy_coeff_target": 0.01,
+            "entropy_coeff_share": 0.001,
+        }
         lc.update(self.config.learner_config_dict or {})
         return lc
 
@@ -172,7 +185,11 @@ class AcrlLearner(PPOTorchLearner):
             return x[mask].mean()
 
         clip = config.clip_param
-        adv, targets, values = batch[Postprocessing.ADVANTAGES], batch[Postprocessing.VALUE_TARGETS], fwd_out["vf"]
+        adv, targets, values = (
+            batch[Postprocessing.ADVANTAGES],
+            batch[Postprocessing.VALUE_TARGETS],
+            fwd_out["vf"],
+        )
         ue = fwd_out["ue_mask"].to(values.dtype)  # (B, N) real UEs
         n_real = ue.sum(-1).clamp_min(1.0)
         d_t = (fwd_out["logp_target"] - batch[OLD_LOGP_TARGET]) * ue  # (B, N) per-UE log-ratios
@@ -207,8 +224,10 @@ class AcrlLearner(PPOTorchLearner):
         vf_loss = vf_err.sum(-1)
         entropy_bonus = torch.zeros_like(vf_loss)
         if lc["entropy_bonus"]:
-            entropy_bonus = (lc["entropy_coeff_target"] * fwd_out["entropy_target"]
-                             + lc["entropy_coeff_share"] * fwd_out["entropy_share"])
+            entropy_bonus = (
+                lc["entropy_coeff_target"] * fwd_out["entropy_target"]
+                + lc["entropy_coeff_share"] * fwd_out["entropy_share"]
+            )
         total = mmean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_bonus)
 
         log_ratio = (d_t + d_s).sum(-1)
@@ -225,13 +244,20 @@ class AcrlLearner(PPOTorchLearner):
             mean_reward=mmean(targets.sum(-1)),
         )
         if lc["critic"] == "two_head":
-            metrics.update(vf_off_loss=mmean(vf_err[:, 0]), vf_alloc_loss=mmean(vf_err[:, 1]),
-                           mean_r_off=mmean(targets[:, 0]), mean_r_alloc=mmean(targets[:, 1]))
+            metrics.update(
+                vf_off_loss=mmean(vf_err[:, 0]),
+                vf_alloc_loss=mmean(vf_err[:, 1]),
+                mean_r_off=mmean(targets[:, 0]),
+                mean_r_alloc=mmean(targets[:, 1]),
+            )
         else:
             metrics.update(vf_loss=mmean(vf_err[:, 0]))
         metrics["vf_explained_var"] = _explained_variance(targets.sum(-1)[mask], values.sum(-1)[mask])
-        self.metrics.log_dict({k: (v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()},
-                              key=module_id, window=1)
+        self.metrics.log_dict(
+            {k: (v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()},
+            key=module_id,
+            window=1,
+        )
         return total
 
 

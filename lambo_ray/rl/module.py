@@ -12,13 +12,13 @@ The critic is an MLP on the policy's pooled encoding plus its own prompt embeddi
 allocation, r_alloc) or 1 (the whole reward, the single-head ablation). It shares the encoder with the
 actor, and is left out of the env runners' inference-only copies.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.nn as nn
-
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
@@ -37,8 +37,13 @@ class Critic(nn.Module):
         super().__init__()
         hidden = hidden or d_model
         self.prompt = nn.Embedding(n_prompts, d_model)
-        self.mlp = nn.Sequential(nn.Linear(2 * d_model, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, heads))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d_model, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, heads),
+        )
 
     def forward(self, pooled: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([pooled, self.prompt(prompt)], dim=-1))
@@ -96,8 +101,9 @@ class LamboRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         pb = self.policy_batch(batch)
         enc = self.policy.encode(pb)
         actions = batch[Columns.ACTIONS]
-        tf = self.policy.teacher_forced(pb, enc, actions["target"].long(), actions["share"].double(),
-                                        u=batch.get(BETA_U))
+        tf = self.policy.teacher_forced(
+            pb, enc, actions["target"].long(), actions["share"].double(), u=batch.get(BETA_U)
+        )
         return {
             "logp_target": tf.logp_target,
             "logp_share": tf.logp_share,

@@ -6,6 +6,7 @@ the byte limit (413) must be enforced *before* JSON parsing, and every error mus
 the same wording the CLI prints. The pydantic models below still document the API in OpenAPI (/docs).
 Nothing here touches Ray or torch, so it is tested and reused without a running Serve.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import PROMPTS, Decision, Instance, check_prompt
-from lambo_ray.mec.io import _jsonable, decision_to_dict, instance_from_dict
+from lambo_ray.mec.io import decision_to_dict, instance_from_dict, jsonable
 from lambo_ray.mec.schema import InstanceModel, describe
 from lambo_ray.serving.config import DECODE_MODES, ServeConfig
 
@@ -33,8 +34,9 @@ class _Envelope(BaseModel):
     decoder: str | None = Field(default=None, description="decoder id (GET /v1/decoders); default decoder if omitted")
     decode: str | None = Field(default=None, description=f"decode mode, one of {', '.join(DECODE_MODES)}")
     k: int | None = Field(default=None, description="samples for best_of_k / sample decoding")
-    seed: int = Field(default=0, ge=0, lt=2**63,
-                      description="seed of stochastic decode modes (same seed, same decision)")
+    seed: int = Field(
+        default=0, ge=0, lt=2**63, description="seed of stochastic decode modes (same seed, same decision)"
+    )
 
 
 class DecideBody(_Envelope):
@@ -75,8 +77,10 @@ class DecideOut(BaseModel):
     decision: dict[str, Any] = Field(description="a lambo.decision/1 document")
     evaluation: EvaluationOut
     decoder: str
-    timing_ms: float = Field(description="server-side wall time of the request in ms; for /v1/decide_batch "
-                                         "items, the request's time divided by its number of instances")
+    timing_ms: float = Field(
+        description="server-side wall time of the request in ms; for /v1/decide_batch "
+        "items, the request's time divided by its number of instances"
+    )
 
 
 class DecideBatchOut(BaseModel):
@@ -90,8 +94,14 @@ class ErrorOut(BaseModel):
 
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` documenting a raw-parsed request body with a pydantic model."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
+            },
+        }
+    }
 
 
 DECIDE_DOC = _DecideDoc
@@ -113,15 +123,19 @@ class DecideRequest:
 
 def parse_json(body: bytes, cfg: ServeConfig) -> Any:
     if len(body) > cfg.max_body_bytes:
-        raise LamboInputError(f"request body of {len(body)} bytes exceeds the limit of {cfg.max_body_bytes} bytes",
-                              status=413)
+        raise LamboInputError(
+            f"request body of {len(body)} bytes exceeds the limit of {cfg.max_body_bytes} bytes", status=413
+        )
     if not body:
         raise LamboInputError("empty request body; expected a JSON object", where="body")
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        detail = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) \
+        detail = (
+            f"{err.msg} at line {err.lineno} column {err.colno}"
+            if isinstance(err, json.JSONDecodeError)
             else "not UTF-8"
+        )
         raise LamboInputError(f"invalid JSON ({detail})", where="body") from None
 
 
@@ -141,8 +155,9 @@ def _options(env: _Envelope, cfg: ServeConfig) -> tuple[str, str | None, str, in
     prompt = check_prompt(env.prompt)
     decode = env.decode if env.decode is not None else cfg.default_decode
     if decode not in DECODE_MODES:
-        raise LamboInputError(f"unknown decode mode {decode!r}; expected one of {', '.join(DECODE_MODES)}",
-                              where="decode")
+        raise LamboInputError(
+            f"unknown decode mode {decode!r}; expected one of {', '.join(DECODE_MODES)}", where="decode"
+        )
     k = env.k if env.k is not None else cfg.default_k
     if not 1 <= k <= cfg.max_k:
         raise LamboInputError(f"k={k} outside 1..{cfg.max_k}", where="k")
@@ -167,8 +182,11 @@ def parse_decide_batch(body: bytes, cfg: ServeConfig) -> DecideRequest:
     if not env.instances:
         raise LamboInputError("empty list; expected at least one instance", where="instances")
     if len(env.instances) > cfg.max_batch_instances:
-        raise LamboInputError(f"{len(env.instances)} instances exceed the limit of {cfg.max_batch_instances} "
-                              "per request", where="instances", status=413)
+        raise LamboInputError(
+            f"{len(env.instances)} instances exceed the limit of {cfg.max_batch_instances} per request",
+            where="instances",
+            status=413,
+        )
     prompt, decoder, decode, k = _options(env, cfg)
     instances = [_instance(doc, cfg, f"instances[{i}]") for i, doc in enumerate(env.instances)]
     return DecideRequest(instances, prompt, decoder, decode, k, env.seed)
@@ -189,8 +207,12 @@ def decide_result(inst: Instance, decision: Decision, decoder: str, timing_ms: f
     """The response of one decided instance; the evaluation is the one evaluator's, made JSON-safe
     (an infinite latency, offloaded with share 0 and reported infeasible, becomes null)."""
     ev = evaluate(inst, decision.target, decision.share)
-    return {"decision": decision_to_dict(decision), "evaluation": _jsonable(ev.to_dict(decision.prompt)),
-            "decoder": decoder, "timing_ms": timing_ms}
+    return {
+        "decision": decision_to_dict(decision),
+        "evaluation": jsonable(ev.to_dict(decision.prompt)),
+        "decoder": decoder,
+        "timing_ms": timing_ms,
+    }
 
 
 def error_body(err: LamboInputError) -> dict[str, Any]:

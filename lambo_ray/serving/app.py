@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.serving import api
 from lambo_ray.serving.config import ServeConfig
@@ -102,13 +102,17 @@ class PolicyDeployment:
         if entry is None:
             entry = await self._catalog.resolve.remote(decoder_id)
             if entry is None:
-                raise LamboInputError(f"unknown decoder {decoder_id!r} (GET /v1/decoders lists the servable ones)",
-                                      where="decoder", status=404)
+                raise LamboInputError(
+                    f"unknown decoder {decoder_id!r} (GET /v1/decoders lists the servable ones)",
+                    where="decoder",
+                    status=404,
+                )
             self._known[decoder_id] = entry  # ids are immutable: safe to keep forever
         return entry
 
-    async def decide(self, inst: Instance, prompt: str, decoder: str | None, decode: str, k: int,
-                     seed: int) -> Decision | Failure:
+    async def decide(
+        self, inst: Instance, prompt: str, decoder: str | None, decode: str, k: int, seed: int
+    ) -> Decision | Failure:
         try:
             entry = await self._entry(decoder)
         except LamboInputError as err:
@@ -130,8 +134,9 @@ class PolicyDeployment:
         results = self._engine.decide_items(items, entries)  # on the loop thread: see the module docstring
         return [Failure.of(r) if isinstance(r, LamboInputError) else r for r in results]
 
-    async def decide_many(self, instances: list[Instance], prompt: str, decoder: str | None, decode: str, k: int,
-                          seed: int) -> tuple[str, list[Decision]] | Failure:
+    async def decide_many(
+        self, instances: list[Instance], prompt: str, decoder: str | None, decode: str, k: int, seed: int
+    ) -> tuple[str, list[Decision]] | Failure:
         """The /v1/decide_batch path: already a batch, so it bypasses the cross-caller queue; decided in
         chunks of max_batch_size so one huge request cannot allocate without bound."""
         try:
@@ -139,7 +144,7 @@ class PolicyDeployment:
             out: list[Decision] = []
             step = self._cfg.max_batch_size
             for lo in range(0, len(instances), step):
-                out += self._engine.decide(instances[lo:lo + step], prompt, entry, decode, k, seed)
+                out += self._engine.decide(instances[lo : lo + step], prompt, entry, decode, k, seed)
                 await asyncio.sleep(0)  # let queued /v1/decide batches interleave between chunks
             return entry.id, out
         except LamboInputError as err:
@@ -152,9 +157,12 @@ class PolicyDeployment:
             resolved = str(Path(path).expanduser().resolve())
             known = await self._catalog.resolve.remote(decoder_id)
             if known is not None and known.path != resolved:
-                raise LamboInputError(f"decoder id {decoder_id!r} is already registered for {known.path}; decoder "
-                                      "ids are immutable, register the new checkpoint under a new id",
-                                      where="id", status=409)
+                raise LamboInputError(
+                    f"decoder id {decoder_id!r} is already registered for {known.path}; decoder "
+                    "ids are immutable, register the new checkpoint under a new id",
+                    where="id",
+                    status=409,
+                )
             view, meta = self._engine.load_view(resolved)
             entry = DecoderEntry(decoder_id, resolved, "registered", meta)
             created = _unwrap(await self._catalog.register.remote(entry))
@@ -169,8 +177,12 @@ class PolicyDeployment:
         return {
             "default_decoder": self._cfg.default_decoder,
             "loaded_decoders": self._engine.loaded_decoders(),
-            "batching": {"enabled": self._cfg.batching, "max_batch_size": self._cfg.max_batch_size,
-                         "batch_wait_timeout_s": self._cfg.batch_wait_timeout_s, "batches": self.batches},
+            "batching": {
+                "enabled": self._cfg.batching,
+                "max_batch_size": self._cfg.max_batch_size,
+                "batch_wait_timeout_s": self._cfg.batch_wait_timeout_s,
+                "batches": self.batches,
+            },
             "checkpoint": self._engine.default_entry.meta,
         }
 
@@ -179,7 +191,7 @@ class PolicyDeployment:
 fastapi_app = FastAPI(
     title="LAMBO offloading policy",
     description="Decides where every UE's task runs (local or one edge server) and its CPU share. "
-                "Bodies follow lambo.instance/1 and lambo.decision/1 (SPEC, interface contract).",
+    "Bodies follow lambo.instance/1 and lambo.decision/1 (SPEC, interface contract).",
     version="1",
 )
 
@@ -223,27 +235,33 @@ class LamboIngress:
         self._policy = policy
         self._catalog = catalog
 
-    @fastapi_app.post("/v1/decide", responses={200: {"model": api.DecideOut}, **_ERRORS},
-                      openapi_extra=api.openapi_body(api.DECIDE_DOC))
+    @fastapi_app.post(
+        "/v1/decide",
+        responses={200: {"model": api.DecideOut}, **_ERRORS},
+        openapi_extra=api.openapi_body(api.DECIDE_DOC),
+    )
     async def decide(self, request: Request) -> JSONResponse:
         """Decide one instance. Concurrent callers are batched on the policy replica."""
         start = time.perf_counter()
         req = api.parse_decide(await read_body(request, self._cfg.max_body_bytes), self._cfg)
         inst = req.instances[0]
-        decision = _unwrap(await self._policy.decide.remote(inst, req.prompt, req.decoder, req.decode, req.k,
-                                                            req.seed))
+        decision = _unwrap(await self._policy.decide.remote(inst, req.prompt, req.decoder, req.decode, req.k, req.seed))
         body = api.decide_result(inst, decision, req.decoder or self._cfg.default_decoder, timing_ms=0.0)
         body["timing_ms"] = _ms(start)  # the whole request: parse, queue, batch, policy, evaluation
         return _json(body)
 
-    @fastapi_app.post("/v1/decide_batch", responses={200: {"model": api.DecideBatchOut}, **_ERRORS},
-                      openapi_extra=api.openapi_body(api.DECIDE_BATCH_DOC))
+    @fastapi_app.post(
+        "/v1/decide_batch",
+        responses={200: {"model": api.DecideBatchOut}, **_ERRORS},
+        openapi_extra=api.openapi_body(api.DECIDE_BATCH_DOC),
+    )
     async def decide_batch(self, request: Request) -> JSONResponse:
         """Decide many instances in order, in one policy call per chunk (the bulk path)."""
         start = time.perf_counter()
         req = api.parse_decide_batch(await read_body(request, self._cfg.max_body_bytes), self._cfg)
-        decoder, decisions = _unwrap(await self._policy.decide_many.remote(
-            req.instances, req.prompt, req.decoder, req.decode, req.k, req.seed))
+        decoder, decisions = _unwrap(
+            await self._policy.decide_many.remote(req.instances, req.prompt, req.decoder, req.decode, req.k, req.seed)
+        )
         per_item = _ms(start) / len(decisions)
         results = [api.decide_result(inst, dec, decoder, per_item) for inst, dec in zip(req.instances, decisions)]
         return _json({"results": results, "timing_ms": _ms(start)})
@@ -253,9 +271,11 @@ class LamboIngress:
         """Every servable decoder id (pretrained default, decoders_dir, registered)."""
         return {"default": self._cfg.default_decoder, "decoders": await self._catalog.entries.remote()}
 
-    @fastapi_app.post("/v1/decoders", responses={200: {"description": "registered (or already identical)"},
-                                                 **_ERRORS},
-                      openapi_extra=api.openapi_body(api.RegisterDecoderBody))
+    @fastapi_app.post(
+        "/v1/decoders",
+        responses={200: {"description": "registered (or already identical)"}, **_ERRORS},
+        openapi_extra=api.openapi_body(api.RegisterDecoderBody),
+    )
     async def register_decoder(self, request: Request) -> dict[str, Any]:
         """Make a decoder-only checkpoint servable under a new id, without a restart."""
         body = api.parse_register(await read_body(request, self._cfg.max_body_bytes), self._cfg)
@@ -289,9 +309,17 @@ def check_checkpoint(cfg: ServeConfig, *, load_weights: bool = False) -> Decoder
     meta = load_policy(directory)[1] if load_weights else dict(manifest.get("meta") or {})
     if cfg.decoders_dir is not None and not Path(cfg.decoders_dir).is_dir():
         raise LamboInputError(f"decoders directory not found: {cfg.decoders_dir}", where="decoders_dir")
-    return DecoderEntry(cfg.default_decoder, None, "checkpoint",
-                        {**public_meta(meta), "fingerprint": manifest.get("fingerprint"),
-                         "scale": manifest.get("scale"), "n_params": manifest.get("n_params")})
+    return DecoderEntry(
+        cfg.default_decoder,
+        None,
+        "checkpoint",
+        {
+            **public_meta(meta),
+            "fingerprint": manifest.get("fingerprint"),
+            "scale": manifest.get("scale"),
+            "n_params": manifest.get("n_params"),
+        },
+    )
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -299,12 +327,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)
     default = check_checkpoint(cfg)
     catalog = CatalogDeployment.bind(cfg, default)
-    policy_opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.policy_num_cpus},
-                                   "max_ongoing_requests": cfg.max_ongoing_requests}
+    policy_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.policy_num_cpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+    }
     if cfg.policy_replicas is not None:
         policy_opts["num_replicas"] = cfg.policy_replicas
-    ingress_opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0},
-                                    "max_ongoing_requests": 4 * cfg.max_ongoing_requests}
+    ingress_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": 4 * cfg.max_ongoing_requests,
+    }
     if cfg.ingress_replicas is not None:
         ingress_opts["num_replicas"] = cfg.ingress_replicas
     policy = PolicyDeployment.options(**policy_opts).bind(cfg, catalog)

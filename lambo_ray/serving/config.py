@@ -4,6 +4,7 @@ Everything a deployment needs travels in this object (it is pickled into the rep
 file, ``lambo serve`` and the tests all describe the same app the same way. Unknown keys and bad values
 are rejected up front with a :class:`LamboInputError`, before Serve starts anything.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lambo_ray.configs import reject_unknown_keys
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError, reject_unknown_keys
 
 # The policy's decode modes (lambo_ray.policy.decoding); validated per request.
 DECODE_MODES: tuple[str, ...] = ("greedy", "best_of_k", "sample", "refine")
@@ -61,9 +61,19 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise LamboInputError("serve config: 'checkpoint' is required (a `lambo pretrain` checkpoint directory)")
-        positive = ("max_ues", "max_body_bytes", "max_batch_instances", "max_batch_size", "decoder_cache_size",
-                    "default_k", "max_k", "policy_replicas", "ingress_replicas", "max_ongoing_requests",
-                    "torch_threads")
+        positive = (
+            "max_ues",
+            "max_body_bytes",
+            "max_batch_instances",
+            "max_batch_size",
+            "decoder_cache_size",
+            "default_k",
+            "max_k",
+            "policy_replicas",
+            "ingress_replicas",
+            "max_ongoing_requests",
+            "torch_threads",
+        )
         for name in positive:
             value = getattr(self, name)
             if value is None and name.endswith("_replicas"):
@@ -72,21 +82,23 @@ class ServeConfig:
                 raise LamboInputError(f"serve config: '{name}' must be an integer >= 1 (got {value!r})")
         if not isinstance(self.batch_wait_timeout_s, (int, float)) or not 0 <= self.batch_wait_timeout_s <= 10:
             raise LamboInputError(
-                f"serve config: 'batch_wait_timeout_s' must be in [0, 10] seconds (got {self.batch_wait_timeout_s!r})")
+                f"serve config: 'batch_wait_timeout_s' must be in [0, 10] seconds (got {self.batch_wait_timeout_s!r})"
+            )
         if not isinstance(self.policy_num_cpus, (int, float)) or self.policy_num_cpus < 0:
             raise LamboInputError(f"serve config: 'policy_num_cpus' must be >= 0 (got {self.policy_num_cpus!r})")
         if not isinstance(self.batching, bool):
             raise LamboInputError(f"serve config: 'batching' must be true or false (got {self.batching!r})")
         if self.default_decode not in DECODE_MODES:
-            raise LamboInputError(f"serve config: 'default_decode' must be one of {', '.join(DECODE_MODES)} "
-                                  f"(got {self.default_decode!r})")
+            raise LamboInputError(
+                f"serve config: 'default_decode' must be one of {', '.join(DECODE_MODES)} (got {self.default_decode!r})"
+            )
         if self.default_k > self.max_k:
             raise LamboInputError(f"serve config: default_k={self.default_k} exceeds max_k={self.max_k}")
         if not self.default_decoder or "/" in self.default_decoder:
             raise LamboInputError(f"serve config: bad 'default_decoder' id {self.default_decoder!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "ServeConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> ServeConfig:
         """From the ``args:`` mapping of a Serve config file; unknown keys are an error, not ignored."""
         values = dict(values or {})
         reject_unknown_keys(cls, values, "serve config")

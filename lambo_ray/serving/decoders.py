@@ -13,6 +13,7 @@ id -> path mapping forever and registering a new decoder can never change the me
 flight (a "swap" is registering a new id and sending requests to it). Re-registering an id with the same
 path is idempotent; with another path it is refused (409).
 """
+
 from __future__ import annotations
 
 import threading
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 T = TypeVar("T")
 
@@ -47,8 +48,7 @@ class DecoderCatalog:
     that this class knows nothing about the checkpoint format.
     """
 
-    def __init__(self, default: DecoderEntry, decoders_dir: str | None,
-                 is_decoder_dir: Callable[[Path], bool]) -> None:
+    def __init__(self, default: DecoderEntry, decoders_dir: str | None, is_decoder_dir: Callable[[Path], bool]) -> None:
         self._entries: dict[str, DecoderEntry] = {default.id: default}
         self._default = default.id
         self._dir = Path(decoders_dir) if decoders_dir else None
@@ -67,8 +67,9 @@ class DecoderCatalog:
         with self._lock:
             for sub in sorted(self._dir.iterdir()):
                 if sub.name not in self._entries and sub.is_dir() and self._is_decoder_dir(sub):
-                    self._entries[sub.name] = DecoderEntry(sub.name, str(sub.resolve()), "decoders_dir",
-                                                           decoder_manifest_summary(sub))
+                    self._entries[sub.name] = DecoderEntry(
+                        sub.name, str(sub.resolve()), "decoders_dir", decoder_manifest_summary(sub)
+                    )
 
     def resolve(self, decoder_id: str) -> DecoderEntry | None:
         entry = self._entries.get(decoder_id)
@@ -84,9 +85,12 @@ class DecoderCatalog:
             if old is not None:
                 if old.path == entry.path:
                     return False
-                raise LamboInputError(f"decoder id {entry.id!r} is already registered for {old.path}; decoder ids "
-                                      "are immutable, register the new checkpoint under a new id", where="id",
-                                      status=409)
+                raise LamboInputError(
+                    f"decoder id {entry.id!r} is already registered for {old.path}; decoder ids "
+                    "are immutable, register the new checkpoint under a new id",
+                    where="id",
+                    status=409,
+                )
             self._entries[entry.id] = entry
             return True
 
@@ -159,8 +163,11 @@ def decoder_manifest_summary(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict):
         return {}
-    return {**public_meta(doc.get("meta") if isinstance(doc.get("meta"), dict) else {}),
-            "decoder_id": doc.get("decoder_id"), "base_fingerprint": doc.get("base_fingerprint")}
+    return {
+        **public_meta(doc.get("meta") if isinstance(doc.get("meta"), dict) else {}),
+        "decoder_id": doc.get("decoder_id"),
+        "base_fingerprint": doc.get("base_fingerprint"),
+    }
 
 
 def public_meta(meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ and the benchmarks run, and a decoder costs only its own weights in memory.
 The engine is synchronous and not thread-safe by design: the policy deployment calls it from its event
 loop thread only, which serialises decoder loads with decisions.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,11 +22,10 @@ from typing import Any
 
 import torch
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.serving.config import ServeConfig
 from lambo_ray.serving.decoders import DecoderEntry, LRUCache, public_meta
-
 
 # Modes whose decision depends only on the instance: safe to batch with other callers' instances.
 # Sampling modes draw from one generator per policy call, so batching them would make a caller's
@@ -77,8 +77,12 @@ class PolicyEngine:
 
     @property
     def default_entry(self) -> DecoderEntry:
-        return DecoderEntry(self.cfg.default_decoder, None, "checkpoint",
-                            {**public_meta(self.meta), "fingerprint": self.fingerprint})
+        return DecoderEntry(
+            self.cfg.default_decoder,
+            None,
+            "checkpoint",
+            {**public_meta(self.meta), "fingerprint": self.fingerprint},
+        )
 
     # -- decoders -------------------------------------------------------------------------------
     def load_view(self, path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -100,20 +104,25 @@ class PolicyEngine:
         except (LamboInputError, TypeError):
             same_config = False
         if not same_config:
-            raise LamboInputError(f"decoder checkpoint {path} has another model config than the served policy",
-                                  where="path")
+            raise LamboInputError(
+                f"decoder checkpoint {path} has another model config than the served policy", where="path"
+            )
         decoder = copy.deepcopy(self.policy.decoder)
         try:
             decoder.load_state_dict(state)
         except RuntimeError as err:
-            raise LamboInputError(f"decoder weights in {path} do not fit the policy: {str(err)[:200]}",
-                                  where="path") from None
+            raise LamboInputError(
+                f"decoder weights in {path} do not fit the policy: {str(err)[:200]}", where="path"
+            ) from None
         view = copy.copy(self.policy)  # a new Module object sharing __dict__ entries ...
         view._modules = dict(self.policy._modules)  # ... with its own child table: the same IE + encoder
         view._modules["decoder"] = decoder.eval()  # objects, its own decoder
         assert shares_encoder(view, self.policy)
-        return view, {**public_meta(doc.get("meta")), "decoder_id": doc.get("decoder_id"),
-                      "base_fingerprint": doc.get("base_fingerprint")}
+        return view, {
+            **public_meta(doc.get("meta")),
+            "decoder_id": doc.get("decoder_id"),
+            "base_fingerprint": doc.get("base_fingerprint"),
+        }
 
     def adopt(self, decoder_id: str, view: torch.nn.Module) -> None:
         """Cache an already loaded view under ``decoder_id`` (after the catalog accepted the id)."""
@@ -131,14 +140,23 @@ class PolicyEngine:
 
     # -- decisions ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decide(self, instances: Sequence[Instance], prompt: str | Sequence[str], entry: DecoderEntry, decode: str,
-               k: int, seed: int) -> list[Decision]:
+    def decide(
+        self,
+        instances: Sequence[Instance],
+        prompt: str | Sequence[str],
+        entry: DecoderEntry,
+        decode: str,
+        k: int,
+        seed: int,
+    ) -> list[Decision]:
         """Decisions for instances sharing decoder and mode (one prompt, or one per instance): one policy call."""
         from lambo_ray.policy.decoding import decide
 
         return decide(self.view(entry), list(instances), prompt, mode=decode, k=k, seed=seed)
 
-    def decide_items(self, items: Sequence[DecideItem], entries: dict[str, DecoderEntry]) -> list[Decision | LamboInputError]:
+    def decide_items(
+        self, items: Sequence[DecideItem], entries: dict[str, DecoderEntry]
+    ) -> list[Decision | LamboInputError]:
         """Decide a batch gathered from several callers: grouped by :meth:`DecideItem.group`, one policy
         call per group, results back in the callers' order. A failing group (e.g. a decoder that cannot
         be loaded) fails only its own items."""
@@ -146,12 +164,18 @@ class PolicyEngine:
         for idx, item in enumerate(items):
             groups[item.group(idx)].append(idx)
         out: list[Decision | LamboInputError | None] = [None] * len(items)
-        for key, idxs in groups.items():
+        for idxs in groups.values():
             first = items[idxs[0]]
             start = time.perf_counter()
             try:
-                decisions = self.decide([items[i].instance for i in idxs], [items[i].prompt for i in idxs],
-                                        entries[first.decoder], first.decode, first.k, first.seed)
+                decisions = self.decide(
+                    [items[i].instance for i in idxs],
+                    [items[i].prompt for i in idxs],
+                    entries[first.decoder],
+                    first.decode,
+                    first.k,
+                    first.seed,
+                )
             except LamboInputError as err:
                 for i in idxs:
                     out[i] = err

@@ -7,16 +7,46 @@ Public API:
 * :func:`summarize`, :func:`format_table` -- trial table (best first) and best trial
 * :func:`pretrain_trial`, :func:`pretrain_config_from_trial`, :func:`tune_metrics` -- the trial itself
 """
-from lambo_ray.tuning.spec import ParamSpec, SchedulerSpec, SearchSpec, TrialResources, TuneSpec, load_tune_spec
+
+from lambo_ray.tuning.spec import (
+    ParamSpec,
+    SchedulerSpec,
+    SearchSpec,
+    TrialResources,
+    TuneSpec,
+    load_tune_spec,
+)
 from lambo_ray.tuning.sweep import (
-    LABELS_FILE, SPEC_FILE, SUMMARY_FILE, check_experiment, experiment_dir, format_table, run_sweep, summarize,
+    LABELS_FILE,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    check_experiment,
+    experiment_dir,
+    format_table,
+    run_sweep,
+    summarize,
     trial_bundles,
 )
 from lambo_ray.tuning.trainable import GAP_METRIC, pretrain_config_from_trial, pretrain_trial, tune_metrics
 
 __all__ = [
-    "ParamSpec", "SchedulerSpec", "SearchSpec", "TrialResources", "TuneSpec", "load_tune_spec",
-    "LABELS_FILE", "SPEC_FILE", "SUMMARY_FILE", "check_experiment", "experiment_dir", "trial_bundles",
-    "format_table", "run_sweep", "summarize",
-    "GAP_METRIC", "pretrain_config_from_trial", "pretrain_trial", "tune_metrics",
+    "ParamSpec",
+    "SchedulerSpec",
+    "SearchSpec",
+    "TrialResources",
+    "TuneSpec",
+    "load_tune_spec",
+    "LABELS_FILE",
+    "SPEC_FILE",
+    "SUMMARY_FILE",
+    "check_experiment",
+    "experiment_dir",
+    "trial_bundles",
+    "format_table",
+    "run_sweep",
+    "summarize",
+    "GAP_METRIC",
+    "pretrain_config_from_trial",
+    "pretrain_trial",
+    "tune_metrics",
 ]

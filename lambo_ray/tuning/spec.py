@@ -27,6 +27,7 @@ Layout of a file (every key but ``param_space`` optional)::
 Keys of ``fixed`` and ``param_space`` are :class:`~lambo_ray.rl.pretrain.PretrainConfig` fields or
 :class:`~lambo_ray.policy.PolicyConfig` fields (the latter become ``policy_overrides``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,19 +40,37 @@ from typing import Any
 
 import yaml
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 # name -> number of list arguments (None: a non-empty list of values)
 DISTRIBUTIONS: dict[str, int | None] = {
-    "uniform": 2, "loguniform": 2, "quniform": 3, "qloguniform": 3,
-    "randint": 2, "lograndint": 2, "choice": None, "grid": None,
+    "uniform": 2,
+    "loguniform": 2,
+    "quniform": 3,
+    "qloguniform": 3,
+    "randint": 2,
+    "lograndint": 2,
+    "choice": None,
+    "grid": None,
 }
 SEARCH_TYPES = ("random", "optuna")
 SCHEDULER_TYPES = ("asha", "fifo")
 MODES = ("min", "max")
-TOP_LEVEL_KEYS = ("description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
-                  "resources", "resources_by_scale", "checkpoint_every", "keep_checkpoints", "fixed",
-                  "param_space")
+TOP_LEVEL_KEYS = (
+    "description",
+    "metric",
+    "mode",
+    "num_samples",
+    "max_concurrent",
+    "search",
+    "scheduler",
+    "resources",
+    "resources_by_scale",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "fixed",
+    "param_space",
+)
 # Settings the Tune trainable owns: a trial reports every iteration (ASHA decides on each rung).
 TRAINABLE_OWNED = {"eval_every": 1, "checkpoint_every": None}
 MAX_CORNER_CHECKS = 512
@@ -63,11 +82,14 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
                 |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
+                |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -91,16 +113,20 @@ class ParamSpec:
     args: tuple[Any, ...]
 
     @classmethod
-    def parse(cls, name: str, raw: Any, where: str) -> "ParamSpec":
+    def parse(cls, name: str, raw: Any, where: str) -> ParamSpec:
         field_ = f"param_space.{name}"
         if not isinstance(raw, dict) or len(raw) != 1:
             raise LamboInputError(
                 f"{field_}: expected one distribution such as {{loguniform: [1.0e-4, 1.0e-2]}} or "
-                f"{{choice: [1, 2]}}; got {raw!r}", where=where)
+                f"{{choice: [1, 2]}}; got {raw!r}",
+                where=where,
+            )
         kind, args = next(iter(raw.items()))
         if kind not in DISTRIBUTIONS:
-            raise LamboInputError(f"{field_}: unknown distribution {kind!r}; expected one of "
-                                  f"{', '.join(DISTRIBUTIONS)}", where=where)
+            raise LamboInputError(
+                f"{field_}: unknown distribution {kind!r}; expected one of {', '.join(DISTRIBUTIONS)}",
+                where=where,
+            )
         if not isinstance(args, list) or not args:
             raise LamboInputError(f"{field_}.{kind}: expected a non-empty list", where=where)
         n = DISTRIBUTIONS[kind]
@@ -112,10 +138,8 @@ class ParamSpec:
             lo, hi = args[0], args[1]
             if not lo < hi:
                 raise LamboInputError(f"{field_}.{kind}: lower bound {lo} must be < upper bound {hi}", where=where)
-            if kind.startswith("log") or kind == "qloguniform":
-                if lo <= 0:
-                    raise LamboInputError(f"{field_}.{kind}: bounds must be > 0 on a log scale (got {lo})",
-                                          where=where)
+            if (kind.startswith("log") or kind == "qloguniform") and lo <= 0:
+                raise LamboInputError(f"{field_}.{kind}: bounds must be > 0 on a log scale (got {lo})", where=where)
             if kind in ("randint", "lograndint") and not all(isinstance(a, int) for a in args):
                 raise LamboInputError(f"{field_}.{kind}: bounds must be integers", where=where)
             if kind.startswith("q") and not args[2] > 0:
@@ -133,7 +157,7 @@ class ParamSpec:
             "loguniform": lambda: tune.loguniform(a[0], a[1]),
             "quniform": lambda: tune.quniform(a[0], a[1], a[2]),
             "qloguniform": lambda: tune.qloguniform(a[0], a[1], a[2]),
-            "randint": lambda: tune.randint(a[0], a[1]),      # upper bound exclusive (Tune's convention)
+            "randint": lambda: tune.randint(a[0], a[1]),  # upper bound exclusive (Tune's convention)
             "lograndint": lambda: tune.lograndint(a[0], a[1]),
             "choice": lambda: tune.choice(list(a)),
             "grid": lambda: tune.grid_search(list(a)),
@@ -163,8 +187,12 @@ class SchedulerSpec:
             return FIFOScheduler()
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                             grace_period=self.grace_period, reduction_factor=self.reduction_factor)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=self.grace_period,
+            reduction_factor=self.reduction_factor,
+        )
 
 
 @dataclass(frozen=True)
@@ -190,7 +218,7 @@ class TrialResources:
     gpu: float = 0.0
 
     @classmethod
-    def parse(cls, raw: Any, field_: str, where: str) -> "TrialResources":
+    def parse(cls, raw: Any, field_: str, where: str) -> TrialResources:
         if not isinstance(raw, dict):
             raise LamboInputError(f"{field_}: expected a mapping like {{cpu: 1, gpu: 0}}", where=where)
         unknown = sorted(set(raw) - {"cpu", "gpu"})
@@ -238,10 +266,9 @@ class TuneSpec:
 
     def trial_defaults(self) -> dict[str, Any]:
         """Fixed settings as a trial sees them: PretrainConfig defaults, then the file's ``fixed``."""
-        from lambo_ray.rl.pretrain import PretrainConfig
+        from lambo_ray.rl.config import PretrainConfig
 
-        base = {f.name: f.default for f in dataclasses.fields(PretrainConfig)
-                if f.default is not dataclasses.MISSING}
+        base = {f.name: f.default for f in dataclasses.fields(PretrainConfig) if f.default is not dataclasses.MISSING}
         base.update(self.fixed)
         base["eval_every"] = 1
         return base
@@ -252,7 +279,7 @@ class TuneSpec:
         space.update({p.name: p.domain() for p in self.params})
         return space
 
-    def with_overrides(self, *, num_samples: int | None = None, max_concurrent: int | None = None) -> "TuneSpec":
+    def with_overrides(self, *, num_samples: int | None = None, max_concurrent: int | None = None) -> TuneSpec:
         changes: dict[str, Any] = {}
         if num_samples is not None:
             if num_samples < 1:
@@ -282,8 +309,9 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
         raise LamboInputError("expected a mapping at the top level", where=where)
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
-        raise LamboInputError(f"unknown key(s) {', '.join(unknown)}; expected some of {', '.join(TOP_LEVEL_KEYS)}",
-                              where=where)
+        raise LamboInputError(
+            f"unknown key(s) {', '.join(unknown)}; expected some of {', '.join(TOP_LEVEL_KEYS)}", where=where
+        )
     space = raw.get("param_space")
     if not isinstance(space, dict) or not space:
         raise LamboInputError("param_space: missing or empty (nothing to search)", where=where)
@@ -300,7 +328,9 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
         if key in fixed and fixed[key] != forced:
             raise LamboInputError(
                 f"fixed.{key}: set by the Tune trainable (validation every iteration for ASHA, checkpoints "
-                f"every `checkpoint_every` iterations); remove it", where=where)
+                f"every `checkpoint_every` iterations); remove it",
+                where=where,
+            )
 
     mode = raw.get("mode", "min")
     if mode not in MODES:
@@ -310,14 +340,17 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
         raise LamboInputError("metric: expected the name of a reported metric such as val/gap", where=where)
     search = _sub_spec(raw, "search", SearchSpec, where)
     if search.type not in SEARCH_TYPES:
-        raise LamboInputError(f"search.type: expected one of {', '.join(SEARCH_TYPES)}, got {search.type!r}",
-                              where=where)
+        raise LamboInputError(
+            f"search.type: expected one of {', '.join(SEARCH_TYPES)}, got {search.type!r}", where=where
+        )
     if search.type == "optuna" and any(p.kind == "grid" for p in params):
         raise LamboInputError("param_space: grid is not supported by the optuna search; use choice", where=where)
     scheduler = _sub_spec(raw, "scheduler", SchedulerSpec, where)
     if scheduler.type not in SCHEDULER_TYPES:
-        raise LamboInputError(f"scheduler.type: expected one of {', '.join(SCHEDULER_TYPES)}, got "
-                              f"{scheduler.type!r}", where=where)
+        raise LamboInputError(
+            f"scheduler.type: expected one of {', '.join(SCHEDULER_TYPES)}, got {scheduler.type!r}",
+            where=where,
+        )
     resources = TrialResources.parse(raw.get("resources", {}), "resources", where)
     by_scale_raw = raw.get("resources_by_scale", {}) or {}
     if not isinstance(by_scale_raw, dict):
@@ -326,37 +359,56 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
 
     for scale in by_scale_raw:
         if scale not in SCALES:
-            raise LamboInputError(f"resources_by_scale.{scale}: unknown scale; expected one of {', '.join(SCALES)}",
-                                  where=where)
+            raise LamboInputError(
+                f"resources_by_scale.{scale}: unknown scale; expected one of {', '.join(SCALES)}", where=where
+            )
     by_scale = {str(k): TrialResources.parse(v, f"resources_by_scale.{k}", where) for k, v in by_scale_raw.items()}
 
     spec = TuneSpec(
-        name=name, params=params, fixed=dict(fixed), description=str(raw.get("description", "")).strip(),
-        metric=metric, mode=mode,
+        name=name,
+        params=params,
+        fixed=dict(fixed),
+        description=str(raw.get("description", "")).strip(),
+        metric=metric,
+        mode=mode,
         num_samples=_positive_int(raw, "num_samples", 1, where),
         max_concurrent=_positive_int(raw, "max_concurrent", None, where),
-        search=search, scheduler=scheduler, resources=resources, resources_by_scale=by_scale,
+        search=search,
+        scheduler=scheduler,
+        resources=resources,
+        resources_by_scale=by_scale,
         checkpoint_every=_positive_int(raw, "checkpoint_every", 1, where),
-        keep_checkpoints=_positive_int(raw, "keep_checkpoints", 2, where), source=source)
+        keep_checkpoints=_positive_int(raw, "keep_checkpoints", 2, where),
+        source=source,
+    )
     if scheduler.type == "asha":
         for key in ("max_t", "grace_period"):
             v = getattr(scheduler, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise LamboInputError(f"scheduler.{key}: expected an integer >= 1, got {v!r}", where=where)
         if not (_is_number(scheduler.reduction_factor) and scheduler.reduction_factor > 1):
-            raise LamboInputError(f"scheduler.reduction_factor: expected a number > 1, got "
-                                  f"{scheduler.reduction_factor!r}", where=where)
+            raise LamboInputError(
+                f"scheduler.reduction_factor: expected a number > 1, got {scheduler.reduction_factor!r}",
+                where=where,
+            )
     check_space(spec, where)
     if spec.metric.endswith("gap") and spec.trial_defaults().get("val_expert") is None:
-        raise LamboInputError(f"metric: {spec.metric} is a gap to the expert, but fixed.val_expert is null "
-                              "(no expert labels: use a val/<prompt>/objective metric instead)", where=where)
+        raise LamboInputError(
+            f"metric: {spec.metric} is a gap to the expert, but fixed.val_expert is null "
+            "(no expert labels: use a val/<prompt>/objective metric instead)",
+            where=where,
+        )
     if spec.scheduler.type == "asha":
         if spec.max_t > spec.iterations:
-            raise LamboInputError(f"scheduler.max_t: {spec.max_t} exceeds fixed.iterations {spec.iterations}: "
-                                  "trials end before ASHA's last rung", where=where)
+            raise LamboInputError(
+                f"scheduler.max_t: {spec.max_t} exceeds fixed.iterations {spec.iterations}: "
+                "trials end before ASHA's last rung",
+                where=where,
+            )
         if spec.scheduler.grace_period > spec.max_t:
-            raise LamboInputError(f"scheduler.grace_period: {spec.scheduler.grace_period} > max_t {spec.max_t}",
-                                  where=where)
+            raise LamboInputError(
+                f"scheduler.grace_period: {spec.scheduler.grace_period} > max_t {spec.max_t}", where=where
+            )
     return spec
 
 
@@ -388,9 +440,12 @@ def check_space(spec: TuneSpec, where: str) -> None:
 def setting_keys() -> tuple[set[str], set[str]]:
     """(PretrainConfig fields, PolicyConfig fields) a sweep may set."""
     from lambo_ray.policy import PolicyConfig
-    from lambo_ray.rl.pretrain import PretrainConfig
+    from lambo_ray.rl.config import PretrainConfig
 
-    return ({f.name for f in dataclasses.fields(PretrainConfig)}, {f.name for f in dataclasses.fields(PolicyConfig)})
+    return (
+        {f.name for f in dataclasses.fields(PretrainConfig)},
+        {f.name for f in dataclasses.fields(PolicyConfig)},
+    )
 
 
 def _check_setting_key(key: str, section: str, where: str) -> None:
@@ -407,7 +462,9 @@ def _sub_spec(raw: dict[str, Any], key: str, cls: type, where: str) -> Any:
     unknown = sorted(set(value) - known)
     if unknown:
         raise LamboInputError(
-            f"{key}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}", where=where)
+            f"{key}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}",
+            where=where,
+        )
     return cls(**value)
 
 

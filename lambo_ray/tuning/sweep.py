@@ -9,15 +9,17 @@ Experiment directory (``<storage>/<name>/``), written Tune's way plus two files 
     <trial>/checkpoint_000NNN/checkpoint/{policy,rllib,state.json}    (a `lambo pretrain` checkpoint)
     summary.json          the trial table and the best trial (written by `lambo tune` after the run)
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 from lambo_ray.tuning.spec import TuneSpec, load_tune_spec
 from lambo_ray.tuning.trainable import pretrain_config_from_trial, pretrain_trial, remove_run_dirs
 
@@ -48,8 +50,12 @@ def build_trainable(spec: TuneSpec, exp_dir: Path) -> Any:
     from ray.tune import PlacementGroupFactory
 
     labels = exp_dir / LABELS_FILE
-    trainable = tune.with_parameters(pretrain_trial, metric=spec.metric, checkpoint_every=spec.checkpoint_every,
-                                     val_labels=labels.read_text() if labels.exists() else None)
+    trainable = tune.with_parameters(
+        pretrain_trial,
+        metric=spec.metric,
+        checkpoint_every=spec.checkpoint_every,
+        val_labels=labels.read_text() if labels.exists() else None,
+    )
     return tune.with_resources(trainable, lambda config: PlacementGroupFactory(trial_bundles(spec, config)))
 
 
@@ -61,8 +67,10 @@ def check_experiment(exp_dir: Path, *, resume: bool) -> None:
     if resume and not exists:
         raise LamboInputError("no Tune experiment to resume here (run without --resume first)", where=str(exp_dir))
     if not resume and exists:
-        raise LamboInputError("an experiment already exists here; pass --resume to continue it or choose "
-                              "another --name", where=str(exp_dir))
+        raise LamboInputError(
+            "an experiment already exists here; pass --resume to continue it or choose another --name",
+            where=str(exp_dir),
+        )
 
 
 def prepare_validation_labels(spec: TuneSpec, exp_dir: Path) -> None:
@@ -78,8 +86,15 @@ def prepare_validation_labels(spec: TuneSpec, exp_dir: Path) -> None:
         ValidationSet.build(cfg, exp_dir / LABELS_FILE)
 
 
-def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, resume: bool = False,
-              callbacks: Sequence[Any] = (), verbose: int = 1) -> Any:
+def run_sweep(
+    spec: TuneSpec,
+    storage: str | Path,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 1,
+) -> Any:
     """Run (or with ``resume`` continue) the sweep; returns Tune's ResultGrid. Ray must be initialised.
 
     A resumed experiment keeps its stored spec and searcher/scheduler state; finished trials are not
@@ -93,8 +108,7 @@ def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, r
     check_experiment(exp, resume=resume)
     if resume:
         stored = load_tune_spec(exp / SPEC_FILE)
-        tuner = tune.Tuner.restore(str(exp), build_trainable(stored, exp), resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(str(exp), build_trainable(stored, exp), resume_unfinished=True, resume_errored=True)
         return _fit(tuner)
 
     exp.mkdir(parents=True, exist_ok=True)
@@ -104,19 +118,28 @@ def run_sweep(spec: TuneSpec, storage: str | Path, *, name: str | None = None, r
         build_trainable(spec, exp),
         param_space=spec.param_space(),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent if spec.search.type == "optuna" else None,
             search_alg=spec.search.build(spec.max_concurrent),
             scheduler=spec.scheduler.build(spec.max_t),
             # A finished trial's process runs the next one: torch/RLlib imports and Ray worker
             # start-up (seconds each) are paid once per concurrent slot, not once per trial.
-            reuse_actors=True),
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(exp.parent), verbose=verbose, callbacks=list(callbacks),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints,
-                                                    checkpoint_score_attribute=spec.metric,
-                                                    checkpoint_score_order=spec.mode),
-            failure_config=tune.FailureConfig(max_failures=0)),
+            name=name,
+            storage_path=str(exp.parent),
+            verbose=verbose,
+            callbacks=list(callbacks),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.keep_checkpoints,
+                checkpoint_score_attribute=spec.metric,
+                checkpoint_score_order=spec.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
     )
     return _fit(tuner)
 
@@ -144,8 +167,15 @@ class TrialRow:
     checkpoint: str | None  # best checkpoint (by the metric) of the trial
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "status": self.status, "iterations": self.iterations,
-                "best": self.best, "last": self.last, "params": self.params, "checkpoint": self.checkpoint}
+        return {
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "iterations": self.iterations,
+            "best": self.best,
+            "last": self.last,
+            "params": self.params,
+            "checkpoint": self.checkpoint,
+        }
 
 
 def summarize(results: Any, spec: TuneSpec) -> dict[str, Any]:
@@ -183,16 +213,30 @@ def summarize(results: Any, spec: TuneSpec) -> dict[str, Any]:
             except (RuntimeError, ValueError, KeyError):
                 ckpt = result.checkpoint.path if result.checkpoint is not None else None
         trial_id = getattr(trial, "trial_id", None) or str(metrics.get("trial_id", Path(result.path).name))
-        rows.append(TrialRow(trial_id=trial_id, status=status, iterations=iterations, best=best,
-                             last=_finite(metrics.get(spec.metric)), params={k: config.get(k) for k in searched},
-                             checkpoint=ckpt))
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                status=status,
+                iterations=iterations,
+                best=best,
+                last=_finite(metrics.get(spec.metric)),
+                params={k: config.get(k) for k in searched},
+                checkpoint=ckpt,
+            )
+        )
     sign = 1 if spec.mode == "min" else -1
     rows.sort(key=lambda r: (r.best is None, sign * r.best if r.best is not None else 0.0))
     best_row = rows[0] if rows and rows[0].best is not None else None
-    return {"experiment": str(results.experiment_path), "metric": spec.metric, "mode": spec.mode,
-            "trials": [r.to_dict() for r in rows], "best": best_row.to_dict() if best_row else None,
-            "unfinished": sum(r.status == "unfinished" for r in rows),
-            "num_errors": results.num_errors, "num_terminated": results.num_terminated}
+    return {
+        "experiment": str(results.experiment_path),
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "trials": [r.to_dict() for r in rows],
+        "best": best_row.to_dict() if best_row else None,
+        "unfinished": sum(r.status == "unfinished" for r in rows),
+        "num_errors": results.num_errors,
+        "num_terminated": results.num_terminated,
+    }
 
 
 def _metric_values(result: Any, metric: str) -> list[float]:
@@ -215,8 +259,16 @@ def format_table(summary: dict[str, Any], params: Sequence[str]) -> str:
     head = ["trial", "status", "iter", f"best {summary['metric']}", "last", *params]
     body = []
     for r in summary["trials"]:
-        body.append([r["trial_id"], r["status"], str(r["iterations"]), _fmt(r["best"]), _fmt(r["last"]),
-                     *(_fmt(r["params"].get(p)) for p in params)])
+        body.append(
+            [
+                r["trial_id"],
+                r["status"],
+                str(r["iterations"]),
+                _fmt(r["best"]),
+                _fmt(r["last"]),
+                *(_fmt(r["params"].get(p)) for p in params),
+            ]
+        )
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]

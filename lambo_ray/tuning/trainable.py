@@ -7,16 +7,18 @@ trial then reports exactly what ``lambo pretrain`` logs (the validation gap to t
 prompt, computed by the one validation routine), and its checkpoints are ``lambo pretrain``
 checkpoints (``checkpoint/policy`` loads in ``lambo solve --method lambo`` and Serve).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from lambo_ray.mec.errors import LamboInputError
+from lambo_ray.errors import LamboInputError
 
 GAP_METRIC = "val/gap"
 TRIAL_ROOT = "lambo-tune-trials"  # Pretrainer run directories: <tmp>/lambo-tune-trials/<trial id>
@@ -28,8 +30,8 @@ def pretrain_config_from_trial(trial: dict[str, Any]) -> Any:
     PolicyConfig fields (``d_model``, ``n_heads``, ``enc_layers``...) are merged into
     ``policy_overrides`` so architecture and training hyperparameters share one flat search space.
     """
+    from lambo_ray.rl.config import PretrainConfig
     from lambo_ray.tuning.spec import setting_keys
-    from lambo_ray.rl.pretrain import PretrainConfig
 
     pretrain_keys, policy_keys = setting_keys()
     values: dict[str, Any] = {}
@@ -57,13 +59,13 @@ def tune_metrics(metrics: dict[str, Any], prompts: tuple[str, ...]) -> dict[str,
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     gaps = [metrics.get(f"val/{p}/gap") for p in prompts]
     if all(g is not None for g in gaps):
-        out[GAP_METRIC] = (math.inf if any(not math.isfinite(float(g)) for g in gaps)
-                           else float(sum(gaps) / len(gaps)))
+        out[GAP_METRIC] = math.inf if any(not math.isfinite(float(g)) for g in gaps) else float(sum(gaps) / len(gaps))
     return out
 
 
-def pretrain_trial(config: dict[str, Any], *, metric: str, checkpoint_every: int = 1,
-                   val_labels: str | None = None) -> None:
+def pretrain_trial(
+    config: dict[str, Any], *, metric: str, checkpoint_every: int = 1, val_labels: str | None = None
+) -> None:
     """Tune function trainable. ``val_labels``: the text of a Pretrainer validation-label cache
     computed once by the driver, so trials do not each re-solve the validation set exactly.
 
@@ -98,8 +100,10 @@ def pretrain_trial(config: dict[str, Any], *, metric: str, checkpoint_every: int
         while trainer.iteration < cfg.iterations:
             metrics = tune_metrics(trainer.train_iteration(), cfg.prompts)
             if metric not in metrics:
-                raise LamboInputError(f"metric {metric!r} is not reported; available: {', '.join(sorted(metrics))}",
-                                      where="tune config")
+                raise LamboInputError(
+                    f"metric {metric!r} is not reported; available: {', '.join(sorted(metrics))}",
+                    where="tune config",
+                )
             last = trainer.iteration == cfg.iterations
             if not (last or trainer.iteration % checkpoint_every == 0):
                 tune.report(metrics)
@@ -138,7 +142,7 @@ def remove_run_dirs(trial_ids: Iterable[str]) -> int:
 
 
 def _checkpoint_entries() -> tuple[str, ...]:
-    from lambo_ray.rl.pretrain import POLICY_DIR, RLLIB_DIR, STATE_FILE
+    from lambo_ray.rl.run_dir import POLICY_DIR, RLLIB_DIR, STATE_FILE
 
     return (RLLIB_DIR, POLICY_DIR, STATE_FILE)
 
