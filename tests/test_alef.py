@@ -262,7 +262,7 @@ def test_imitation_loss_is_the_teacher_forced_likelihood(small_instances):
     policy = tiny_policy(3)
     ex = exact_examples(small_instances[:3], "min_latency")
     from lambo_ray.policy.features import featurize
-    from lambo_ray.policy.model import claims_from_shares
+    from lambo_ray.policy.masks import claims_from_shares
 
     batch = featurize([e.instance for e in ex], [e.prompt for e in ex])
     target = torch.as_tensor(np.stack([e.target for e in ex]))

@@ -40,7 +40,7 @@ from lambo_ray.policy import (
 )
 from lambo_ray.policy.decoding import permute, unpermute
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, instance_features
-from lambo_ray.policy.model import allowed_options, categorical_entropy
+from lambo_ray.policy.masks import allowed_options, categorical_entropy
 from lambo_ray.policy.sampling import batch_noise, beta_from_noise, categorical_from_uniform
 
 torch.set_num_threads(1)
@@ -138,28 +138,28 @@ def test_batch_with_padding_matches_one_by_one(mixed_instances):
 
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
 def test_decoded_decisions_respect_capacity_and_deadlines(mode, paper_instances):
-    """Every decoded decision is feasible per the evaluator, except deadline misses of flagged dead ends."""
+    """Every decoded decision is feasible per the evaluator, under the deadline drift too (about 40% of
+    the UEs must offload): the capacity reserved for later must-offload UEs is what makes it so, since
+    the same untrained policy without the reservations runs into dead ends."""
     tight = generate_many(apply_drift(ScenarioConfig(), "deadline"), 4, seed=11)
     insts = list(paper_instances) + tight
-    seen_dead = 0
+    dead_without_reserve = 0
     for seed in range(2):
         pol = make_policy(seed=seed)
         with torch.no_grad():
             b = featurize(insts, ["min_latency", "min_energy"][seed])
             out = pol.decode(b, pol.encode(b), mode=mode, generator=torch.Generator().manual_seed(seed))
             filled = fill_capacity(out.target, out.share, b.m_max)
+            blind = dataclasses.replace(b, reserve=torch.zeros_like(b.reserve))
+            out_blind = pol.decode(blind, pol.encode(blind), mode=mode, generator=torch.Generator().manual_seed(seed))
+        assert not out.dead_end.any()
+        dead_without_reserve += int(out_blind.dead_ue.sum())
         for k, inst in enumerate(insts):
             n = inst.n_ues
-            dead = set(np.flatnonzero(out.dead_ue[k, :n].numpy()))
-            assert bool(out.dead_end[k]) == bool(dead)
-            seen_dead += len(dead)
             for share in (out.share, filled):
                 ev = evaluate(inst, out.target[k, :n].numpy(), share[k, :n].numpy())
-                for v in ev.violations:
-                    assert v["constraint"] == "deadline" and v["ue"] in dead, v
-                for i in dead:
-                    assert out.target[k, i] == 0
-    assert seen_dead > 0, "deadline drift should drive an untrained policy into some dead ends"
+                assert ev.feasible, ev.violations[:3]
+    assert dead_without_reserve > 0, "without the look-ahead an untrained policy should hit dead ends"
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
@@ -206,9 +206,11 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
     out["dead_ue"] = torch.zeros(b.batch_size, n, dtype=torch.bool)
     ue_bias, srv_bias = pol._biases(enc)
     ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
+    reserved = b.reserve.flip(1).cumsum(1).flip(1) - b.reserve  # held for must-offload UEs after i
     for i in range(n):
         rows = slice(i, i + 1)
-        srv = dec.dynamic_servers(enc, rows, rem[:, None], b.amin[:, rows])
+        free = rem - reserved[:, i]
+        srv = dec.dynamic_servers(enc, rows, free[:, None], b.amin[:, rows])
         x = dec.query(enc, rows, srv)
         tokens = torch.cat(
             [
@@ -220,7 +222,7 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
         mems = [layer.memory_kv(tokens) for layer in dec.layers]
         g = dec.run_layers(x, mems, torch.zeros(1, 1, 1, i + 1), ue_kvs, ue_bias, srv, srv_bias)
         allowed, dead = allowed_options(
-            rem[:, None], b.amin[:, rows], b.local_ok[:, rows], b.server_mask, b.ue_mask[:, rows]
+            free[:, None], b.amin[:, rows], b.local_ok[:, rows], b.server_mask, b.ue_mask[:, rows]
         )
         logits = dec.logits(enc, rows, g, srv, allowed)[:, 0]
         logp = torch.log_softmax(logits, -1)
@@ -239,7 +241,7 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
         off = t > 0
         j = (t - 1).clamp_min(0)
         lo = b.amin[:, i].gather(1, j[:, None])[:, 0]
-        hi = rem.gather(1, j[:, None])[:, 0]
+        hi = free.gather(1, j[:, None])[:, 0]
         s = torch.where(off, lo + u.double() * (hi - lo), 0.0)
         real = b.ue_mask[:, i]
         out["logp_target"][:, i] = torch.where(real, logp.gather(1, t[:, None])[:, 0], 0.0)
@@ -263,9 +265,9 @@ def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_in
     loop; TorchScript-compiled or its eager fallback) decides exactly like the plain step-by-step
     reference, greedy and sampled, with and without padding; greedy targets are also the argmax of the
     teacher-forced logits of its own prefix."""
-    from lambo_ray.policy import model
+    from lambo_ray.policy import fast_decode as model
 
-    assert model._loop_fn() is not model._decode_loop, "TorchScript should compile the decode loop"
+    assert model.loop_fn() is not model.decode_loop, "TorchScript should compile the decode loop"
     if not compiled:
         monkeypatch.setattr(model, "_SCRIPTED_LOOP", [None])
     pol = make_policy(cfg, seed=7)
@@ -290,15 +292,17 @@ def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_in
 
 def test_expert_labels_are_never_masked_under_teacher_forcing():
     """ALEF trains on expert decisions: every feasible one (servers filled to exactly 1 by water-filling)
-    must be an allowed path of the decoder, with finite log-probabilities."""
+    must be an allowed path of the decoder, with finite log-probabilities, once the capacity reserved for
+    must-offload UEs follows the label's own assignment (label_packing)."""
     from lambo_ray.experts import get_expert
+    from lambo_ray.policy.features import label_packing
 
     insts = generate_many(apply_drift(ScenarioConfig(n_ues=15), "deadline"), 4, seed=21)
     pol = make_policy(seed=0)
     for prompt in ("min_latency", "min_energy"):
         labels = [get_expert("local_search").solve(inst, prompt) for inst in insts]
         assert all(d.stats["feasible"] for d in labels)
-        b = featurize(insts, prompt)
+        b = featurize(insts, prompt, packings=[label_packing(i, d.target) for i, d in zip(insts, labels)])
         target = torch.tensor(np.stack([d.target for d in labels]))
         share = torch.tensor(np.stack([d.share for d in labels]))
         with torch.no_grad():
@@ -683,3 +687,17 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     again, meta = load_policy(good)
     assert meta == {"v": 1} and policy_fingerprint(again) == policy_fingerprint(pol)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_decisions_match_the_pinned_reference():
+    """Refactoring guard: an untrained S policy (fixed torch seed) decides bit for bit as the reference
+    recorded before the model was split into model / fast_decode / masks (tests/data/make_decode_pin.py
+    regenerates it; only a deliberate change of the model's semantics may do that)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    expected = json.loads((data / "decode_pin.json").read_text())
+    actual = runpy.run_path(str(data / "make_decode_pin.py"))["pinned_digests"]()
+    assert actual == expected

@@ -166,7 +166,7 @@ class Decided:
 def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], chunk: int = 64) -> Decided:
     """Greedy decisions and per-UE entropies of both heads, one encoder pass per instance."""
     from lambo_ray.policy.features import featurize
-    from lambo_ray.policy.model import fill_capacity
+    from lambo_ray.policy.masks import fill_capacity
 
     start = time.perf_counter()
     targets, shares, ent_t, ent_s, masks = [], [], [], [], []
@@ -191,9 +191,10 @@ def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequ
 def imitation_losses(policy: torch.nn.Module, examples: Sequence[Example]) -> ImitationLoss:
     """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
     encoder frozen: gradients reach only the decoder."""
-    from lambo_ray.policy.features import featurize
+    from lambo_ray.policy.features import featurize, label_packing
 
-    batch = featurize([e.instance for e in examples], [e.prompt for e in examples])
+    packings = [label_packing(e.instance, e.target) for e in examples]
+    batch = featurize([e.instance for e in examples], [e.prompt for e in examples], packings=packings)
     target, share = pad_labels([e.target for e in examples], [e.share for e in examples], batch.n_max)
     return imitation_loss(policy, batch, target, share, train_encoder=False)
 

@@ -23,7 +23,8 @@ from lambo_ray.policy.checkpoint import (
 from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
 from lambo_ray.policy.decoding import available_strategies, decide
 from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
-from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut, claims_from_shares, fill_capacity
+from lambo_ray.policy.masks import claims_from_shares, fill_capacity
+from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut
 
 __all__ = [
     "FEATURE_VERSION",

@@ -29,7 +29,8 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 from lambo_ray.policy.features import PolicyBatch, featurize
-from lambo_ray.policy.model import Encoded, LamboPolicy, fill_capacity
+from lambo_ray.policy.masks import fill_capacity
+from lambo_ray.policy.model import Encoded, LamboPolicy
 from lambo_ray.policy.sampling import instance_seed, row_noise
 
 METHOD = "lambo"
@@ -149,6 +150,7 @@ def permute(
         server=g_srv(batch.server[rows], 1),
         pair=g_srv(g_ue(batch.pair), 2),
         amin=g_srv(g_ue(batch.amin), 2),
+        reserve=g_srv(g_ue(batch.reserve), 2),
         local_ok=g_ue(batch.local_ok),
         ue_mask=g_ue(batch.ue_mask),
         server_mask=g_srv(batch.server_mask[rows], 1),

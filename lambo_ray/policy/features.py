@@ -23,6 +23,7 @@ import torch
 
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Instance, check_prompt
+from lambo_ray.mec.packing import Packing, pack_must_offload
 
 FEATURE_VERSION = 1
 PROMPT_IDS: dict[str, int] = {"min_latency": 0, "min_energy": 1}
@@ -78,10 +79,12 @@ class InstanceFeatures:
     pair: np.ndarray  # (N, M, PAIR_DIM)
     amin: np.ndarray  # (N, M), +inf where unreachable
     local_ok: np.ndarray  # (N,) bool
+    reserve: np.ndarray  # (N, M) minimum share a must-offload UE holds on its planned server, else 0
 
 
-def instance_features(inst: Instance) -> InstanceFeatures:
-    """Vectorised features of one instance (see the *_FEATURES tuples for the columns)."""
+def instance_features(inst: Instance, packing: Packing | None = None) -> InstanceFeatures:
+    """Vectorised features of one instance (see the *_FEATURES tuples for the columns), and the
+    capacity its must-offload UEs reserve (``packing``: computed here when not given)."""
     c, d, t, f = inst.cycles, inst.data_bits, inst.deadline_s, inst.local_cps
     cap = inst.capacity_cps
     local_lat = inst.local_latency()
@@ -137,7 +140,10 @@ def instance_features(inst: Instance) -> InstanceFeatures:
         ],
         axis=-1,
     )
-    return InstanceFeatures(ue=ue, server=server, pair=pair, amin=amin, local_ok=inst.local_feasible())
+    packing = pack_must_offload(inst) if packing is None else packing
+    return InstanceFeatures(
+        ue=ue, server=server, pair=pair, amin=amin, local_ok=inst.local_feasible(), reserve=packing.reserve(amin)
+    )
 
 
 @dataclass
@@ -153,6 +159,7 @@ class PolicyBatch:
     server: torch.Tensor  # (B, M, SERVER_DIM) float32
     pair: torch.Tensor  # (B, N, M, PAIR_DIM) float32
     amin: torch.Tensor  # (B, N, M) float64, +inf where unreachable or padded
+    reserve: torch.Tensor  # (B, N, M) float64, capacity held by must-offload UEs (lambo_ray.policy.masks)
     local_ok: torch.Tensor  # (B, N) bool
     ue_mask: torch.Tensor  # (B, N) bool
     server_mask: torch.Tensor  # (B, M) bool
@@ -191,6 +198,7 @@ class PolicyBatch:
             "server": self.server.detach().cpu().numpy().astype(np.float32),
             "pair": self.pair.detach().cpu().numpy().astype(np.float32),
             "amin": amin32.astype(np.float32),
+            "reserve": self.reserve.detach().cpu().numpy().astype(np.float32),
             "local_ok": self.local_ok.detach().cpu().numpy().astype(np.float32),
             "ue_mask": self.ue_mask.detach().cpu().numpy().astype(np.float32),
             "server_mask": self.server_mask.detach().cpu().numpy().astype(np.float32),
@@ -209,6 +217,7 @@ class PolicyBatch:
             server=t["server"].float(),
             pair=t["pair"].float(),
             amin=t["amin"].double(),
+            reserve=t["reserve"].double(),
             local_ok=t["local_ok"] > 0.5 if t["local_ok"].dtype != torch.bool else t["local_ok"],
             ue_mask=t["ue_mask"] > 0.5 if t["ue_mask"].dtype != torch.bool else t["ue_mask"],
             server_mask=t["server_mask"] > 0.5 if t["server_mask"].dtype != torch.bool else t["server_mask"],
@@ -230,41 +239,61 @@ def featurize(
     prompts: str | Sequence[str],
     n_max: int | None = None,
     m_max: int | None = None,
+    packings: Sequence[Packing] | None = None,
 ) -> PolicyBatch:
-    """Pad and stack the features of ``instances`` (one prompt for all, or one per instance)."""
+    """Pad and stack the features of ``instances`` (one prompt for all, or one per instance).
+
+    ``packings``: the must-offload plan of each instance (:func:`lambo_ray.mec.packing.pack_must_offload`
+    when omitted; imitation passes the label's own assignment, :func:`label_packing`, so the label is
+    always an allowed path of the decoder).
+    """
     if len(instances) == 0:
         raise LamboInputError("no instances to featurize", where="instances")
     pid = prompt_ids(prompts, len(instances))
-    feats = [instance_features(inst) for inst in instances]
+    if packings is None:
+        packings = [None] * len(instances)
+    feats = [instance_features(inst, pk) for inst, pk in zip(instances, packings)]
     n_big = max(f.ue.shape[0] for f in feats)
     m_big = max(f.server.shape[0] for f in feats)
     n_max = n_big if n_max is None else n_max
     m_max = m_big if m_max is None else m_max
     if n_big > n_max or m_big > m_max:
         raise LamboInputError(
-            f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})",
-            where="instances",
+            f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})", where="instances"
         )
     b = len(feats)
     ue = np.zeros((b, n_max, UE_DIM), np.float32)
     server = np.zeros((b, m_max, SERVER_DIM), np.float32)
     pair = np.zeros((b, n_max, m_max, PAIR_DIM), np.float32)
     amin = np.full((b, n_max, m_max), np.inf)
+    reserve = np.zeros((b, n_max, m_max))
     local_ok = np.zeros((b, n_max), bool)
     ue_mask = np.zeros((b, n_max), bool)
     server_mask = np.zeros((b, m_max), bool)
     for k, f in enumerate(feats):
         n, m = f.ue.shape[0], f.server.shape[0]
         ue[k, :n], server[k, :m], pair[k, :n, :m] = f.ue, f.server, f.pair
-        amin[k, :n, :m] = f.amin
+        amin[k, :n, :m], reserve[k, :n, :m] = f.amin, f.reserve
         local_ok[k, :n], ue_mask[k, :n], server_mask[k, :m] = f.local_ok, True, True
     return PolicyBatch(
         ue=torch.from_numpy(ue),
         server=torch.from_numpy(server),
         pair=torch.from_numpy(pair),
         amin=torch.from_numpy(amin),
+        reserve=torch.from_numpy(reserve),
         local_ok=torch.from_numpy(local_ok),
         ue_mask=torch.from_numpy(ue_mask),
         server_mask=torch.from_numpy(server_mask),
         prompt=torch.from_numpy(pid),
     )
+
+
+def label_packing(inst: Instance, target: np.ndarray) -> Packing | None:
+    """The packing a labelled decision itself uses for the must-offload UEs (None when the label leaves
+    one of them local, i.e. is infeasible: the instance's own packing is used then)."""
+    must = ~inst.local_feasible()
+    target = np.asarray(target, dtype=np.int64)
+    if np.any(must & (target == 0)):
+        return None
+    plan = np.where(must, target - 1, -1).astype(np.int64)
+    return Packing(plan, must, "label")

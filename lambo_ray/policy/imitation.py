@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lambo_ray.policy.features import PolicyBatch
-from lambo_ray.policy.model import claims_from_shares
+from lambo_ray.policy.masks import claims_from_shares
 
 # Teacher-forced log-probs below this belong to masked options (the mask adds -1e9).
 MASKED_LOGP = -1e6

@@ -1,4 +1,4 @@
-"""The LAMBO policy (SPEC section 2): input embedding (IE) + asymmetric encoder-decoder (AED) + dual head.
+"""The LAMBO policy network: input embedding (IE) + asymmetric encoder-decoder (AED) + dual head.
 
 Structure, and why:
 
@@ -7,37 +7,27 @@ Structure, and why:
 * ``encoder`` is deep and runs **once per instance** over the token set ``[UE_1..UE_N; S_1..S_M]``.
   The pair features enter as a learned per-head additive attention bias between UE i and server j,
   so no width depends on M and one model serves every cell size; padding is masked.
-* ``decoder`` is shallow (one layer by default) and decides UE after UE in index order: causal
+* ``decoder`` is shallow (one layer by default) and decides UE after UE in position order: causal
   self-attention over the decision tokens made so far (UE encoding + target embedding + share),
-  cross-attention to the encoder output in which every server token carries the *MEC state* (its
-  remaining capacity, and UE i's minimum share on it), and the dual head: a pointer-style masked
+  cross-attention to the encoder output in which every server token carries the *MEC state* (the
+  capacity free for UE i, and its minimum share there), and the dual head: a pointer-style masked
   softmax over {local, server 1..M} and a Beta distribution over ``u`` in (0, 1), the share being
-  ``a_min_ij + u (remaining_j - a_min_ij)``. Masks remove local when it misses the deadline and
-  server j when it is unreachable or ``a_min_ij > remaining_j``, so every decoded decision meets
-  capacity and deadlines by construction (except a flagged dead end, where nothing fits and the
-  UE runs locally so the evaluator reports the miss).
+  ``a_min_ij + u (free_ij - a_min_ij)``. The masks and the free capacity (:mod:`lambo_ray.policy.masks`)
+  make every decision feasible by construction whenever the instance has a feasible decision.
 
-Decoding is incremental (self-attention keys/values are cached, the encoder is never re-run) and
-batched over instances; sampling maps pre-drawn noise to actions (:mod:`lambo_ray.policy.sampling`),
-so a per-instance seed fixes a decision whatever batch it is decoded in; :meth:`LamboPolicy.teacher_forced` recomputes the same log-probabilities in
-one parallel pass for training. The share log-probability is that of ``u`` (the action actually
-sampled): the map u -> share is fixed by the state, so its Jacobian does not depend on the
-parameters and cancels in every likelihood ratio.
-
-Output mapping: decisions handed to users additionally go through :func:`fill_capacity`, which
-spreads each used server's leftover capacity over its UEs in proportion to their shares (shares
-only grow, so deadlines and capacity still hold, and latency can only drop). Its inverse on labels,
-:func:`claims_from_shares`, turns an expert's full-server shares into the small decode-time claims
-the decoder should imitate.
+Decoding is incremental and batched over instances (:mod:`lambo_ray.policy.fast_decode`, the encoder
+is never re-run); sampling maps pre-drawn noise to actions (:mod:`lambo_ray.policy.sampling`), so a
+per-instance seed fixes a decision whatever batch it is decoded in; :meth:`LamboPolicy.teacher_forced`
+recomputes the same log-probabilities in one parallel pass for training. The share log-probability is
+that of ``u`` (the action actually sampled): the map u -> share is fixed by the state, so its Jacobian
+does not depend on the parameters and cancels in every likelihood ratio.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,11 +35,10 @@ import torch.nn.functional as F
 
 from lambo_ray.policy.config import PolicyConfig
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, PolicyBatch
-from lambo_ray.policy.sampling import DecodeNoise, batch_noise, beta_from_noise, categorical_from_uniform
+from lambo_ray.policy.masks import FIT_RTOL, NEG, allowed_options, categorical_entropy, reserved_after
+from lambo_ray.policy.sampling import DecodeNoise, batch_noise
 
-_NEG = -1e9  # additive mask value (finite: a fully masked row never turns into NaN)
-FIT_RTOL = 1e-9  # relative round-off allowed when testing a_min_ij <= remaining_j
-N_DYN = 4  # dynamic (MEC state) features per (UE, server): see _dynamic_features
+N_DYN = 4  # dynamic (MEC state) features per (UE, server): see Decoder.dynamic_features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ class Encoder(nn.Module):
         n = ue.shape[1]
         x = torch.cat([ue, server], dim=1) + prompt[:, None, :]
         valid = torch.cat([ue_mask, server_mask], dim=1)
-        key_pad = torch.where(valid, 0.0, _NEG).to(x.dtype)
+        key_pad = torch.where(valid, 0.0, NEG).to(x.dtype)
         pair_act = F.gelu(pair)
         for layer in self.layers:
             x = layer(x, layer.attn_bias(pair_act, key_pad))
@@ -230,66 +219,6 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.norm_ff(x))
 
 
-class _LayerWeights(NamedTuple):
-    """A decoder layer's parameters, fetched once per decode for functional calls in the step loop."""
-
-    ln_sa_w: torch.Tensor
-    ln_sa_b: torch.Tensor
-    sa_q_w: torch.Tensor
-    sa_q_b: torch.Tensor
-    sa_out_w: torch.Tensor
-    sa_out_b: torch.Tensor
-    ln_ca_w: torch.Tensor
-    ln_ca_b: torch.Tensor
-    ca_q_w: torch.Tensor
-    ca_q_b: torch.Tensor
-    ca_out_w: torch.Tensor
-    ca_out_b: torch.Tensor
-    ln_ff_w: torch.Tensor
-    ln_ff_b: torch.Tensor
-    ff1_w: torch.Tensor
-    ff1_b: torch.Tensor
-    ff2_w: torch.Tensor
-    ff2_b: torch.Tensor
-    ln_mem_w: torch.Tensor
-    ln_mem_b: torch.Tensor
-    sa_kv_w: torch.Tensor
-    sa_kv_b: torch.Tensor
-    ln_eps: float
-
-    @classmethod
-    def of(cls, layer: DecoderLayer) -> _LayerWeights:
-        norms = (layer.norm_sa, layer.norm_ca, layer.norm_ff, layer.norm_mem)
-        if len({nm.eps for nm in norms}) != 1:
-            raise ValueError("decoder layer norms must share one eps")
-        ff1, ff2 = layer.ffn[0], layer.ffn[-1]
-        return cls(
-            layer.norm_sa.weight,
-            layer.norm_sa.bias,
-            layer.sa_q.weight,
-            layer.sa_q.bias,
-            layer.sa_out.weight,
-            layer.sa_out.bias,
-            layer.norm_ca.weight,
-            layer.norm_ca.bias,
-            layer.ca_q.weight,
-            layer.ca_q.bias,
-            layer.ca_out.weight,
-            layer.ca_out.bias,
-            layer.norm_ff.weight,
-            layer.norm_ff.bias,
-            ff1.weight,
-            ff1.bias,
-            ff2.weight,
-            ff2.bias,
-            layer.norm_mem.weight,
-            layer.norm_mem.bias,
-            layer.sa_kv.weight,
-            layer.sa_kv.bias,
-            layer.norm_sa.eps,
-        )
-
-
 class Decoder(nn.Module):
     """Shallow decoder + dual head. Works on any number Q of query UEs at once (Q=1 while decoding,
     Q=N under teacher forcing), so both paths run the very same code."""
@@ -328,19 +257,19 @@ class Decoder(nn.Module):
 
     # -- pieces shared by decode and teacher forcing ------------------------------------------
     @staticmethod
-    def dynamic_features(rem: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
+    def dynamic_features(free: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
         """(B,Q,M) remaining capacity and minimum shares (float64) -> (B,Q,M,N_DYN) float32."""
         finite = torch.isfinite(amin)
-        fits = finite & (amin <= rem * (1.0 + FIT_RTOL))
-        ratio = torch.where(finite & (rem > 0), amin / rem.clamp_min(1e-12), torch.full_like(amin, 2.0))
-        slack = torch.where(finite, rem - amin, torch.full_like(amin, -1.0))
-        return torch.stack([rem, ratio.clamp(0.0, 2.0), fits.to(rem.dtype), slack.clamp(-1.0, 1.0)], -1).float()
+        fits = finite & (amin <= free * (1.0 + FIT_RTOL))
+        ratio = torch.where(finite & (free > 0), amin / free.clamp_min(1e-12), torch.full_like(amin, 2.0))
+        slack = torch.where(finite, free - amin, torch.full_like(amin, -1.0))
+        return torch.stack([free, ratio.clamp(0.0, 2.0), fits.to(free.dtype), slack.clamp(-1.0, 1.0)], -1).float()
 
     def dynamic_servers(
-        self, enc: Encoded, rows: slice | torch.Tensor, rem: torch.Tensor, amin: torch.Tensor
+        self, enc: Encoded, rows: slice | torch.Tensor, free: torch.Tensor, amin: torch.Tensor
     ) -> torch.Tensor:
         """Server tokens carrying the MEC state for query UEs ``rows``: (B, Q, M, d)."""
-        return enc.server[:, None] + enc.pair[:, rows] + self.dyn(self.dynamic_features(rem, amin))
+        return enc.server[:, None] + enc.pair[:, rows] + self.dyn(self.dynamic_features(free, amin))
 
     def query(self, enc: Encoded, rows: slice, srv: torch.Tensor) -> torch.Tensor:
         m = enc.server_mask[:, None, :, None].to(srv.dtype)
@@ -366,7 +295,7 @@ class Decoder(nn.Module):
         keys = torch.cat([k_loc[:, :, None], k_srv], dim=2)
         score = torch.einsum("bqd,bqkd->bqk", q, keys) / math.sqrt(d)
         score = self.cfg.logit_clip * torch.tanh(score)
-        return torch.where(allowed, score, torch.full_like(score, _NEG))
+        return torch.where(allowed, score, torch.full_like(score, NEG))
 
     def beta(self, g: torch.Tensor, srv: torch.Tensor, target: torch.Tensor) -> torch.distributions.Beta:
         idx = (target - 1).clamp_min(0)
@@ -387,245 +316,6 @@ class Decoder(nn.Module):
         for layer, (mk, mv), (uk, uv) in zip(self.layers, mems, ue_kvs):
             x = layer(x, mk, mv, mem_bias, uk, uv, ue_bias, srv, srv_bias)
         return self.norm_out(x)
-
-
-def _decode_loop(
-    n: int,
-    d: int,
-    h: int,
-    greedy: bool,
-    eps: float,
-    fit_scale: float,
-    clip: float,
-    ptr_scale: float,
-    att_scale: float,
-    o_ptr: int,
-    o_end: int,
-    srv_base: list[torch.Tensor],
-    w_dyn_t: torch.Tensor,
-    q_base: list[torch.Tensor],
-    pool_w: torch.Tensor,
-    w_state: torch.Tensor,
-    b_state: torch.Tensor,
-    w_srv: torch.Tensor,
-    b_srv: torch.Tensor,
-    w_g: torch.Tensor,
-    b_g: torch.Tensor,
-    w_sh_t: torch.Tensor,
-    w_h2: torch.Tensor,
-    b_h2: torch.Tensor,
-    w_on: torch.Tensor,
-    b_on: torch.Tensor,
-    eps_on: float,
-    k_loc: list[torch.Tensor],
-    lw: list[list[torch.Tensor]],
-    ln_eps: list[float],
-    ca_kt: list[torch.Tensor],
-    ca_v: list[torch.Tensor],
-    ca_mask: torch.Tensor,
-    sa_kt: list[torch.Tensor],
-    sa_v: list[torch.Tensor],
-    tok_table: torch.Tensor,
-    w_share: torch.Tensor,
-    ue_tok: list[torch.Tensor],
-    amin: list[torch.Tensor],
-    amin_ext: list[torch.Tensor],
-    srv_static: list[torch.Tensor],
-    local_real: list[torch.Tensor],
-    rem_ext: torch.Tensor,
-    n_uniform: list[torch.Tensor],
-    n_normal: list[torch.Tensor],
-    n_accept: list[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step loop of :meth:`LamboPolicy._decode` (see there); TorchScript-compiled when possible, so
-    the ~80 small ops per step are dispatched without the Python interpreter in between.
-
-    ``lw[l]`` holds layer l's weights in :class:`_LayerWeights` order (without the eps).
-    Returns logits (B,N,M+1), allowed (B,N,M+1), target (B,N), share (B,N) float64, clamped u (B,N)
-    and the Beta concentrations (B,N,2).
-    """
-    b = rem_ext.shape[0]
-    m = rem_ext.shape[1] - 1
-    dh = d // h
-    rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
-    w_dyn_b = w_dyn_t.expand(b, w_dyn_t.shape[0], d)
-    n_ca = ca_mask.shape[-1]
-    logits_l: list[torch.Tensor] = []
-    allowed_l: list[torch.Tensor] = []
-    target_l: list[torch.Tensor] = []
-    share_l: list[torch.Tensor] = []
-    u_l: list[torch.Tensor] = []
-    ab_l: list[torch.Tensor] = []
-    for i in range(n):
-        amin_i = amin[i]
-        # Dynamic features (same values as Decoder.dynamic_features; inf a_min gives ratio 2, slack -1).
-        fits = amin_i <= rem * fit_scale
-        ratio = torch.where(rem > 0, amin_i / rem.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
-        slack = (rem - amin_i).clamp_(-1.0, 1.0)
-        feat = torch.stack([rem, ratio, fits.to(rem.dtype), slack], -1).float()  # (B,M,4)
-        srv = torch.baddbmm(srv_base[i], feat, w_dyn_b)  # (B,M,d)
-        proj = F.linear(srv, w_srv, b_srv)  # (B,M,*)
-        pooled = torch.bmm(pool_w, F.gelu(srv)).squeeze(1)
-        x = (q_base[i] + F.linear(pooled, w_state, b_state)).unsqueeze(1)  # (B,1,d)
-        for li in range(len(lw)):
-            w = lw[li]
-            le = ln_eps[li]
-            # One query per row: (B,1,d) is (B,H,1,dh) without a transpose, and back.
-            q = F.linear(F.layer_norm(x, [d], w[0], w[1], le), w[2], w[3]).view(b * h, 1, dh)
-            sc = torch.bmm(q, sa_kt[li][:, :, : i + 1]).mul_(att_scale)  # (B*H,1,i+1): slots <= i only
-            att = torch.bmm(sc.softmax(-1), sa_v[li][:, : i + 1])
-            x = x + F.linear(att.view(b, 1, d), w[4], w[5])
-            q = F.linear(F.layer_norm(x, [d], w[6], w[7], le), w[8], w[9]).view(b * h, 1, dh)
-            o = 2 * d * li
-            ca_kt[li].view(b, h, dh, n_ca)[:, :, :, n_ca - m :] = (
-                proj[:, :, o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
-            )
-            ca_v[li].view(b, h, n_ca, dh)[:, :, n_ca - m :] = (
-                proj[:, :, o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
-            )
-            sc = torch.baddbmm(ca_mask, q, ca_kt[li], alpha=att_scale)
-            att = torch.bmm(sc.softmax(-1), ca_v[li])
-            x = x + F.linear(att.view(b, 1, d), w[10], w[11])
-            y = F.gelu(F.linear(F.layer_norm(x, [d], w[12], w[13], le), w[14], w[15]))
-            x = x + F.linear(y, w[16], w[17])
-        gq = F.linear(F.layer_norm(x.squeeze(1), [d], w_on, b_on, eps_on), w_g, b_g)  # [pointer query | share-head]
-        # Pointer head over [local; servers].
-        keys = torch.cat([k_loc[i], proj[:, :, o_ptr:o_end]], 1)  # (B,M+1,d)
-        score = torch.bmm(keys, gq[:, :d].unsqueeze(2)).squeeze(2)
-        srv_ok = srv_static[i] & fits
-        allowed = torch.cat([(local_real[i] | ~srv_ok.any(-1)).unsqueeze(1), srv_ok], -1)
-        logits = torch.where(allowed, clip * torch.tanh(score * ptr_scale), -1e9)  # _NEG
-        if greedy:
-            t = logits.argmax(-1)
-        else:
-            t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, n_uniform[i])
-        # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
-        t1 = t.unsqueeze(1)
-        chosen = torch.gather(srv, 1, (t1 - 1).clamp_min(0).unsqueeze(2).expand(b, 1, d)).squeeze(1)
-        ab = F.softplus(F.linear(F.gelu(torch.addmm(gq[:, d:], chosen, w_sh_t)), w_h2, b_h2)) + 1.0  # (B,2) Beta
-        if greedy:
-            u = ab[:, 0] / ab.sum(-1)
-        else:
-            u = beta_from_noise(ab[:, 0], ab[:, 1], n_normal[i], n_accept[i]).float()
-        u = u.clamp(eps, 1.0 - eps)
-        lo = torch.gather(amin_ext[i], 1, t1)
-        s = lo + u.double().unsqueeze(1) * (torch.gather(rem_ext, 1, t1) - lo)  # (B,1); 0 for local
-        rem_ext.scatter_add_(1, t1, -s)
-        logits_l.append(logits)
-        allowed_l.append(allowed)
-        target_l.append(t)
-        share_l.append(s)
-        u_l.append(u)
-        ab_l.append(ab)
-        if i + 1 < n:
-            tok = (
-                ue_tok[i] + torch.gather(tok_table, 1, t1.unsqueeze(2).expand(b, 1, d)).squeeze(1) + s.float() * w_share
-            )
-            for li in range(len(lw)):
-                w = lw[li]
-                kv = F.linear(F.layer_norm(tok, [d], w[18], w[19], ln_eps[li]), w[20], w[21])  # (B,2d)
-                sa_kt[li].view(b, h, dh, n)[:, :, :, i + 1] = kv[:, :d].view(b, h, dh)
-                sa_v[li].view(b, h, n, dh)[:, :, i + 1] = kv[:, d:].view(b, h, dh)
-    return (
-        torch.stack(logits_l, 1),
-        torch.stack(allowed_l, 1),
-        torch.stack(target_l, 1),
-        torch.cat(share_l, 1),
-        torch.stack(u_l, 1),
-        torch.stack(ab_l, 1),
-    )
-
-
-_SCRIPTED_LOOP: list = []  # [compiled function] once tried; [None] when TorchScript is unavailable
-
-
-def _loop_fn():
-    """The compiled step loop, or the plain Python function where TorchScript cannot compile it.
-
-    Why TorchScript and not ``torch.compile``: the loop is ~80 tiny ops per step whose cost is dispatch,
-    not arithmetic; TorchScript removes the interpreter between them (~1.6x at B=1) with a compile of
-    well under a second and no C++ toolchain, where Inductor would need one and minutes of compiling
-    per shape. ``torch.jit.script`` is deprecated in this torch; if it ever stops compiling this, the
-    eager function (the same code) runs instead, with a warning.
-    """
-    if not _SCRIPTED_LOOP:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _SCRIPTED_LOOP.append(torch.jit.script(_decode_loop))
-        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-            warnings.warn(
-                f"TorchScript could not compile the decode loop ({type(err).__name__}: {err}); decoding runs eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _SCRIPTED_LOOP.append(None)
-    return _SCRIPTED_LOOP[0] or _decode_loop
-
-
-def allowed_options(
-    rem: torch.Tensor,
-    amin: torch.Tensor,
-    local_ok: torch.Tensor,
-    server_mask: torch.Tensor,
-    ue_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feasible options (B,Q,M+1) given remaining capacity before each query UE; and dead ends (B,Q).
-
-    ``FIT_RTOL`` lets an expert's label whose share equals the remaining capacity up to round-off stay
-    allowed under teacher forcing; a share built on such a server exceeds capacity or misses the
-    deadline by at most that relative 1e-9, far inside the evaluator's tolerance.
-    A dead end (nothing fits) and a padded UE both get "local" as their only option, so their
-    distribution is deterministic (log-prob 0, entropy 0) and never NaN.
-    """
-    srv_ok = server_mask[:, None, :] & torch.isfinite(amin) & (amin <= rem * (1.0 + FIT_RTOL))
-    opts = torch.cat([local_ok[..., None], srv_ok], dim=-1) & ue_mask[..., None]
-    dead = ~opts.any(-1)
-    opts = opts.clone()
-    opts[..., 0] |= dead
-    return opts, dead & ue_mask
-
-
-def categorical_entropy(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, -1)
-    return -(torch.where(allowed, logp.exp() * logp, torch.zeros_like(logp))).sum(-1)
-
-
-def fill_capacity(target: torch.Tensor, share: torch.Tensor, n_servers: int) -> torch.Tensor:
-    """Output mapping: scale every used server's shares so they sum to exactly 1.
-
-    Shares only grow (each is divided by its server's load <= 1), so a share that met its
-    deadline still does, and capacity holds with equality. Local/padded entries stay 0.
-    """
-    off = target > 0
-    load = torch.zeros(*target.shape[:-1], n_servers + 1, dtype=share.dtype, device=share.device)
-    load.scatter_add_(-1, target, torch.where(off, share, torch.zeros_like(share)))
-    per_ue = torch.gather(load, -1, target)
-    return torch.where(off & (per_ue > 0), share / per_ue.clamp_min(1e-300), share)
-
-
-def claims_from_shares(target: torch.Tensor, share: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
-    """The smallest decode-time shares ("claims") that :func:`fill_capacity` maps back onto ``share``.
-
-    Use it on expert labels before teacher forcing (ALEF, supervised warm start). The decoder claims
-    shares UE after UE out of what is left, and the output mapping scales every used server up to a
-    full load; an expert's water-filled shares already fill each server, so imitating them literally
-    teaches early UEs to claim the capacity later UEs on the same server need (greedy decoding then
-    finds servers full and sends UEs local: a 27% gap on min_energy at N=20 in our check, against
-    0.4% with claims). Claims are ``kappa_j * share_i`` with ``kappa_j = max_i a_min_ij / share_i`` over
-    the UEs on server j: still >= a_min (deadlines hold), proportional to the shares, so
-    ``fill_capacity(claims) == share`` whenever the labels use each server fully.
-    ``target`` (B, N), ``share`` (B, N), ``amin`` (B, N, M) as in :class:`PolicyBatch`.
-    """
-    share = share.double()
-    target = target.long()
-    off = target > 0
-    a = torch.gather(amin.double(), -1, (target - 1).clamp_min(0)[..., None])[..., 0]
-    ratio = torch.where(off & (share > 0), a / share.clamp_min(1e-300), torch.ones_like(share))
-    ratio = torch.where(off, ratio.clamp(max=1.0), torch.zeros_like(share))  # > 1 only for infeasible labels
-    kappa = torch.zeros(*target.shape[:-1], amin.shape[-1] + 1, dtype=share.dtype, device=share.device)
-    kappa = kappa.scatter_reduce(-1, target, ratio, reduce="amax")
-    return torch.where(off, share * torch.gather(kappa, -1, target), torch.zeros_like(share))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,17 +359,10 @@ class LamboPolicy(nn.Module):
         m = torch.cat([enc.ue_mask, enc.server_mask], 1)[..., None].to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    @staticmethod
-    def fill_capacity(target: torch.Tensor, share: torch.Tensor, n_servers: int) -> torch.Tensor:
-        return fill_capacity(target, share, n_servers)
-
     def _biases(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        ue_bias = torch.where(enc.ue_mask, 0.0, _NEG)[:, None, None, :].to(enc.ue.dtype)
-        srv_bias = torch.where(enc.server_mask, 0.0, _NEG)[:, None, None, :].to(enc.ue.dtype)
+        ue_bias = torch.where(enc.ue_mask, 0.0, NEG)[:, None, None, :].to(enc.ue.dtype)
+        srv_bias = torch.where(enc.server_mask, 0.0, NEG)[:, None, None, :].to(enc.ue.dtype)
         return ue_bias, srv_bias
-
-    def _share_from_u(self, u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return lo + u.double() * (hi - lo)
 
     # -- autoregressive decoding ----------------------------------------------------------------
     def decode(
@@ -705,137 +388,12 @@ class LamboPolicy(nn.Module):
         return self._decode(batch, enc, noise=noise if mode == "sample" else None)
 
     def _decode(self, batch: PolicyBatch, enc: Encoded, noise: DecodeNoise | None) -> DecodeOut:
-        """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it.
+        """Greedy (argmax target, Beta-mean share) when ``noise`` is None, else sampled from it; the step
+        loop is :func:`lambo_ray.policy.fast_decode.run`, scored here once for all steps with the
+        formulas teacher forcing uses."""
+        from lambo_ray.policy import fast_decode
 
-        At serving batch sizes the per-step cost is per-op overhead (dozens of tiny ops x N steps), so
-        the step loop (:func:`_decode_loop`) is kept lean and TorchScript-compiled. The model is the
-        same as :meth:`teacher_forced`'s, which stays the plain reference (tests pin decode to it and to
-        an uncached step-by-step decoder):
-
-        * everything that does not depend on earlier decisions is computed once per batch: server +
-          pair tokens, query base, cross-attention K/V of the UE tokens, pointer key of "local", the
-          decision-token table, static masks; layer weights are fetched once (no module calls);
-        * the only step-dependent input is the remaining capacity, entering through the 4 dynamic
-          features; the linear maps of the dynamic server tokens (cross-attention K/V of every layer,
-          pointer keys) are one fused matmul, and the share head's server half runs on the chosen
-          server only;
-        * self-attention reads the first ``i + 1`` slots of a preallocated K/V cache (no mask);
-          cross-attention writes the server keys into a preallocated ``[UE; server]`` K/V buffer;
-        * log-probabilities and entropies need no per-step work: logits, masks and Beta parameters are
-          stacked and scored once after the loop, with the formulas teacher forcing uses;
-        * no ``torch.distributions`` objects and no host syncs inside the loop.
-        """
-        dec, eps, cfg = self.decoder, self.cfg.share_eps, self.cfg
-        b, n, m = batch.batch_size, batch.n_max, batch.m_max
-        d, h = cfg.d_model, cfg.n_heads
-        dh = d // h
-        layers = list(dec.layers)
-        dt = enc.ue.dtype
-
-        # ---- step-independent pieces -------------------------------------------------------
-        lw = [_LayerWeights.of(layer) for layer in layers]
-        srv_base = (enc.server[:, None] + enc.pair + dec.dyn.bias).unbind(1)  # N x (B,M,d)
-        q_base = (enc.ue + enc.prompt[:, None]).unbind(1)  # N x (B,d)
-        smask = enc.server_mask.to(dt)
-        pool_w = (smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :]  # (B,1,M): masked mean
-        # One fused map of the dynamic server tokens: [ca_k|ca_v per layer, pointer key]; the share head's
-        # server half only runs on the chosen server.
-        w1, b1 = dec.share_head[0].weight, dec.share_head[0].bias
-        w_srv = torch.cat([*(layer.ca_kv.weight for layer in layers), dec.ptr_k.weight], 0)
-        b_srv = torch.cat([*(layer.ca_kv.bias for layer in layers), dec.ptr_k.bias])
-        o_ptr = 2 * d * len(layers)
-        # And one of the decoder output g: [pointer query, share-head g half].
-        w_g, b_g = torch.cat([dec.ptr_q.weight, w1[:, :d]], 0), torch.cat([dec.ptr_q.bias, b1])
-        k_loc = (dec.local_key + dec.local_ue(enc.ue))[:, :, None].unbind(1)  # N x (B,1,d)
-        # Cross-attention K/V buffers [UE tokens; servers] per layer, heads folded into the batch; the
-        # server part is rewritten per step. Keys are stored transposed, (B*H,dh,L): scores are bmm's.
-        ca_kt, ca_v = [], []
-        for layer in layers:
-            uk, uv = layer.ue_kv(enc.ue)  # (B,H,N,dh)
-            ca_kt.append(torch.cat([uk.transpose(-1, -2), uk.new_zeros(b, h, dh, m)], 3).reshape(b * h, dh, n + m))
-            ca_v.append(torch.cat([uv, uv.new_zeros(b, h, m, dh)], 2).reshape(b * h, n + m, dh))
-        ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, _NEG).to(dt)
-        ca_mask = ca_mask[:, None, None, :].expand(b, h, 1, n + m).reshape(b * h, 1, n + m)
-        # Self-attention cache: slot 0 = BOS, slot i+1 = decision of UE i.
-        bos = dec.bos.to(dt).expand(b, 1, -1)
-        sa_kt, sa_v = [], []
-        for layer in layers:
-            k0, v0 = layer.memory_kv(bos)  # (B,H,1,dh)
-            k, v = k0.new_zeros(b, h, dh, n), v0.new_zeros(b, h, n, dh)
-            k[..., :1], v[:, :, :1] = k0.transpose(-1, -2), v0
-            sa_kt.append(k.view(b * h, dh, n))
-            sa_v.append(v.view(b * h, n, dh))
-        # Decision tokens: UE token + row t of [local target; server targets] (+ share bias) + share * w.
-        tok_table = (
-            torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1) + dec.share_emb.bias
-        )  # (B,M+1,d)
-        # Masks and a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need
-        # no isfinite per step; slot 0 of the *_ext arrays stands for "local" (a_min = remaining = 0,
-        # so a local decision gets share exactly 0 from the same formula as a server).
-        amin_full = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
-        amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0))  # (B,N,M+1)
-        srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)
-        local_real_full = batch.local_ok & batch.ue_mask
-        rem_ext = F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0))  # (B,M+1)
-        if noise is not None:
-            n_uniform, n_normal, n_accept = (
-                noise.uniform.unbind(1),
-                noise.normal.unbind(1),
-                noise.accept.unbind(1),
-            )
-        else:
-            n_uniform = n_normal = n_accept = []
-
-        logits, allowed, target, share, u, ab = _loop_fn()(
-            n,
-            d,
-            h,
-            noise is None,
-            float(eps),
-            1.0 + FIT_RTOL,
-            float(cfg.logit_clip),
-            1.0 / math.sqrt(d),
-            1.0 / math.sqrt(dh),
-            o_ptr,
-            o_ptr + d,
-            list(srv_base),
-            dec.dyn.weight.t(),
-            list(q_base),
-            pool_w,
-            dec.state.weight,
-            dec.state.bias,
-            w_srv,
-            b_srv,
-            w_g,
-            b_g,
-            w1[:, d:].t(),
-            dec.share_head[2].weight,
-            dec.share_head[2].bias,
-            dec.norm_out.weight,
-            dec.norm_out.bias,
-            float(dec.norm_out.eps),
-            list(k_loc),
-            [list(w[:-1]) for w in lw],
-            [float(w.ln_eps) for w in lw],
-            ca_kt,
-            ca_v,
-            ca_mask,
-            sa_kt,
-            sa_v,
-            tok_table,
-            dec.share_emb.weight[:, 0],
-            list(enc.ue.unbind(1)),
-            list(amin_full.unbind(1)),
-            list(amin_ext.unbind(1)),
-            list(srv_static.unbind(1)),
-            list(local_real_full.unbind(1)),
-            rem_ext,
-            list(n_uniform),
-            list(n_normal),
-            list(n_accept),
-        )
-
-        # ---- scoring, once for all steps (formulas shared with teacher forcing) --------------------
+        logits, allowed, target, share, u, ab = fast_decode.run(self, batch, enc, noise)
         real = batch.ue_mask
         off = target > 0
         u = torch.where(off, u, 0.5)
@@ -844,7 +402,7 @@ class LamboPolicy(nn.Module):
         beta = torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
         lp_s = torch.where(off, beta.log_prob(u), 0.0)
         ent_s = torch.where(off, beta.entropy(), 0.0)
-        dead_ue = real & ~local_real_full & ~allowed[..., 1:].any(-1)
+        dead_ue = real & ~(batch.local_ok & real) & ~allowed[..., 1:].any(-1)
         return DecodeOut(
             target=target,
             share=share,
@@ -883,8 +441,9 @@ class LamboPolicy(nn.Module):
         share = torch.where(off, share, 0.0)
         used = F.one_hot(target, m + 1)[..., 1:].double() * share[..., None]  # (B,N,M)
         rem = torch.where(batch.server_mask, 1.0, 0.0).double()[:, None, :] - (used.cumsum(1) - used)
+        free = rem - reserved_after(batch.reserve)
         rows = slice(0, n)
-        srv = dec.dynamic_servers(enc, rows, rem, batch.amin)
+        srv = dec.dynamic_servers(enc, rows, free, batch.amin)
         x = dec.query(enc, rows, srv)
         tokens = torch.cat(
             [
@@ -895,11 +454,11 @@ class LamboPolicy(nn.Module):
         )
         mems = [layer.memory_kv(tokens) for layer in dec.layers]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        mem_bias = torch.where(causal, 0.0, _NEG).to(x.dtype)[None, None]
+        mem_bias = torch.where(causal, 0.0, NEG).to(x.dtype)[None, None]
         ue_bias, srv_bias = self._biases(enc)
         ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
         g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)
-        allowed, _ = allowed_options(rem, batch.amin, batch.local_ok, batch.server_mask, real)
+        allowed, _ = allowed_options(free, batch.amin, batch.local_ok, batch.server_mask, real)
         logits = dec.logits(enc, rows, g, srv, allowed)
         logp_all = torch.log_softmax(logits, -1)
         lp_t = torch.where(real, torch.gather(logp_all, -1, target[..., None])[..., 0], 0.0)
@@ -908,7 +467,7 @@ class LamboPolicy(nn.Module):
         if u is None:
             j = (target - 1).clamp_min(0)
             lo = torch.gather(batch.amin, 2, j[..., None])[..., 0]
-            hi = torch.gather(rem, 2, j[..., None])[..., 0]
+            hi = torch.gather(free, 2, j[..., None])[..., 0]
             safe = off & torch.isfinite(lo) & (hi > lo)
             u = torch.where(safe, (share - torch.where(safe, lo, 0.0)) / torch.where(safe, hi - lo, 1.0), 0.5)
         u = torch.where(off, u.float().clamp(eps, 1.0 - eps), 0.5)

@@ -14,7 +14,7 @@ up front from its own generator, and decoding maps noise to actions deterministi
 The log-probabilities are still those of the exact categorical and Beta distributions.
 
 :func:`categorical_from_uniform` and :func:`beta_from_noise` run inside the TorchScript-compiled decode
-loop (:func:`lambo_ray.policy.model._decode_loop`): keep them TorchScript-compatible (typed tensor code,
+loop (:func:`lambo_ray.policy.fast_decode.decode_loop`): keep them TorchScript-compatible (typed tensor code,
 no Python-side branching on tensor values); if they stop compiling, decoding falls back to eager with a
 warning, and ``test_fast_decode_matches_a_straightforward_reference`` fails on the compiled check.
 """

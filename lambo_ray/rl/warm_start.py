@@ -13,6 +13,7 @@ import torch
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
 from lambo_ray.policy import LamboPolicy, featurize
+from lambo_ray.policy.features import label_packing
 from lambo_ray.policy.imitation import imitation_loss
 from lambo_ray.rl.config import PretrainConfig
 
@@ -45,7 +46,8 @@ def supervised_warm_start(policy: LamboPolicy, cfg: PretrainConfig) -> dict[str,
     """``warm_start_epochs`` passes of Adam over the expert labels; returns the first and last epoch's
     mean loss (target cross-entropy + share NLL)."""
     insts, prompts, targets, shares = expert_labels(cfg)
-    batch = featurize(insts, prompts, cfg.n_max, cfg.m_max)
+    packings = [label_packing(inst, t[: inst.n_ues]) for inst, t in zip(insts, targets)]
+    batch = featurize(insts, prompts, cfg.n_max, cfg.m_max, packings=packings)
     t_all, s_all = torch.from_numpy(targets), torch.from_numpy(shares)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.warm_start_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
