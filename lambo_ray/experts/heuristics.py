@@ -1,4 +1,4 @@
-"""Heuristic baselines (SPEC section 4): all-local, all-offload, greedy, and local search.
+"""Heuristic baselines: all-local, all-offload, greedy, and local search.
 
 * ``all_local``  every task on its UE (always feasible on generated instances: deadlines >= local time,
   except under the ``deadline`` drift, where it is reported infeasible like any other decision).
@@ -11,8 +11,10 @@
 * ``local_search``  greedy, then best-improvement single-UE moves and pairwise swaps until none
   improves. :func:`improve` runs that descent from any assignment (the policy's ``refine`` decode).
 
-Every method except ``all_offload`` returns a feasible decision whenever the UEs that must offload
-fit first-fit-decreasing (the generator's acceptance test, so always on generated instances).
+Every method except ``all_offload`` returns a feasible decision whenever the instance has one: when the
+first-fit look-ahead cannot place the UEs that must offload, they are placed as an exact packing says
+(:mod:`lambo_ray.mec.packing`; a HiGHS feasibility model is the last resort). An instance without any
+feasible decision gets ``status: "infeasible"`` and the reason in the decision's stats.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
 from lambo_ray.experts.placement import CAP_TOL, Assignment, PlacementTables, build_tables
 from lambo_ray.mec.instance import Instance, check_prompt
+from lambo_ray.mec.packing import first_fit_decreasing, infeasible_stats, pack_must_offload, pack_rows
 from lambo_ray.mec.shares import optimal_shares
 
 # An improvement must exceed this fraction of the current cost: float noise never cycles the search.
@@ -34,21 +37,6 @@ REL_TOL = 1e-10
 
 
 # --------------------------------------------------------------------------- helpers
-def first_fit_decreasing(a_min: np.ndarray, free: np.ndarray) -> np.ndarray | None:
-    """Servers (0-based) for UEs with minimum shares ``a_min`` (K, M), hardest UE first, each on the
-    server where its share is smallest among those with room; None if some UE does not fit."""
-    free = free.astype(float).copy()
-    chosen = np.full(a_min.shape[0], -1)
-    for i in np.argsort(a_min.min(axis=1), kind="stable")[::-1]:
-        fits = np.flatnonzero(np.isfinite(a_min[i]) & (a_min[i] <= free + CAP_TOL))
-        if fits.size == 0:
-            return None
-        j = fits[np.argmin(a_min[i, fits])]
-        free[j] -= a_min[i, j]
-        chosen[i] = j
-    return chosen
-
-
 def _tol(a: Assignment) -> float:
     return REL_TOL * max(abs(a.cost), 1e-30)
 
@@ -56,19 +44,35 @@ def _tol(a: Assignment) -> float:
 def _place_must_offload(a: Assignment) -> bool:
     """Place every local UE that cannot meet its deadline locally, hardest first, on the server with
     the best exact cost change among those that leave the remaining ones placeable first-fit
-    decreasing. The first-fit choice itself is always a candidate, so this succeeds whenever
-    first-fit decreasing does. Returns whether all were placed."""
+    decreasing. When that greedy look-ahead gets stuck (first-fit is a heuristic), the UEs are placed
+    as an exact packing says (:func:`lambo_ray.mec.packing.pack_rows`, HiGHS as the last resort), so
+    this succeeds whenever the must-offload UEs fit at all next to what ``a`` already offloads.
+    Returns whether the result is feasible."""
+    t = a.tables
+    start = a.target.copy()
+    if _place_by_look_ahead(a):
+        return True
+    a.reset(start)
+    pending = (a.target == 0) & ~t.local_ok
+    packing = pack_rows(t.a_min, pending, free=1.0 - a.load)
+    if not packing.feasible:
+        return False
+    for i in np.flatnonzero(pending):
+        a.move(int(i), int(packing.plan[i]) + 1)
+    return a.feasible
+
+
+def _place_by_look_ahead(a: Assignment) -> bool:
+    """The greedy part of :func:`_place_must_offload`; returns whether every UE was placed feasibly."""
     t = a.tables
     pending = np.flatnonzero((a.target == 0) & ~t.local_ok)
     pending = pending[np.argsort(t.a_min[pending].min(axis=1), kind="stable")[::-1]]
-    ok = True
     for pos, i in enumerate(pending):
         rest = t.a_min[pending[pos + 1 :]]
         free = 1.0 - a.load
         fits = np.flatnonzero(np.isfinite(t.a_min[i]) & (t.a_min[i] <= free + CAP_TOL))
         if fits.size == 0:
-            ok = False
-            continue
+            return False
         deltas = np.array([a.move_delta(i, j + 1) for j in fits])
         choice = None
         for j in fits[np.argsort(deltas, kind="stable")]:
@@ -77,14 +81,13 @@ def _place_must_offload(a: Assignment) -> bool:
             if first_fit_decreasing(rest, after) is not None:
                 choice = int(j)
                 break
-        if choice is None:  # look-ahead failed: still place it where it fits, the rest may not
-            ok = False
-            choice = int(fits[np.argmin(t.a_min[i, fits])])
+        if choice is None:
+            return False
         a.move(i, choice + 1)
-    return ok and a.feasible
+    return a.feasible
 
 
-def _repair(a: Assignment) -> bool:
+def repair(a: Assignment) -> bool:
     """Make an infeasible starting assignment feasible: UEs on a server that cannot meet their deadline
     go local, overloaded servers shed their largest minimum shares, then UEs that must offload are
     placed as in greedy. Returns whether the result is feasible."""
@@ -169,7 +172,7 @@ def improve(
 ) -> np.ndarray:
     """Local search from any assignment; returns the improved targets (shares: ``optimal_shares``).
 
-    An infeasible start is first repaired (see :func:`_repair`), falling back to greedy if that fails;
+    An infeasible start is first repaired (see :func:`repair`), falling back to greedy if that fails;
     the result is never worse than a feasible start.
     """
     check_prompt(prompt)
@@ -178,7 +181,7 @@ def improve(
         raise LamboInputError(f"target must hold {inst.n_ues} values in 0..{inst.n_servers}", where="target")
     tables = build_tables(inst, prompt)
     a = Assignment(tables, target)
-    if not a.feasible and not _repair(a):
+    if not a.feasible and not repair(a):
         a, _ = greedy_assignment(tables)
     if a.feasible:
         descend(a, swaps=swaps, max_moves=max_moves, time_limit=time_limit)
@@ -242,13 +245,13 @@ class Greedy(Expert):
         a, placed = greedy_assignment(tables)
         stats: dict[str, Any] = {"model_objective": a.objective}
         if not a.feasible:
-            stats["status"] = "infeasible"
+            stats.update(infeasible_stats(pack_must_offload(inst)))
         return a.target, _shares_or_zero(inst, a.target), stats
 
 
 @dataclass
 class LocalSearchConfig:
-    start: str = "greedy"  # or "all_local" (the SPEC's calibration start)
+    start: str = "greedy"  # or "all_local" (the classic calibration start)
     swaps: bool = True
     max_moves: int | None = None
 
@@ -285,6 +288,6 @@ class LocalSearch(Expert):
             if s.stopped == "time_limit":
                 stats["status"] = "time_limit"
         else:
-            stats["status"] = "infeasible"
+            stats.update(infeasible_stats(pack_must_offload(inst)))
         stats["model_objective"] = a.objective
         return a.target, _shares_or_zero(inst, a.target), stats

@@ -14,6 +14,7 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.channel import channel_gain, uplink_rate
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.mobility import RandomWaypoint, draw_positions
+from lambo_ray.mec.packing import pack_must_offload
 from lambo_ray.mec.scenario import ScenarioConfig
 
 MAX_REJECTIONS = 200
@@ -76,18 +77,9 @@ def build_instance(
 
 
 def is_feasible(inst: Instance) -> bool:
-    """Sufficient check: UEs that cannot run locally fit, first-fit decreasing by their smallest share."""
-    must = ~inst.local_feasible()
-    if not must.any():
-        return True
-    amin = inst.min_share()[must]
-    free = np.ones(inst.n_servers)
-    for i in np.argsort(amin.min(axis=1))[::-1]:
-        options = [j for j in np.argsort(amin[i]) if amin[i, j] <= free[j]]
-        if not options:
-            return False
-        free[options[0]] -= amin[i, options[0]]
-    return True
+    """Whether the instance has a feasible decision: the UEs that cannot run locally can be packed onto
+    the servers (:func:`lambo_ray.mec.packing.pack_must_offload`; exact, HiGHS as the last resort)."""
+    return pack_must_offload(inst).feasible
 
 
 def generate(cfg: ScenarioConfig, rng: np.random.Generator) -> Instance:

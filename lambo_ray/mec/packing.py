@@ -82,8 +82,10 @@ def _regret_order(a_min: np.ndarray) -> np.ndarray:
     return np.lexsort((-srt[:, 0], -(second - srt[:, 0])))
 
 
-def milp_packing(a_min: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S) -> tuple[str, np.ndarray | None]:
-    """Exact feasibility of packing rows of ``a_min`` (K, M) into unit capacities with HiGHS.
+def milp_packing(
+    a_min: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S, free: np.ndarray | None = None
+) -> tuple[str, np.ndarray | None]:
+    """Exact feasibility of packing rows of ``a_min`` (K, M) into capacities ``free`` (default 1) with HiGHS.
 
     Returns ("milp", servers) when a packing exists, ("infeasible", None) when HiGHS proves none does,
     ("unknown", None) when the time limit stops it first.
@@ -91,7 +93,10 @@ def milp_packing(a_min: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S) -> tu
     import highspy
 
     k, m = a_min.shape
-    pairs = [(i, j) for i in range(k) for j in range(m) if np.isfinite(a_min[i, j]) and a_min[i, j] <= 1.0 + CAP_TOL]
+    free = np.ones(m) if free is None else np.asarray(free, dtype=float)
+    pairs = [
+        (i, j) for i in range(k) for j in range(m) if np.isfinite(a_min[i, j]) and a_min[i, j] <= free[j] + CAP_TOL
+    ]
     if len({i for i, _ in pairs}) < k:
         return "infeasible", None
     h = highspy.Highs()
@@ -111,7 +116,7 @@ def milp_packing(a_min: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S) -> tu
         idx = [c for c, (_, s) in enumerate(pairs) if s == j]
         if idx:
             vals = np.array([a_min[pairs[c]] for c in idx])
-            h.addRow(-inf, 1.0 - 1e-9, len(idx), np.array(idx, dtype=np.int32), vals)
+            h.addRow(-inf, free[j] - 1e-9, len(idx), np.array(idx, dtype=np.int32), vals)
     h.run()
     status = h.getModelStatus()
     if status == highspy.HighsModelStatus.kInfeasible:
@@ -124,7 +129,7 @@ def milp_packing(a_min: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S) -> tu
                 chosen[i] = j
         load = np.zeros(m)
         np.add.at(load, chosen, a_min[np.arange(k), chosen])
-        if np.all(chosen >= 0) and np.all(load <= 1.0 + CAP_TOL):
+        if np.all(chosen >= 0) and np.all(load <= free + CAP_TOL):
             return "milp", chosen
     return "unknown", None
 
@@ -134,22 +139,23 @@ def pack_must_offload(inst: Instance, time_limit: float = MILP_TIME_LIMIT_S) -> 
     return pack_rows(inst.min_share(), ~inst.local_feasible(), time_limit)
 
 
-def pack_rows(a_min: np.ndarray, must: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S) -> Packing:
-    """:func:`pack_must_offload` on raw arrays: ``a_min`` (N, M), ``must`` (N,) bool."""
+def pack_rows(
+    a_min: np.ndarray, must: np.ndarray, time_limit: float = MILP_TIME_LIMIT_S, free: np.ndarray | None = None
+) -> Packing:
+    """:func:`pack_must_offload` on raw arrays: ``a_min`` (N, M), ``must`` (N,) bool, the capacity ``free``
+    (M,) left on each server (default: all of it)."""
     n, m = a_min.shape
+    free = np.ones(m) if free is None else np.asarray(free, dtype=float)
     plan = np.full(n, -1, dtype=np.int64)
     rows = np.flatnonzero(must)
     if rows.size == 0:
         return Packing(plan, must.copy(), "none_needed")
     sub = a_min[rows]
-    unreachable = rows[
-        ~np.isfinite(sub).any(axis=1) | (np.nanmin(np.where(np.isfinite(sub), sub, np.inf), axis=1) > 1 + CAP_TOL)
-    ]
+    unreachable = rows[np.min(np.where(np.isfinite(sub), sub, np.inf), axis=1) > 1 + CAP_TOL]
     if unreachable.size:
         return Packing(
             plan, must.copy(), "infeasible", f"UE {int(unreachable[0])} misses its deadline locally and on every server"
         )
-    free = np.ones(m)
     for status, order in (
         ("first_fit", np.argsort(sub.min(axis=1), kind="stable")[::-1]),
         ("regret_fit", _regret_order(sub)),
@@ -158,7 +164,7 @@ def pack_rows(a_min: np.ndarray, must: np.ndarray, time_limit: float = MILP_TIME
         if chosen is not None:
             plan[rows] = chosen
             return Packing(plan, must.copy(), status)
-    status, chosen = milp_packing(sub, time_limit)
+    status, chosen = milp_packing(sub, time_limit, free)
     if chosen is not None:
         plan[rows] = chosen
         return Packing(plan, must.copy(), status)
@@ -176,3 +182,10 @@ def pack_rows(a_min: np.ndarray, must: np.ndarray, time_limit: float = MILP_TIME
         "unknown",
         f"no packing of the {rows.size} UEs that must offload was found within {time_limit:g} s",
     )
+
+
+def infeasible_stats(packing: Packing) -> dict[str, str]:
+    """Decision stats of a method that found no feasible decision: ``status`` and the reason, which says
+    whether none exists (proven) or none was found in time."""
+    reason = packing.reason or "no feasible decision was found"
+    return {"status": "infeasible", "infeasible_reason": reason, "packing": packing.status}

@@ -7,16 +7,24 @@
   evaluator's :func:`objectives_batch` wins, feasible candidates first. The encoder is permutation-
   equivariant (no positional encodings), so it runs once per instance and its output is permuted.
 * ``refine``    -- the ``best_of_k`` decision (``greedy`` when ``k <= 1``) improved by local-search moves
-  (:func:`lambo_ray.experts.heuristics.improve`) and then given optimal shares
-  (:func:`lambo_ray.mec.shares.optimal_shares`); the raw objective is kept in the stats so raw and
-  refined results can be reported separately.
+  and then given optimal shares; the raw objective is kept in the stats so raw and refined results can
+  be reported separately.
+* ``search``    -- the strongest mode (:mod:`lambo_ray.policy.search`): every one of the ``k`` samples
+  (and the greedy heuristic's decision) polished by local search with optimal shares, then perturbation
+  rounds from the best; the policy proposes, search disposes.
 
-Every decision passes through :func:`fill_capacity` (part of the policy's output mapping) and is scored
-by :func:`lambo_ray.experts.base.make_decision`: objective and feasibility come from the evaluator only.
+Every mode is feasible by construction whenever the instance has a feasible decision (the decoder's
+look-ahead masks, :mod:`lambo_ray.policy.masks`; the polishing moves never leave the feasible set). An
+instance without one is flagged: ``status: "infeasible"`` and ``infeasible_reason`` in the stats.
+Every decision passes through :func:`fill_capacity` (the policy's output mapping) or optimal shares and
+is scored by :func:`lambo_ray.experts.base.make_decision`: objective and feasibility come from the
+evaluator only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +36,7 @@ import torch
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
+from lambo_ray.mec.packing import Packing, infeasible_stats, pack_must_offload
 from lambo_ray.policy.features import PolicyBatch, featurize
 from lambo_ray.policy.masks import fill_capacity
 from lambo_ray.policy.model import Encoded, LamboPolicy
@@ -47,7 +56,30 @@ class Candidate:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-Strategy = Callable[[LamboPolicy, list[Instance], list[str], int, int], list[Candidate]]
+@dataclass
+class DecodeRequest:
+    """What a strategy decodes: instances with their prompts and must-offload packings, and the knobs.
+
+    ``k``: samples (best_of_k, refine, search); ``seed``: per-instance noise and augmentations;
+    ``time_budget_s``: wall-time cap per instance of refine/search's polishing (None: no cap);
+    ``heuristic_start``: search also polishes the greedy heuristic's decision.
+    """
+
+    instances: list[Instance]
+    prompts: list[str]
+    packings: list[Packing]
+    k: int = 16
+    seed: int = 0
+    time_budget_s: float | None = None
+    heuristic_start: bool = True
+
+    def part(self, lo: int, hi: int) -> DecodeRequest:
+        return dataclasses.replace(
+            self, instances=self.instances[lo:hi], prompts=self.prompts[lo:hi], packings=self.packings[lo:hi]
+        )
+
+
+Strategy = Callable[[LamboPolicy, DecodeRequest], list[Candidate]]
 STRATEGIES: dict[str, Strategy] = {}
 
 
@@ -60,6 +92,8 @@ def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
 
 
 def available_strategies() -> list[str]:
+    import lambo_ray.policy.search  # noqa: F401  (registers ``search``)
+
     return list(STRATEGIES)
 
 
@@ -80,7 +114,8 @@ def _unpad(insts: Sequence[Instance], target: torch.Tensor, share: torch.Tensor,
     return out
 
 
-def _instance_key(inst: Instance) -> list[np.ndarray]:
+def instance_key(inst: Instance) -> list[np.ndarray]:
+    """The arrays that identify an instance for its per-instance random streams."""
     return [
         inst.data_bits,
         inst.cycles,
@@ -92,28 +127,26 @@ def _instance_key(inst: Instance) -> list[np.ndarray]:
     ]
 
 
-def decode_instances(
-    policy: LamboPolicy,
-    instances: Sequence[Instance],
-    prompts: Sequence[str],
-    mode: str,
-    seed: int = 0,
-) -> list[Candidate]:
+def _batch(policy: LamboPolicy, req: DecodeRequest) -> PolicyBatch:
+    return featurize(req.instances, req.prompts, packings=req.packings).to(_device(policy))
+
+
+def decode_instances(policy: LamboPolicy, req: DecodeRequest, mode: str) -> list[Candidate]:
     """One decision per instance (greedy or sampled), batched, shares after :func:`fill_capacity`.
 
     Sampling noise comes from a per-instance seed (user seed + instance data), so a decision does not
     depend on which other instances share the batch.
     """
     out: list[Candidate] = []
-    for lo in range(0, len(instances), MAX_ROWS):
-        chunk = list(instances[lo : lo + MAX_ROWS])
-        batch = featurize(chunk, list(prompts[lo : lo + MAX_ROWS])).to(_device(policy))
+    for lo in range(0, len(req.instances), MAX_ROWS):
+        part = req.part(lo, lo + MAX_ROWS)
+        batch = _batch(policy, part)
         noise = None
         if mode == "sample":
-            seeds = [instance_seed(seed, _instance_key(inst), "sample") for inst in chunk]
-            noise = row_noise(seeds, [inst.n_ues for inst in chunk], batch.n_max)
+            seeds = [instance_seed(req.seed, instance_key(inst), "sample") for inst in part.instances]
+            noise = row_noise(seeds, [inst.n_ues for inst in part.instances], batch.n_max)
         res = policy.decode(batch, policy.encode(batch), mode=mode, noise=noise)
-        out += _unpad(chunk, res.target, fill_capacity(res.target, res.share, batch.m_max), res.dead_ue)
+        out += _unpad(part.instances, res.target, fill_capacity(res.target, res.share, batch.m_max), res.dead_ue)
     return out
 
 
@@ -181,87 +214,100 @@ def unpermute(
     return t, s
 
 
-def _pick_best(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[int, np.ndarray, np.ndarray]:
+def pick_best(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[int, np.ndarray, np.ndarray]:
     """Index of the best candidate: feasible first, then lowest objective; ties go to the earliest."""
     obj, feas = objectives_batch(inst, np.stack([c.target for c in cands]), np.stack([c.share for c in cands]), prompt)
     order = np.lexsort((np.arange(len(cands)), obj, ~feas))
     return int(order[0]), obj, feas
 
 
+def _augmented_perms(req: DecodeRequest, n_max: int, m_max: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """UE and server permutations of ``k`` copies per instance (copy 0 unpermuted) and their noise seeds,
+    all drawn per instance: independent of the batch."""
+    k = req.k
+    ue_perm, srv_perm, seeds = [], [], []
+    for inst in req.instances:
+        key = instance_key(inst)
+        g = torch.Generator().manual_seed(instance_seed(req.seed, key, "augment"))
+        up = _instance_perms(inst.n_ues, n_max, k, g)
+        sp = _instance_perms(inst.n_servers, m_max, k, g)
+        up[0], sp[0] = torch.arange(n_max), torch.arange(m_max)  # copy 0: original order
+        ue_perm.append(up)
+        srv_perm.append(sp)
+        seeds += [instance_seed(req.seed, key, "copy", a) for a in range(k)]
+    return torch.cat(ue_perm), torch.cat(srv_perm), seeds
+
+
+def sampled_candidates(policy: LamboPolicy, req: DecodeRequest) -> list[list[Candidate]]:
+    """Per instance: the greedy decision followed by ``k`` samples on augmented copies."""
+    greedy_c = decode_instances(policy, req, "greedy")
+    if req.k < 1:
+        return [[c] for c in greedy_c]
+    out: list[list[Candidate]] = []
+    k, dev = req.k, _device(policy)
+    per_chunk = max(1, MAX_ROWS // k)
+    for lo in range(0, len(req.instances), per_chunk):
+        part = req.part(lo, lo + per_chunk)
+        batch = _batch(policy, part)
+        enc = policy.encode(batch)
+        rows = torch.arange(batch.batch_size, device=dev).repeat_interleave(k)
+        ue_perm, srv_perm, seeds = _augmented_perms(part, batch.n_max, batch.m_max)
+        ue_perm, srv_perm = ue_perm.to(dev), srv_perm.to(dev)
+        noise = row_noise(seeds, [inst.n_ues for inst in part.instances for _ in range(k)], batch.n_max)
+        pb, pe = permute(batch, enc, rows, ue_perm, srv_perm)
+        res = policy.decode(pb, pe, mode="sample", noise=noise)
+        t, s = unpermute(res.target, fill_capacity(res.target, res.share, pb.m_max), ue_perm, srv_perm)
+        dead = torch.zeros_like(res.dead_ue).scatter_(1, ue_perm, res.dead_ue)
+        for c, inst in enumerate(part.instances):
+            rows_c = slice(c * k, (c + 1) * k)
+            out.append([greedy_c[lo + c], *_unpad([inst] * k, t[rows_c], s[rows_c], dead[rows_c])])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Strategies
 # ----------------------------------------------------------------------------------------------
 @register_strategy("greedy")
-def greedy(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
-    return decode_instances(policy, insts, prompts, "greedy")
+def greedy(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
+    return decode_instances(policy, req, "greedy")
 
 
 @register_strategy("sample")
-def sample(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
-    return decode_instances(policy, insts, prompts, "sample", seed)
+def sample(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
+    return decode_instances(policy, req, "sample")
 
 
 @register_strategy("best_of_k")
-def best_of_k(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
+def best_of_k(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
     """Greedy + ``k`` samples on augmented copies; the evaluator picks the best."""
-    greedy_c = decode_instances(policy, insts, prompts, "greedy")
-    if k < 1:
-        return greedy_c
-    out: list[Candidate] = []
-    per_chunk = max(1, MAX_ROWS // k)
-    dev = _device(policy)
-    for lo in range(0, len(insts), per_chunk):
-        chunk = insts[lo : lo + per_chunk]
-        batch = featurize(chunk, prompts[lo : lo + per_chunk]).to(dev)
-        enc = policy.encode(batch)
-        b = batch.batch_size
-        rows = torch.arange(b, device=dev).repeat_interleave(k)
-        ue_perm, srv_perm, seeds = [], [], []
-        for inst in chunk:  # everything random is drawn per instance: independent of the batch
-            key = _instance_key(inst)
-            g = torch.Generator().manual_seed(instance_seed(seed, key, "augment"))
-            up = _instance_perms(inst.n_ues, batch.n_max, k, g)
-            sp = _instance_perms(inst.n_servers, batch.m_max, k, g)
-            up[0], sp[0] = torch.arange(batch.n_max), torch.arange(batch.m_max)  # copy 0: original order
-            ue_perm.append(up)
-            srv_perm.append(sp)
-            seeds += [instance_seed(seed, key, "copy", a) for a in range(k)]
-        ue_perm, srv_perm = torch.cat(ue_perm).to(dev), torch.cat(srv_perm).to(dev)
-        noise = row_noise(seeds, [inst.n_ues for inst in chunk for _ in range(k)], batch.n_max)
-        pb, pe = permute(batch, enc, rows, ue_perm, srv_perm)
-        res = policy.decode(pb, pe, mode="sample", noise=noise)
-        share = fill_capacity(res.target, res.share, pb.m_max)
-        t, s = unpermute(res.target, share, ue_perm, srv_perm)
-        dead = torch.zeros_like(res.dead_ue).scatter_(1, ue_perm, res.dead_ue)
-        for c, inst in enumerate(chunk):
-            sampled = _unpad([inst] * k, t[c * k : (c + 1) * k], s[c * k : (c + 1) * k], dead[c * k : (c + 1) * k])
-            cands = [greedy_c[lo + c], *sampled]
-            best, obj, feas = _pick_best(inst, prompts[lo + c], cands)
-            win = cands[best]
-            win.stats = {
-                "k": k,
-                "winner": "greedy" if best == 0 else f"sample_{best - 1}",
-                "greedy_objective": float(obj[0]),
-                "greedy_feasible": bool(feas[0]),
-                "feasible_candidates": int(feas.sum()),
-            }
-            out.append(win)
+    out = []
+    for inst, prompt, cands in zip(req.instances, req.prompts, sampled_candidates(policy, req)):
+        best, obj, feas = pick_best(inst, prompt, cands)
+        win = cands[best]
+        win.stats = {
+            "k": req.k,
+            "winner": "greedy" if best == 0 else f"sample_{best - 1}",
+            "greedy_objective": float(obj[0]),
+            "greedy_feasible": bool(feas[0]),
+            "feasible_candidates": int(feas.sum()),
+        }
+        out.append(win)
     return out
 
 
 @register_strategy("refine")
-def refine(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: int, seed: int) -> list[Candidate]:
+def refine(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
     """Local search + optimal shares on the policy's decision; never worse than the raw decision."""
     from lambo_ray.experts.heuristics import improve  # lazy: the experts package pulls in solvers
     from lambo_ray.mec.shares import optimal_shares
 
-    base = best_of_k(policy, insts, prompts, k, seed) if k > 1 else greedy(policy, insts, prompts, k, seed)
+    base = best_of_k(policy, req) if req.k > 1 else greedy(policy, req)
     out = []
-    for inst, prompt, raw in zip(insts, prompts, base):
-        tgt = improve(inst, prompt, raw.target)
+    for inst, prompt, raw in zip(req.instances, req.prompts, base):
+        tgt = improve(inst, prompt, raw.target, time_limit=req.time_budget_s)
         shr = optimal_shares(inst, tgt)
         cands = [raw] if shr is None else [raw, Candidate(tgt, shr, 0)]
-        best, obj, feas = _pick_best(inst, prompt, cands)
+        best, obj, feas = pick_best(inst, prompt, cands)
         win = cands[best]
         win.stats = {
             **raw.stats,
@@ -269,7 +315,7 @@ def refine(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: in
             "raw_feasible": bool(feas[0]),
             "raw_dead_ends": raw.dead_ends,
             "refined": best == 1,
-            "base_decode": "best_of_k" if k > 1 else "greedy",
+            "base_decode": "best_of_k" if req.k > 1 else "greedy",
         }
         out.append(win)
     return out
@@ -278,6 +324,31 @@ def refine(policy: LamboPolicy, insts: list[Instance], prompts: list[str], k: in
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+def make_request(
+    instances: Sequence[Instance],
+    prompt: str | Sequence[str],
+    k: int = 16,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    heuristic_start: bool = True,
+) -> DecodeRequest:
+    """Validate the knobs and compute every instance's must-offload packing once."""
+    if k < 0:
+        raise LamboInputError(f"k must be >= 0 (got {k})", where="k")
+    if time_budget_s is not None and not (time_budget_s > 0 and math.isfinite(time_budget_s)):
+        raise LamboInputError(
+            f"time budget must be a positive number of seconds (got {time_budget_s})", where="time_budget"
+        )
+    instances = list(instances)
+    prompts = [prompt] * len(instances) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(instances):
+        raise LamboInputError(f"{len(prompts)} prompts for {len(instances)} instances", where="prompt")
+    for p in prompts:
+        check_prompt(p)
+    packings = [pack_must_offload(inst) for inst in instances]
+    return DecodeRequest(instances, prompts, packings, k, seed, time_budget_s, heuristic_start)
+
+
 def decide(
     policy: LamboPolicy,
     instances: Sequence[Instance],
@@ -285,45 +356,47 @@ def decide(
     mode: str = "greedy",
     k: int = 16,
     seed: int = 0,
+    time_budget_s: float | None = None,
+    heuristic_start: bool = True,
 ) -> list[Decision]:
     """Decisions of the policy for ``instances`` (one prompt for all, or one per instance).
 
     ``stats``: ``decode`` (the mode), ``wall_s`` (this call's wall time shared evenly over its
     instances: decoding is batched), ``batch_wall_s``, ``dead_ends`` (UEs for which the masks left no
-    option; they run locally and the evaluator reports any miss), plus the strategy's own keys.
+    option, possible only on an instance without a feasible decision), ``packing`` (how the must-offload
+    UEs were packed), plus the strategy's own keys; ``status: "infeasible"`` with ``infeasible_reason``
+    when the instance has no feasible decision (or none was found).
     """
+    available_strategies()  # registers every strategy module
     if mode not in STRATEGIES:
         raise LamboInputError(f"unknown decode mode {mode!r}; expected one of {', '.join(STRATEGIES)}", where="decode")
-    if k < 0:
-        raise LamboInputError(f"k must be >= 0 (got {k})", where="k")
-    instances = list(instances)
-    if not instances:
+    start = time.perf_counter()
+    req = make_request(instances, prompt, k, seed, time_budget_s, heuristic_start)
+    if not req.instances:
         return []
-    prompts = [prompt] * len(instances) if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != len(instances):
-        raise LamboInputError(f"{len(prompts)} prompts for {len(instances)} instances", where="prompt")
-    for p in prompts:
-        check_prompt(p)
     was_training = policy.training
     policy.eval()
-    start = time.perf_counter()
     try:
         with torch.inference_mode():
-            cands = STRATEGIES[mode](policy, instances, prompts, k, seed)
+            cands = STRATEGIES[mode](policy, req)
     finally:
         policy.train(was_training)
     wall = time.perf_counter() - start
     from lambo_ray.experts.base import make_decision  # lazy: keeps `import lambo_ray.policy` light
 
     decisions = []
-    for inst, p, c in zip(instances, prompts, cands):
+    for inst, p, pk, c in zip(req.instances, req.prompts, req.packings, cands):
         stats = {
             "status": "heuristic",
             "decode": mode,
-            "wall_s": wall / len(instances),
+            "wall_s": wall / len(req.instances),
             "batch_wall_s": wall,
             "dead_ends": c.dead_ends,
+            "packing": pk.status,
             **c.stats,
         }
-        decisions.append(make_decision(inst, c.target, c.share, p, METHOD, stats))
+        decision = make_decision(inst, c.target, c.share, p, METHOD, stats)
+        if not decision.stats["feasible"]:
+            decision.stats.update(infeasible_stats(pk))
+        decisions.append(decision)
     return decisions

@@ -15,7 +15,7 @@ from typing import Any
 from lambo_ray.errors import LamboInputError, reject_unknown_keys
 
 # The policy's decode modes (lambo_ray.policy.decoding); validated per request.
-DECODE_MODES: tuple[str, ...] = ("greedy", "best_of_k", "sample", "refine")
+DECODE_MODES: tuple[str, ...] = ("greedy", "best_of_k", "sample", "refine", "search")
 
 
 @dataclass(frozen=True)
