@@ -129,19 +129,28 @@ def greedy_assignment(tables: PlacementTables) -> tuple[Assignment, bool]:
 class SearchStats:
     moves: int = 0
     swaps: int = 0
+    chains: int = 0
     stopped: str = "local_optimum"  # or "max_moves", "time_limit"
 
 
 def descend(
-    a: Assignment, *, swaps: bool = True, max_moves: int | None = None, time_limit: float | None = None
+    a: Assignment,
+    *,
+    swaps: bool = True,
+    chains: bool = False,
+    max_moves: int | None = None,
+    time_limit: float | None = None,
 ) -> SearchStats:
     """Best-improvement descent in place: apply the best single move while one improves, else the best
-    swap; stop at a local optimum of both neighbourhoods, after ``max_moves`` moves+swaps, or at
-    ``time_limit`` seconds. ``a`` must be feasible (every step keeps it so)."""
+    swap, else (``chains``) the best ejection chain (:mod:`lambo_ray.experts.chains`); stop at a local
+    optimum of these neighbourhoods, after ``max_moves`` steps, or at ``time_limit`` seconds. ``a`` must
+    be feasible (every step keeps it so). The ``local_search`` baseline is moves and swaps only."""
+    from lambo_ray.experts.chains import apply_chain, best_chain
+
     start = time.perf_counter()
     stats = SearchStats()
     while True:
-        if max_moves is not None and stats.moves + stats.swaps >= max_moves:
+        if max_moves is not None and stats.moves + stats.swaps + stats.chains >= max_moves:
             stats.stopped = "max_moves"
             break
         if time_limit is not None and time.perf_counter() - start > time_limit:
@@ -154,10 +163,15 @@ def descend(
             stats.moves += 1
             continue
         best = a.best_swap(tol) if swaps else None
-        if best is None:
+        if best is not None:
+            a.swap(*best[1])
+            stats.swaps += 1
+            continue
+        chain = best_chain(a, tol) if chains else None
+        if chain is None:
             break
-        a.swap(*best[1])
-        stats.swaps += 1
+        apply_chain(a, *chain[1])
+        stats.chains += 1
     return stats
 
 

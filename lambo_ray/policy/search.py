@@ -7,7 +7,7 @@ The strongest decode mode, built the way neural combinatorial-optimisation syste
    (:func:`lambo_ray.policy.decoding.sampled_candidates`), plus the greedy heuristic's decision when
    ``heuristic_start`` is on (switch it off to measure what the policy alone earns);
 2. *polish*: each distinct start, best raw objective first, goes through best-improvement local search
-   (single-UE moves and swaps, exact objective changes at water-filled shares:
+   (single-UE moves, swaps and ejection chains, exact objective changes at water-filled shares:
    :func:`lambo_ray.experts.heuristics.descend`);
 3. *perturb*: ``kicks`` rounds of iterated local search from the best so far (relocate a few random
    UEs to random feasible targets, descend again, keep it if it is better);
@@ -102,7 +102,7 @@ def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: De
         a = Assignment(tables, target)
         if not a.feasible and not repair(a):
             continue
-        descend(a, time_limit=clock.left())
+        descend(a, chains=True, time_limit=clock.left())
         polished += 1
         if best is None or a.cost < best[0]:
             best = (a.cost, a.target.copy(), label)
@@ -112,7 +112,7 @@ def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: De
         a = Assignment(tables, best[1])
         while kicks < KICKS and not clock.up():
             _kick(a, rng)
-            descend(a, time_limit=clock.left())
+            descend(a, chains=True, time_limit=clock.left())
             kicks += 1
             if a.cost < best[0] * (1 - 1e-12):
                 best = (a.cost, a.target.copy(), f"kick_{kicks}")
