@@ -58,6 +58,10 @@ def build_instance(
         best_alone = (data[:, None] / rate + cycles[:, None] / capacity[None, :]).min(axis=1)
         unreachable = (factor < 1.0) & (best_alone >= deadline)
         factor[unreachable] = rng.uniform(1.0, max(dhi, 1.0), int(unreachable.sum()))
+        # More must-offload UEs than the servers can host: those that do not fit (first fit, hardest
+        # first) get a deadline local execution meets, so tight cells stay as tight as capacity allows.
+        stranded = _stranded(factor * cycles / local, data, cycles, rate, capacity, factor < 1.0)
+        factor[stranded] = rng.uniform(1.0, max(dhi, 1.0), int(stranded.sum()))
     geometry = {
         "area_m": cfg.area_m,
         "ue_xy": np.round(ue_xy, 4).tolist(),
@@ -74,6 +78,26 @@ def build_instance(
         local_w=cfg.local_w,
         geometry=geometry,
     )
+
+
+def _stranded(
+    deadline: np.ndarray, data: np.ndarray, cycles: np.ndarray, rate: np.ndarray, capacity: np.ndarray, must: np.ndarray
+) -> np.ndarray:
+    """Must-offload UEs that first-fit decreasing cannot place (bool mask)."""
+    slack = deadline[:, None] - data[:, None] / rate
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a_min = np.where(slack > 0, cycles[:, None] / (capacity[None, :] * slack), np.inf)
+    free = np.ones(capacity.size)
+    out = np.zeros(deadline.size, dtype=bool)
+    rows = np.flatnonzero(must)
+    for i in rows[np.argsort(a_min[rows].min(axis=1), kind="stable")[::-1]]:
+        fits = np.flatnonzero(a_min[i] <= free)
+        if fits.size == 0:
+            out[i] = True
+            continue
+        j = fits[np.argmin(a_min[i, fits])]
+        free[j] -= a_min[i, j]
+    return out
 
 
 def is_feasible(inst: Instance) -> bool:

@@ -253,6 +253,13 @@ def featurize(
     if packings is None:
         packings = [None] * len(instances)
     feats = [instance_features(inst, pk) for inst, pk in zip(instances, packings)]
+    return collate(feats, pid, n_max, m_max)
+
+
+def collate(
+    feats: Sequence[InstanceFeatures], prompt_id: np.ndarray, n_max: int | None = None, m_max: int | None = None
+) -> PolicyBatch:
+    """Pad and stack precomputed :class:`InstanceFeatures` (training reuses them every epoch)."""
     n_big = max(f.ue.shape[0] for f in feats)
     m_big = max(f.server.shape[0] for f in feats)
     n_max = n_big if n_max is None else n_max
@@ -284,7 +291,7 @@ def featurize(
         local_ok=torch.from_numpy(local_ok),
         ue_mask=torch.from_numpy(ue_mask),
         server_mask=torch.from_numpy(server_mask),
-        prompt=torch.from_numpy(pid),
+        prompt=torch.as_tensor(np.asarray(prompt_id, dtype=np.int64)),
     )
 
 

@@ -47,8 +47,8 @@ def pad_labels(
     target = torch.zeros(len(targets), n_max, dtype=torch.long)
     share = torch.zeros(len(targets), n_max, dtype=torch.float64)
     for k, (t, s) in enumerate(zip(targets, shares)):
-        target[k, : len(t)] = torch.as_tensor(np.asarray(t, dtype=np.int64))
-        share[k, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.float64))
+        target[k, : len(t)] = torch.as_tensor(np.array(t, dtype=np.int64))
+        share[k, : len(s)] = torch.as_tensor(np.array(s, dtype=np.float64))
     return target, share
 
 

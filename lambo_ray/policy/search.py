@@ -22,13 +22,11 @@ stats, so the policy's and the search's contributions can be reported separately
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import numpy as np
 
-from lambo_ray.experts.heuristics import descend, greedy_assignment, repair
-from lambo_ray.experts.placement import CAP_TOL, Assignment, build_tables
+from lambo_ray.experts.heuristics import greedy_assignment
+from lambo_ray.experts.ils import iterated_local_search
+from lambo_ray.experts.placement import build_tables
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
 from lambo_ray.policy.decoding import (
@@ -43,18 +41,6 @@ from lambo_ray.policy.model import LamboPolicy
 from lambo_ray.policy.sampling import instance_seed
 
 KICKS = 8  # perturbation rounds after polishing
-KICK_SIZE = 3  # UEs relocated per perturbation
-
-
-@dataclass
-class _Clock:
-    deadline: float | None
-
-    def left(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
-
-    def up(self) -> bool:
-        return self.deadline is not None and time.perf_counter() >= self.deadline
 
 
 def _starts(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[list[tuple[str, np.ndarray]], float]:
@@ -72,66 +58,21 @@ def _starts(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[list[t
     return starts, best_raw
 
 
-def _kick(a: Assignment, rng: np.random.Generator) -> None:
-    """Relocate ``KICK_SIZE`` random UEs to random targets that keep the assignment feasible."""
-    t = a.tables
-    for i in rng.choice(t.n_ues, size=min(KICK_SIZE, t.n_ues), replace=False):
-        i = int(i)
-        p = int(a.target[i])
-        free = 1.0 - a.load
-        if p > 0:
-            free[p - 1] += t.a_min[i, p - 1]
-        ok = np.flatnonzero(np.isfinite(t.a_min[i]) & (t.a_min[i] <= free + CAP_TOL)) + 1
-        options = [q for q in ([0] if t.local_ok[i] else []) + ok.tolist() if q != p]
-        if options:
-            a.move(i, int(rng.choice(options)))
-
-
 def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: DecodeRequest) -> Candidate:
     """Polish the proposals of one instance and perturb the best (module docstring)."""
-    clock = _Clock(None if req.time_budget_s is None else time.perf_counter() + req.time_budget_s)
     tables = build_tables(inst, prompt)
     starts, best_raw = _starts(inst, prompt, cands)
     if req.heuristic_start:
         starts.append(("heuristic", greedy_assignment(tables)[0].target))
-    best: tuple[float, np.ndarray, str] | None = None
-    polished = 0
-    for label, target in starts:
-        if polished and clock.up():
-            break
-        a = Assignment(tables, target)
-        if not a.feasible and not repair(a):
-            continue
-        descend(a, chains=True, time_limit=clock.left())
-        polished += 1
-        if best is None or a.cost < best[0]:
-            best = (a.cost, a.target.copy(), label)
-    kicks = 0
-    if best is not None:
-        rng = np.random.default_rng(instance_seed(req.seed, instance_key(inst), "search"))
-        a = Assignment(tables, best[1])
-        while kicks < KICKS and not clock.up():
-            _kick(a, rng)
-            descend(a, chains=True, time_limit=clock.left())
-            kicks += 1
-            if a.cost < best[0] * (1 - 1e-12):
-                best = (a.cost, a.target.copy(), f"kick_{kicks}")
-            else:
-                a.reset(best[1])
-    stats = {
-        "k": req.k,
-        "raw_objective": best_raw,
-        "starts": len(starts),
-        "polished": polished,
-        "kicks": kicks,
-        "budget_hit": clock.up(),
-        "heuristic_start": req.heuristic_start,
-    }
-    share = optimal_shares(inst, best[1]) if best is not None else None
-    if share is None:  # nothing feasible to polish: hand back the best raw proposal, flagged by the evaluator
+    rng = np.random.default_rng(instance_seed(req.seed, instance_key(inst), "search"))
+    res = iterated_local_search(tables, starts, rng, KICKS, req.time_budget_s)
+    stats = {"k": req.k, "raw_objective": best_raw, "starts": len(starts), "heuristic_start": req.heuristic_start}
+    share = optimal_shares(inst, res.target) if res is not None else None
+    if res is None or share is None:  # nothing feasible: the best raw proposal, flagged by the evaluator
         fallback = cands[pick_best(inst, prompt, cands)[0]]
         return Candidate(fallback.target, fallback.share, fallback.dead_ends, {**stats, "winner": "raw"})
-    return Candidate(best[1], share, 0, {**stats, "winner": best[2]})
+    stats.update(polished=res.polished, kicks=res.kicks, budget_hit=res.budget_hit, winner=res.winner)
+    return Candidate(res.target, share, 0, stats)
 
 
 @register_strategy("search")

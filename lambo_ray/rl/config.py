@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lambo_ray.errors import LamboInputError, reject_unknown_keys
+from lambo_ray.mec.distribution import ScenarioDistribution
 from lambo_ray.mec.instance import PROMPTS, check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy import SCALES, PolicyConfig, scale_config
@@ -45,27 +46,30 @@ class PretrainConfig:
     # Environment.
     scenario: dict[str, Any] = field(default_factory=dict)  # ScenarioConfig fields; {} = the paper
     drift: str | None = None
+    # A scenario distribution (ScenarioDistribution fields) to train one model for every cell size; when
+    # set, every training / validation instance draws its own scenario and ``scenario`` is its base.
+    scenario_dist: dict[str, Any] | None = None
     prompts: tuple[str, ...] = PROMPTS
-    n_max: int | None = None  # padding; default: the scenario's N and M
+    n_max: int | None = None  # padding; default: the scenario's (or the distribution's largest) N and M
     m_max: int | None = None
     seed: int = 0
     # Validation.
     val_size: int = 16
     val_seed: int = 1_000_003  # far from the training seeds
-    val_expert: str | None = "exact"  # None: objectives only, no gap
+    val_expert: str | None = "exact"  # "exact", "labels" (the label experts, cached) or None: no gap
     val_expert_time_limit: float = 60.0
     eval_every: int = 1
     checkpoint_every: int = 1
-    # Supervised warm start on exact min_energy labels (0 = pure ACRL).
+    # Supervised warm start on expert labels (0 = pure ACRL): instances, each labelled for every prompt
+    # of warm_start_prompts by lambo_ray.rl.labels (exact min_energy MILP with a time limit and
+    # iterated local search), cached in <out>/labels.jsonl.
     warm_start_labels: int = 0
     warm_start_epochs: int = 30
     warm_start_lr: float = 1e-3
-    warm_start_prompts: tuple[str, ...] = ("min_energy",)
-    # Who labels each prompt: exact min_energy labels cost ~0.05 s, exact min_latency labels seconds,
-    # local search's min_latency labels ~0.04 s at a 0.04% gap (benchmarks/results/experts.json).
-    warm_start_experts: dict[str, str] = field(
-        default_factory=lambda: {"min_energy": "exact", "min_latency": "local_search"}
-    )
+    warm_start_prompts: tuple[str, ...] = PROMPTS
+    warm_start_batch_ues: int = 4096  # UE tokens per minibatch (cells of similar size are batched together)
+    label_energy_time_limit: float = 3.0
+    label_kicks: int = 20
     driver_threads: int = 1  # torch threads of the driver, which hosts the learner (notes P3)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,7 @@ class PretrainConfig:
             "train_batch_size",
             "minibatch_size",
             "num_epochs",
+            "warm_start_batch_ues",
             "val_size",
             "eval_every",
             "checkpoint_every",
@@ -104,20 +109,35 @@ class PretrainConfig:
             raise LamboInputError("; ".join(problems), where="pretrain config")
         for p in (*self.prompts, *self.warm_start_prompts):
             check_prompt(p)
-        missing = [p for p in self.warm_start_prompts if p not in self.warm_start_experts]
-        if missing:
+        if self.val_expert not in (None, "exact", "labels"):
             raise LamboInputError(
-                f"warm_start_experts names no expert for {', '.join(missing)}", where="pretrain config"
+                f"val_expert must be exact, labels or null (got {self.val_expert!r})", where="pretrain config"
             )
         sc = self.scenario_config()  # validates the scenario
-        self.n_max = sc.n_ues if self.n_max is None else int(self.n_max)
-        self.m_max = sc.n_servers if self.m_max is None else int(self.m_max)
-        self.env_config()  # validates the padding against the scenario
+        n_big, m_big = self.training_distribution().max_size
+        self.n_max = n_big if self.n_max is None else int(self.n_max)
+        self.m_max = m_big if self.m_max is None else int(self.m_max)
+        if sc.n_ues > self.n_max or sc.n_servers > self.m_max or n_big > self.n_max or m_big > self.m_max:
+            raise LamboInputError(
+                f"padding n_max={self.n_max}, m_max={self.m_max} is smaller than the cells the scenario draws "
+                f"(up to N={n_big}, M={m_big})",
+                where="pretrain config",
+            )
+        self.env_config()  # validates the environment
 
     def scenario_config(self) -> ScenarioConfig:
         from lambo_ray.mec.drift import apply_drift
 
         return apply_drift(ScenarioConfig.from_dict(dict(self.scenario)), self.drift)
+
+    def training_distribution(self) -> ScenarioDistribution:
+        """Where training instances come from: ``scenario_dist`` on top of the scenario, or the scenario
+        itself as a one-point distribution."""
+        base = self.scenario_config().to_dict()
+        if self.scenario_dist is None:
+            return ScenarioDistribution(paper_prob=1.0, base=base)
+        dist = dict(self.scenario_dist)
+        return ScenarioDistribution.from_dict({**dist, "base": {**base, **dist.get("base", {})}})
 
     def policy_config(self) -> PolicyConfig:
         return scale_config(self.scale, **self.policy_overrides)
@@ -126,6 +146,7 @@ class PretrainConfig:
         return MecEnvConfig(
             scenario=dict(self.scenario),
             drift=self.drift,
+            scenario_dist=None if self.scenario_dist is None else self.training_distribution().to_dict(),
             prompts=self.prompts,
             n_max=int(self.n_max),
             m_max=int(self.m_max),

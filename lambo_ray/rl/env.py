@@ -33,6 +33,7 @@ import gymnasium as gym
 import numpy as np
 
 from lambo_ray.errors import LamboInputError
+from lambo_ray.mec.distribution import ScenarioDistribution
 from lambo_ray.mec.drift import apply_drift
 from lambo_ray.mec.evaluator import Evaluation, evaluate
 from lambo_ray.mec.generator import generate
@@ -50,6 +51,7 @@ class MecEnvConfig:
 
     scenario: dict[str, Any] = field(default_factory=dict)  # ScenarioConfig fields (defaults: the paper)
     drift: str | None = None
+    scenario_dist: dict[str, Any] | None = None  # ScenarioDistribution fields: each instance draws a scenario
     prompts: tuple[str, ...] = PROMPTS  # one drawn uniformly per instance
     n_max: int = 50  # padded observation / action sizes
     m_max: int = 4
@@ -67,16 +69,22 @@ class MecEnvConfig:
             raise LamboInputError("instances_per_episode must be >= 1", where="env.instances_per_episode")
         if self.penalty < 0:
             raise LamboInputError("penalty must be >= 0", where="env.penalty")
-        sc = self.scenario_config()
-        if sc.n_ues > self.n_max or sc.n_servers > self.m_max:
+        n_big, m_big = self.distribution().max_size
+        if n_big > self.n_max or m_big > self.m_max:
             raise LamboInputError(
-                f"scenario has N={sc.n_ues}, M={sc.n_servers} but the policy is padded to "
+                f"scenario has up to N={n_big}, M={m_big} but the policy is padded to "
                 f"n_max={self.n_max}, m_max={self.m_max}",
                 where="env",
             )
 
     def scenario_config(self) -> ScenarioConfig:
         return apply_drift(ScenarioConfig.from_dict(dict(self.scenario)), self.drift)
+
+    def distribution(self) -> ScenarioDistribution:
+        """The scenario distribution instances are drawn from (a one-point one without ``scenario_dist``)."""
+        if self.scenario_dist is None:
+            return ScenarioDistribution(paper_prob=1.0, base=self.scenario_config().to_dict())
+        return ScenarioDistribution.from_dict(dict(self.scenario_dist))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -173,7 +181,7 @@ class MecEnv(gym.Env):
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.cfg = MecEnvConfig.from_dict(config or {})
-        self.scenario = self.cfg.scenario_config()
+        self.distribution = self.cfg.distribution()
         self.prompts = list(self.cfg.prompts)
         # RLlib seeds every sub-env with (config.seed + worker_index + i), which collides across
         # workers; mixing the worker index in again makes each (worker, sub-env) stream distinct.
@@ -198,7 +206,7 @@ class MecEnv(gym.Env):
         return self._next_observation(), {}
 
     def _next_observation(self) -> dict[str, np.ndarray]:
-        self.instance = generate(self.scenario, self._rng)
+        self.instance = generate(self.distribution.sample(self._rng), self._rng)
         self.prompt = self.prompts[int(self._rng.integers(len(self.prompts)))]
         return observe(self.instance, self.prompt, self.cfg.n_max, self.cfg.m_max)
 

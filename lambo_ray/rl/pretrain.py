@@ -26,11 +26,11 @@ import torch
 
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import relative_gap
-from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.io import jsonable, swap_in_dir, write_json
 from lambo_ray.policy import LamboPolicy
 from lambo_ray.rl.config import PretrainConfig
+from lambo_ray.rl.labels import build_labels, training_instance
 from lambo_ray.rl.learner import critic_heads
 from lambo_ray.rl.run_dir import (
     LABELS_FILE,
@@ -42,7 +42,7 @@ from lambo_ray.rl.run_dir import (
     TB_DIR,
     check_run_dir,
 )
-from lambo_ray.rl.warm_start import supervised_warm_start
+from lambo_ray.rl.warm_start import label_config, supervised_warm_start
 
 MODULE_ID = "default_policy"
 
@@ -105,6 +105,10 @@ def build_algo_config(cfg: PretrainConfig) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
+def _quiet(_: str) -> None:
+    pass
+
+
 @dataclass
 class ValidationSet:
     """A fixed seeded set of instances, with (optional, cached) expert objectives per prompt."""
@@ -114,11 +118,21 @@ class ValidationSet:
 
     @classmethod
     def build(cls, cfg: PretrainConfig, cache: Path | None) -> ValidationSet:
-        insts = generate_many(cfg.scenario_config(), cfg.val_size, cfg.val_seed)
+        """``val_size`` instances of the training distribution (seed ``val_seed``) and their reference
+        objectives: the exact expert's (``val_expert="exact"``, cached in ``cache``) or the label experts'
+        (``"labels"``, cached beside it as JSONL)."""
+        dist = cfg.training_distribution()
+        insts = [training_instance(dist, cfg.val_seed, i) for i in range(cfg.val_size)]
         if cfg.val_expert is None:
             return cls(insts, None)
+        if cfg.val_expert == "labels":
+            path = (cache or Path(".")).with_suffix(".jsonl")
+            labels = build_labels(dist, cfg.val_seed, cfg.val_size, path, label_config(cfg), cfg.prompts, log=_quiet)
+            by_key = {(lab.index, lab.prompt): lab.objective for lab in labels}
+            objective = {p: [by_key.get((i, p), float("nan")) for i in range(cfg.val_size)] for p in cfg.prompts}
+            return cls(insts, objective)
         key = {
-            "scenario": cfg.scenario_config().to_dict(),
+            "distribution": dist.to_dict(),
             "val_size": cfg.val_size,
             "val_seed": cfg.val_seed,
             "expert": cfg.val_expert,
@@ -161,7 +175,8 @@ def validate(policy: LamboPolicy, vset: ValidationSet, prompts: tuple[str, ...])
             out[f"val/{p}/objective"] = float(obj.mean())
             out[f"val/{p}/feasible"] = float(feas.mean())
             if vset.expert_objective is not None:
-                gaps = [relative_gap(o, ref) for o, ref, f in zip(obj, vset.expert_objective[p], feas) if f]
+                refs = vset.expert_objective[p]
+                gaps = [relative_gap(o, r) for o, r, f in zip(obj, refs, feas) if f and math.isfinite(r)]
                 out[f"val/{p}/gap"] = float(np.mean(gaps)) if gaps else float("nan")
     policy.train(was_training)
     return out
@@ -240,7 +255,7 @@ class Pretrainer:
         if self.cfg.warm_start_labels <= 0 or self.warm_started:
             return {}
         policy = self.policy()
-        metrics = supervised_warm_start(policy, self.cfg)
+        metrics = supervised_warm_start(policy, self.cfg, self.out, log=self._say)
         self.set_policy(policy)
         self.warm_started = True
         metrics.update(validate(self.policy(), self.vset, self.cfg.prompts))
@@ -366,6 +381,12 @@ class Pretrainer:
         return self.out
 
     # -- logging ----------------------------------------------------------------------------------
+    def _say(self, line: str) -> None:
+        if self.progress:
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True).print(line, highlight=False)
+
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self._writer is None:
             from tensorboardX import SummaryWriter

@@ -1,0 +1,106 @@
+"""Iterated local search over assignments: polish starts, then perturb the best and descend again.
+
+The engine behind the policy's ``search`` decode (:mod:`lambo_ray.policy.search`, where the starts are
+the policy's proposals) and behind training labels for cells too large for the exact expert
+(:mod:`lambo_ray.rl.labels`, where the start is the greedy heuristic's decision):
+
+1. every start is made feasible if needed (:func:`~lambo_ray.experts.heuristics.repair`) and polished by
+   best-improvement descent over moves, swaps and ejection chains;
+2. ``kicks`` rounds from the best so far: relocate a few random UEs to random feasible targets, descend
+   again, keep the result if it is better.
+
+Every step stays feasible. Randomness comes only from ``rng``, so the result is deterministic for a
+seed unless ``time_budget_s`` cuts the work short (``budget_hit``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lambo_ray.experts.heuristics import descend, repair
+from lambo_ray.experts.placement import CAP_TOL, Assignment, PlacementTables
+
+KICK_SIZE = 3  # UEs relocated per perturbation
+
+
+@dataclass
+class Clock:
+    """A wall-time budget (None: unlimited)."""
+
+    deadline: float | None
+
+    @classmethod
+    def start(cls, budget_s: float | None) -> Clock:
+        return cls(None if budget_s is None else time.perf_counter() + budget_s)
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+
+    def up(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+
+@dataclass
+class IlsResult:
+    cost: float  # unscaled total cost (PlacementTables.scale * cost = objective)
+    target: np.ndarray
+    winner: str  # label of the start the best came from, or "kick_<n>"
+    polished: int
+    kicks: int
+    budget_hit: bool
+
+
+def kick(a: Assignment, rng: np.random.Generator, size: int = KICK_SIZE) -> None:
+    """Relocate ``size`` random UEs, each to a random target that keeps the assignment feasible."""
+    t = a.tables
+    for i in rng.choice(t.n_ues, size=min(size, t.n_ues), replace=False):
+        i = int(i)
+        p = int(a.target[i])
+        free = 1.0 - a.load
+        if p > 0:
+            free[p - 1] += t.a_min[i, p - 1]
+        ok = np.flatnonzero(np.isfinite(t.a_min[i]) & (t.a_min[i] <= free + CAP_TOL)) + 1
+        options = [q for q in ([0] if t.local_ok[i] else []) + ok.tolist() if q != p]
+        if options:
+            a.move(i, int(rng.choice(options)))
+
+
+def iterated_local_search(
+    tables: PlacementTables,
+    starts: Sequence[tuple[str, np.ndarray]],
+    rng: np.random.Generator,
+    kicks: int,
+    time_budget_s: float | None = None,
+) -> IlsResult | None:
+    """Polish ``starts`` (label, target) in order and perturb the best; None when no start can be made
+    feasible. The first start is always polished, even past the budget's end (descent stops at it)."""
+    clock = Clock.start(time_budget_s)
+    best: tuple[float, np.ndarray, str] | None = None
+    polished = 0
+    for label, target in starts:
+        if polished and clock.up():
+            break
+        a = Assignment(tables, target)
+        if not a.feasible and not repair(a):
+            continue
+        descend(a, chains=True, time_limit=clock.left())
+        polished += 1
+        if best is None or a.cost < best[0]:
+            best = (a.cost, a.target.copy(), label)
+    if best is None:
+        return None
+    done = 0
+    a = Assignment(tables, best[1])
+    while done < kicks and not clock.up():
+        kick(a, rng)
+        descend(a, chains=True, time_limit=clock.left())
+        done += 1
+        if a.cost < best[0] * (1 - 1e-12):
+            best = (a.cost, a.target.copy(), f"kick_{done}")
+        else:
+            a.reset(best[1])
+    return IlsResult(best[0], best[1], best[2], polished, done, clock.up())
