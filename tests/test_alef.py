@@ -261,15 +261,15 @@ def test_imitation_loss_is_the_teacher_forced_likelihood(small_instances):
     """target_ce equals -mean log softmax(logits)[expert target], recomputed from the logits."""
     policy = tiny_policy(3)
     ex = exact_examples(small_instances[:3], "min_latency")
-    from lambo_ray.policy.features import featurize
-    from lambo_ray.policy.masks import claims_from_shares
+    from lambo_ray.policy.features import featurize, label_packing
 
-    batch = featurize([e.instance for e in ex], [e.prompt for e in ex])
-    target = torch.as_tensor(np.stack([e.target for e in ex]))
+    packings = [label_packing(e.instance, e.target) for e in ex]
+    batch = featurize([e.instance for e in ex], [e.prompt for e in ex], packings=packings)
+    # The decoder sees UEs in its decode order: labels are reordered the same way.
+    target = batch.to_decode_order(torch.as_tensor(np.stack([e.target for e in ex])))
     with torch.no_grad():
-        share = torch.as_tensor(np.stack([e.share for e in ex]))
-        claims = claims_from_shares(target, share, batch.amin)  # what the decoder imitates (see finetune)
-        tf = policy.teacher_forced(batch, policy.encode(batch), target, claims)
+        share = batch.to_decode_order(torch.as_tensor(np.stack([e.share for e in ex])))
+        tf = policy.teacher_forced(batch, policy.encode(batch), target, share)
         il = imitation_losses(policy, ex)
     logp = torch.log_softmax(tf.logits, -1).gather(-1, target[..., None])[..., 0]
     assert il.masked_labels == 0

@@ -94,22 +94,17 @@ def test_env_episode_steps_and_rewards_match_reward_parts():
         target = np.zeros(10, dtype=np.int64)
         target[:8] = rng.integers(0, 3, 8)
         share = rng.uniform(0.05, 0.3, 10).astype(np.float32)
-        want = reward_parts(inst, prompt, target[:8], env_fill(target[:8], share[:8]), 0.1)
+        # Actions are per decode position (the observation's order); UE obs["order"][p] gets position p's.
+        order = obs["order"][:8]
+        t_ue, s_ue = np.zeros(8, np.int64), np.zeros(8, np.float32)
+        t_ue[order], s_ue[order] = target[:8], share[:8]
+        want = reward_parts(inst, prompt, t_ue, np.where(t_ue > 0, s_ue.astype(np.float64), 0.0), 0.1)
         obs, r, term, trunc, info = env.step({"target": target, "share": share})
         assert r == pytest.approx(want.reward, abs=1e-12)
         assert info["r_off"] == pytest.approx(want.r_off, abs=1e-12)
         assert info["r_off"] + info["r_alloc"] == pytest.approx(r, abs=1e-12)
         assert not term and trunc == (k == 2)
         assert env.instance is not inst  # a fresh instance after every step
-
-
-def env_fill(target, share):
-    """The policy's output mapping, recomputed here: each used server's shares scaled to sum to 1."""
-    share = np.where(target > 0, share.astype(np.float64), 0.0)
-    out = share.copy()
-    for j in np.unique(target[target > 0]):
-        out[target == j] = share[target == j] / share[target == j].sum()
-    return out
 
 
 def test_env_streams_are_seeded_and_distinct_per_worker():
@@ -169,14 +164,14 @@ def test_teacher_forced_logp_equals_sampling_logp():
     out = module.forward_exploration(batch)
     actions = out[Columns.ACTIONS]
     assert actions["target"].shape == (12, 10) and int(actions["target"][:, 8:].abs().sum()) == 0  # padding
-    # As the learner sees them: float32 shares (RLlib reduces float64), u from the extra outputs.
+    # As the learner sees them: float32 shares (RLlib reduces float64), the share head's sampled fractions
+    # u from the extra outputs (the shares alone do not determine u: they are normalised per server).
     acts32 = {"target": actions["target"].int(), "share": actions["share"].float()}
-    for extra in ({"u": out["u"]}, {}):
-        tr = module.forward_train({**batch, Columns.ACTIONS: acts32, **extra})
-        torch.testing.assert_close(tr["logp_target"], out["logp_target"], atol=1e-4, rtol=0)  # per UE
-        torch.testing.assert_close(tr["logp_share"], out["logp_share"], atol=1e-3 if not extra else 1e-4, rtol=0)
-        total = (tr["logp_target"] + tr["logp_share"]).sum(-1)
-        torch.testing.assert_close(total, out[Columns.ACTION_LOGP], atol=1e-3, rtol=0)
+    tr = module.forward_train({**batch, Columns.ACTIONS: acts32, "u": out["u"]})
+    torch.testing.assert_close(tr["logp_target"], out["logp_target"], atol=1e-4, rtol=0)  # per UE
+    torch.testing.assert_close(tr["logp_share"], out["logp_share"], atol=1e-4, rtol=0)
+    total = (tr["logp_target"] + tr["logp_share"]).sum(-1)
+    torch.testing.assert_close(total, out[Columns.ACTION_LOGP], atol=1e-3, rtol=0)
     assert tr["vf"].shape == (12, 2)
     assert torch.all(tr["entropy_target"] >= 0)
     # Greedy inference is deterministic, sampling is not.

@@ -166,7 +166,6 @@ class Decided:
 def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], chunk: int = 64) -> Decided:
     """Greedy decisions and per-UE entropies of both heads, one encoder pass per instance."""
     from lambo_ray.policy.features import featurize
-    from lambo_ray.policy.masks import fill_capacity
 
     start = time.perf_counter()
     targets, shares, ent_t, ent_s, masks = [], [], [], [], []
@@ -177,9 +176,10 @@ def decide(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequ
             batch = featurize(part, list(prompts[lo : lo + chunk]), n_max=n_max)
             out = policy.decode(batch, policy.encode(batch), "greedy")
             # What users get: the policy's output mapping spreads each server's leftover capacity.
-            share = fill_capacity(out.target, out.share, batch.m_max)
+            share = batch.to_instance_order(out.share)
+            target = batch.to_instance_order(out.target)
             for k, inst in enumerate(part):
-                targets.append(out.target[k, : inst.n_ues].cpu().numpy().astype(np.int64))
+                targets.append(target[k, : inst.n_ues].cpu().numpy().astype(np.int64))
                 shares.append(share[k, : inst.n_ues].double().cpu().numpy())
             ent_t.append(out.entropy_target.double().cpu().numpy())
             ent_s.append(out.entropy_share.double().cpu().numpy())

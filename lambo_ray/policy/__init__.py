@@ -4,8 +4,8 @@ Public API (other modules should import from here):
 
 * :func:`featurize`, :class:`PolicyBatch`, :data:`PROMPT_IDS` -- instances -> padded tensors
 * :class:`PolicyConfig`, :data:`SCALES`, :func:`scale_config`, :func:`count_parameters`
-* :class:`LamboPolicy` (``encode`` / ``decode`` / ``teacher_forced`` / ``pooled``), :func:`fill_capacity`
-  (output mapping) and :func:`claims_from_shares` (its inverse, for expert labels before teacher forcing)
+* :class:`LamboPolicy` (``encode`` / ``decode`` / ``teacher_forced`` / ``pooled``), :func:`output_shares`
+  (share head -> the decision's shares) and :func:`spare_fractions` (its inverse, for expert labels)
 * :func:`decide` and the decode-strategy registry (``greedy``, ``sample``, ``best_of_k``, ``refine``)
 * :func:`save_policy` / :func:`load_policy`, :func:`save_decoder` / :func:`load_decoder`
 """
@@ -23,7 +23,7 @@ from lambo_ray.policy.checkpoint import (
 from lambo_ray.policy.config import SCALES, PolicyConfig, count_parameters, scale_config
 from lambo_ray.policy.decoding import available_strategies, decide
 from lambo_ray.policy.features import FEATURE_VERSION, PROMPT_IDS, PolicyBatch, featurize
-from lambo_ray.policy.masks import claims_from_shares, fill_capacity
+from lambo_ray.policy.masks import output_shares, spare_fractions
 from lambo_ray.policy.model import DecodeOut, Encoded, LamboPolicy, TFOut
 
 __all__ = [
@@ -39,8 +39,8 @@ __all__ = [
     "Encoded",
     "LamboPolicy",
     "TFOut",
-    "claims_from_shares",
-    "fill_capacity",
+    "output_shares",
+    "spare_fractions",
     "available_strategies",
     "decide",
     "load_decoder",

@@ -42,6 +42,19 @@ DECODER_FORMAT = "lambo.decoder/1"
 POLICY_WEIGHTS, POLICY_MANIFEST = "policy.pt", "policy.json"
 DECODER_WEIGHTS, DECODER_MANIFEST = "decoder.pt", "decoder.json"
 DECODER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The default LAMBO-S that ships inside the package (with its model card, MODEL_CARD.md).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "lambo-s"
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint every command uses when no ``--checkpoint`` is given."""
+    if not (DEFAULT_CHECKPOINT / POLICY_MANIFEST).is_file():
+        raise LamboInputError(
+            "no --checkpoint given and the default checkpoint is missing from this installation "
+            f"(expected {DEFAULT_CHECKPOINT.name}/{POLICY_MANIFEST} inside the lambo_ray package)",
+            where="checkpoint",
+        )
+    return DEFAULT_CHECKPOINT
 
 
 # ----------------------------------------------------------------------------------------------

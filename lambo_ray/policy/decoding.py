@@ -16,9 +16,9 @@
 Every mode is feasible by construction whenever the instance has a feasible decision (the decoder's
 look-ahead masks, :mod:`lambo_ray.policy.masks`; the polishing moves never leave the feasible set). An
 instance without one is flagged: ``status: "infeasible"`` and ``infeasible_reason`` in the stats.
-Every decision passes through :func:`fill_capacity` (the policy's output mapping) or optimal shares and
-is scored by :func:`lambo_ray.experts.base.make_decision`: objective and feasibility come from the
-evaluator only.
+Every decision's shares come from the share head through :func:`~lambo_ray.policy.masks.output_shares`
+(refine and search: optimal shares for their targets), and it is scored by
+:func:`lambo_ray.experts.base.make_decision`: objective and feasibility come from the evaluator only.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 from lambo_ray.mec.packing import Packing, infeasible_stats, pack_must_offload
 from lambo_ray.policy.features import PolicyBatch, featurize
-from lambo_ray.policy.masks import fill_capacity
 from lambo_ray.policy.model import Encoded, LamboPolicy
 from lambo_ray.policy.sampling import instance_seed, row_noise
 
@@ -132,7 +131,7 @@ def _batch(policy: LamboPolicy, req: DecodeRequest) -> PolicyBatch:
 
 
 def decode_instances(policy: LamboPolicy, req: DecodeRequest, mode: str) -> list[Candidate]:
-    """One decision per instance (greedy or sampled), batched, shares after :func:`fill_capacity`.
+    """One decision per instance (greedy or sampled), batched.
 
     Sampling noise comes from a per-instance seed (user seed + instance data), so a decision does not
     depend on which other instances share the batch.
@@ -146,7 +145,8 @@ def decode_instances(policy: LamboPolicy, req: DecodeRequest, mode: str) -> list
             seeds = [instance_seed(req.seed, instance_key(inst), "sample") for inst in part.instances]
             noise = row_noise(seeds, [inst.n_ues for inst in part.instances], batch.n_max)
         res = policy.decode(batch, policy.encode(batch), mode=mode, noise=noise)
-        out += _unpad(part.instances, res.target, fill_capacity(res.target, res.share, batch.m_max), res.dead_ue)
+        back = batch.to_instance_order
+        out += _unpad(part.instances, back(res.target), back(res.share), back(res.dead_ue))
     return out
 
 
@@ -154,10 +154,19 @@ def _device(policy: LamboPolicy) -> torch.device:
     return next(policy.parameters()).device
 
 
+AUG_JITTER = 0.2  # std of an augmented copy's position shifts, as a fraction of N
+
+
 def _instance_perms(n: int, n_max: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` permutations of the first ``n`` of ``n_max`` slots (padding stays last), (count, n_max)."""
+    """``count`` permutations of the first ``n`` of ``n_max`` decode positions (padding stays last),
+    (count, n_max): the decode order with jitter, each position shifted by N(0, AUG_JITTER * n). The
+    policy was trained in its decode order, so copies stay close to it while differing enough for
+    diverse samples; server permutations come on top."""
     tail = torch.arange(n, n_max)
-    return torch.stack([torch.cat([torch.randperm(n, generator=generator), tail]) for _ in range(count)])
+    keys = torch.arange(n, dtype=torch.float64)[None] + AUG_JITTER * n * torch.randn(
+        count, n, generator=generator, dtype=torch.float64
+    )
+    return torch.cat([torch.argsort(keys, dim=1), tail.expand(count, -1)], 1)
 
 
 def permute(
@@ -184,10 +193,14 @@ def permute(
         pair=g_srv(g_ue(batch.pair), 2),
         amin=g_srv(g_ue(batch.amin), 2),
         reserve=g_srv(g_ue(batch.reserve), 2),
+        lat_base=g_srv(g_ue(batch.lat_base), 2),
+        sqrt_work=g_srv(g_ue(batch.sqrt_work), 2),
+        local_lat=g_ue(batch.local_lat),
         local_ok=g_ue(batch.local_ok),
         ue_mask=g_ue(batch.ue_mask),
         server_mask=g_srv(batch.server_mask[rows], 1),
         prompt=batch.prompt[rows],
+        order=g_ue(batch.order),
     )
     pe = Encoded(
         ue=g_ue(enc.ue),
@@ -201,17 +214,12 @@ def permute(
 
 
 def unpermute(
-    target: torch.Tensor,
-    share: torch.Tensor,
-    ue_perm: torch.Tensor,
-    srv_perm: torch.Tensor,
+    pb: PolicyBatch, target: torch.Tensor, share: torch.Tensor, srv_perm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Back to the original UE and server numbering."""
+    """Decisions of a :func:`permute`'d batch back to the instances' own UE and server numbering."""
     srv_orig = torch.gather(srv_perm, 1, (target - 1).clamp_min(0)) + 1
-    t_orig_order = torch.where(target > 0, srv_orig, 0)
-    t = torch.zeros_like(target).scatter_(1, ue_perm, t_orig_order)
-    s = torch.zeros_like(share).scatter_(1, ue_perm, share)
-    return t, s
+    target = torch.where(target > 0, srv_orig, 0)
+    return pb.to_instance_order(target), pb.to_instance_order(share)
 
 
 def pick_best(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -256,8 +264,8 @@ def sampled_candidates(policy: LamboPolicy, req: DecodeRequest) -> list[list[Can
         noise = row_noise(seeds, [inst.n_ues for inst in part.instances for _ in range(k)], batch.n_max)
         pb, pe = permute(batch, enc, rows, ue_perm, srv_perm)
         res = policy.decode(pb, pe, mode="sample", noise=noise)
-        t, s = unpermute(res.target, fill_capacity(res.target, res.share, pb.m_max), ue_perm, srv_perm)
-        dead = torch.zeros_like(res.dead_ue).scatter_(1, ue_perm, res.dead_ue)
+        t, s = unpermute(pb, res.target, res.share, srv_perm)
+        dead = pb.to_instance_order(res.dead_ue)
         for c, inst in enumerate(part.instances):
             rows_c = slice(c * k, (c + 1) * k)
             out.append([greedy_c[lo + c], *_unpad([inst] * k, t[rows_c], s[rows_c], dead[rows_c])])

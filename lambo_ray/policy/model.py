@@ -35,10 +35,19 @@ import torch.nn.functional as F
 
 from lambo_ray.policy.config import PolicyConfig
 from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM, PolicyBatch
-from lambo_ray.policy.masks import FIT_RTOL, NEG, allowed_options, categorical_entropy, reserved_after
+from lambo_ray.policy.masks import (
+    FIT_RTOL,
+    NEG,
+    allowed_options,
+    categorical_entropy,
+    future_demand,
+    output_shares,
+    reserved_after,
+    spare_fractions,
+)
 from lambo_ray.policy.sampling import DecodeNoise, batch_noise
 
-N_DYN = 4  # dynamic (MEC state) features per (UE, server): see Decoder.dynamic_features
+N_DYN = 7  # dynamic (MEC state) features per (UE, server): see Decoder.dynamic_features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +68,7 @@ class Encoded:
 @dataclass
 class DecodeOut:
     target: torch.Tensor  # (B, N) long, 0 = local, j = server j; 0 on padding
-    share: torch.Tensor  # (B, N) float64, raw (before fill_capacity); 0 where local / padded
+    share: torch.Tensor  # (B, N) float64, the decision's shares (output_shares); 0 where local / padded
     logp: torch.Tensor  # (B,) sum over real UEs of logp_target + logp_share
     entropy_target: torch.Tensor  # (B, N)
     entropy_share: torch.Tensor  # (B, N), 0 where local / padded
@@ -67,7 +76,7 @@ class DecodeOut:
     dead_ue: torch.Tensor  # (B, N) bool: which UEs were dead ends
     logp_target: torch.Tensor  # (B, N)
     logp_share: torch.Tensor  # (B, N)
-    u: torch.Tensor  # (B, N) the Beta sample behind each share (0.5 where local / padded)
+    u: torch.Tensor  # (B, N) the share head's action: fraction of the server's spare (0.5 where local / padded)
 
 
 @dataclass
@@ -219,6 +228,14 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.norm_ff(x))
 
 
+def latency_marginal(batch: PolicyBatch, load: torch.Tensor) -> torch.Tensor:
+    """(B,Q,M) what UE i would add to the total latency on server j, over its local latency, given the
+    sum of sqrt(work) ``load`` (B,Q,M) already on each server: with optimal shares a server's compute
+    term is (sum_k sqrt w_k)^2, so i adds tx_ij + w_ij + 2 sqrt(w_ij) load_j. The greedy heuristic's own
+    criterion for min_latency (deadlines aside); the decoder could not compute it from shares alone."""
+    return batch.lat_base + 2.0 * load * batch.sqrt_work / batch.local_lat[..., None].clamp_min(1e-9)
+
+
 class Decoder(nn.Module):
     """Shallow decoder + dual head. Works on any number Q of query UEs at once (Q=1 while decoding,
     Q=N under teacher forcing), so both paths run the very same code."""
@@ -257,19 +274,45 @@ class Decoder(nn.Module):
 
     # -- pieces shared by decode and teacher forcing ------------------------------------------
     @staticmethod
-    def dynamic_features(free: torch.Tensor, amin: torch.Tensor) -> torch.Tensor:
-        """(B,Q,M) remaining capacity and minimum shares (float64) -> (B,Q,M,N_DYN) float32."""
+    def dynamic_features(
+        free: torch.Tensor, amin: torch.Tensor, future: torch.Tensor, progress: torch.Tensor, marginal: torch.Tensor
+    ) -> torch.Tensor:
+        """The MEC state as UE i sees it, (B,Q,M,N_DYN) float32, from (B,Q,M) float64 free capacity,
+        minimum shares, future demand (:func:`~lambo_ray.policy.masks.future_demand`) and latency marginal
+        (:func:`latency_marginal`) and the (B,Q) fraction of UEs already decided: free capacity,
+        a_min / free, whether it fits, free - a_min, log(1 + future demand / free), the progress and
+        log(marginal latency / local latency)."""
         finite = torch.isfinite(amin)
         fits = finite & (amin <= free * (1.0 + FIT_RTOL))
         ratio = torch.where(finite & (free > 0), amin / free.clamp_min(1e-12), torch.full_like(amin, 2.0))
         slack = torch.where(finite, free - amin, torch.full_like(amin, -1.0))
-        return torch.stack([free, ratio.clamp(0.0, 2.0), fits.to(free.dtype), slack.clamp(-1.0, 1.0)], -1).float()
+        pressure = torch.log1p(future / free.clamp_min(1e-2)).clamp(0.0, 6.0)
+        return torch.stack(
+            [
+                free,
+                ratio.clamp(0.0, 2.0),
+                fits.to(free.dtype),
+                slack.clamp(-1.0, 1.0),
+                pressure,
+                progress[..., None].expand_as(free).to(free.dtype),
+                torch.log(marginal).clamp(-5.0, 5.0),
+            ],
+            -1,
+        ).float()
 
     def dynamic_servers(
-        self, enc: Encoded, rows: slice | torch.Tensor, free: torch.Tensor, amin: torch.Tensor
+        self,
+        enc: Encoded,
+        rows: slice | torch.Tensor,
+        free: torch.Tensor,
+        amin: torch.Tensor,
+        future: torch.Tensor,
+        progress: torch.Tensor,
+        marginal: torch.Tensor,
     ) -> torch.Tensor:
         """Server tokens carrying the MEC state for query UEs ``rows``: (B, Q, M, d)."""
-        return enc.server[:, None] + enc.pair[:, rows] + self.dyn(self.dynamic_features(free, amin))
+        feats = self.dynamic_features(free, amin, future, progress, marginal)
+        return enc.server[:, None] + enc.pair[:, rows] + self.dyn(feats)
 
     def query(self, enc: Encoded, rows: slice, srv: torch.Tensor) -> torch.Tensor:
         m = enc.server_mask[:, None, :, None].to(srv.dtype)
@@ -359,10 +402,25 @@ class LamboPolicy(nn.Module):
         m = torch.cat([enc.ue_mask, enc.server_mask], 1)[..., None].to(x.dtype)
         return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def _biases(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        ue_bias = torch.where(enc.ue_mask, 0.0, NEG)[:, None, None, :].to(enc.ue.dtype)
+    @staticmethod
+    def biases(enc: Encoded, first: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention biases for query positions ``first .. first + count - 1``: UE keys (B,1,Q,N)
+        open only for real UEs not decided yet (position >= the query's: the decoder attends to what
+        remains, the decisions made so far are in its self-attention), server keys (B,1,1,M)."""
+        n = enc.ue.shape[1]
+        count = n - first if count is None else count
+        pos = torch.arange(n, device=enc.ue.device)
+        remaining = pos[None, :] >= (first + torch.arange(count, device=enc.ue.device))[:, None]  # (Q, N)
+        ue_ok = enc.ue_mask[:, None, None, :] & remaining[None, None]
+        ue_bias = torch.where(ue_ok, 0.0, NEG).to(enc.ue.dtype)
         srv_bias = torch.where(enc.server_mask, 0.0, NEG)[:, None, None, :].to(enc.ue.dtype)
         return ue_bias, srv_bias
+
+    @staticmethod
+    def progress(batch: PolicyBatch) -> torch.Tensor:
+        """(B, N) fraction of the instance's UEs decided before each position."""
+        n_real = batch.ue_mask.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
+        return torch.arange(batch.n_max, dtype=torch.float64, device=batch.amin.device)[None] / n_real
 
     # -- autoregressive decoding ----------------------------------------------------------------
     def decode(
@@ -393,10 +451,11 @@ class LamboPolicy(nn.Module):
         formulas teacher forcing uses."""
         from lambo_ray.policy import fast_decode
 
-        logits, allowed, target, share, u, ab = fast_decode.run(self, batch, enc, noise)
+        logits, allowed, target, u, ab = fast_decode.run(self, batch, enc, noise)
         real = batch.ue_mask
         off = target > 0
         u = torch.where(off, u, 0.5)
+        share = output_shares(target, u, batch.amin)
         lp_t = torch.where(real, torch.gather(torch.log_softmax(logits, -1), -1, target[..., None])[..., 0], 0.0)
         ent_t = torch.where(real, categorical_entropy(logits, allowed), 0.0)
         beta = torch.distributions.Beta(ab[..., 0], ab[..., 1], validate_args=False)
@@ -425,37 +484,42 @@ class LamboPolicy(nn.Module):
         share: torch.Tensor,
         u: torch.Tensor | None = None,
     ) -> TFOut:
-        """Log-probs and entropies of given decisions in one parallel pass (causal mask).
+        """Log-probs and entropies of given decisions (in decode order) in one parallel pass.
 
-        The remaining capacity before UE i is 1 minus the exclusive cumulative sum of earlier shares
-        on each server. ``u`` (the Beta samples) may be passed to skip inverting the share map; it is
-        recovered from ``share`` otherwise (exact when ``share`` is the float64 decode output).
+        The capacity held before UE i is the exclusive cumulative sum of earlier minimum shares on each
+        server. ``u`` (the share head's sampled fractions) may be passed, as RL does; otherwise it is
+        recovered from ``share`` by :func:`~lambo_ray.policy.masks.spare_fractions` (expert labels).
         """
         dec, eps = self.decoder, self.cfg.share_eps
         b, n, m = batch.batch_size, batch.n_max, batch.m_max
-        target = target.long()
-        share = share.double()
         real = batch.ue_mask
-        target = torch.where(real, target, 0)
+        target = torch.where(real, target.long(), 0)
         off = target > 0
-        share = torch.where(off, share, 0.0)
-        used = F.one_hot(target, m + 1)[..., 1:].double() * share[..., None]  # (B,N,M)
-        rem = torch.where(batch.server_mask, 1.0, 0.0).double()[:, None, :] - (used.cumsum(1) - used)
+        if u is None:
+            u = spare_fractions(target, share, batch.amin)
+        u = torch.where(off, u.double().clamp(eps, 1.0 - eps), 0.5)
+        onehot = F.one_hot(target, m + 1)[..., 1:].double()  # (B,N,M)
+        held = onehot * torch.where(torch.isfinite(batch.amin), batch.amin, 0.0)
+        rem = torch.where(batch.server_mask, 1.0, 0.0).double()[:, None, :] - (held.cumsum(1) - held)
         free = rem - reserved_after(batch.reserve)
+        on_srv = onehot * batch.sqrt_work
+        marginal = latency_marginal(batch, on_srv.cumsum(1) - on_srv)
         rows = slice(0, n)
-        srv = dec.dynamic_servers(enc, rows, free, batch.amin)
+        srv = dec.dynamic_servers(
+            enc, rows, free, batch.amin, future_demand(batch.amin), self.progress(batch), marginal
+        )
         x = dec.query(enc, rows, srv)
         tokens = torch.cat(
             [
                 dec.bos.to(x.dtype).expand(b, 1, -1),
-                dec.decision_tokens(enc, slice(0, n - 1), target[:, :-1], share[:, :-1]),
+                dec.decision_tokens(enc, slice(0, n - 1), target[:, :-1], torch.where(off, u, 0.0)[:, :-1]),
             ],
             1,
         )
         mems = [layer.memory_kv(tokens) for layer in dec.layers]
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         mem_bias = torch.where(causal, 0.0, NEG).to(x.dtype)[None, None]
-        ue_bias, srv_bias = self._biases(enc)
+        ue_bias, srv_bias = self.biases(enc)
         ue_kvs = [layer.ue_kv(enc.ue) for layer in dec.layers]
         g = dec.run_layers(x, mems, mem_bias, ue_kvs, ue_bias, srv, srv_bias)
         allowed, _ = allowed_options(free, batch.amin, batch.local_ok, batch.server_mask, real)
@@ -464,14 +528,7 @@ class LamboPolicy(nn.Module):
         lp_t = torch.where(real, torch.gather(logp_all, -1, target[..., None])[..., 0], 0.0)
         ent_t = torch.where(real, categorical_entropy(logits, allowed), 0.0)
         beta = dec.beta(g, srv, target)
-        if u is None:
-            j = (target - 1).clamp_min(0)
-            lo = torch.gather(batch.amin, 2, j[..., None])[..., 0]
-            hi = torch.gather(free, 2, j[..., None])[..., 0]
-            safe = off & torch.isfinite(lo) & (hi > lo)
-            u = torch.where(safe, (share - torch.where(safe, lo, 0.0)) / torch.where(safe, hi - lo, 1.0), 0.5)
-        u = torch.where(off, u.float().clamp(eps, 1.0 - eps), 0.5)
-        lp_s = torch.where(off, beta.log_prob(u), 0.0)
+        lp_s = torch.where(off, beta.log_prob(u.float()), 0.0)
         ent_s = torch.where(off, beta.entropy(), 0.0)
         return TFOut(logp_target=lp_t, logp_share=lp_s, entropy_target=ent_t, entropy_share=ent_s, logits=logits)
 

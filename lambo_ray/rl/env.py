@@ -57,7 +57,6 @@ class MecEnvConfig:
     m_max: int = 4
     instances_per_episode: int = 64
     penalty: float = 0.1  # per violation: penalty * (1 + relative size)
-    fill_capacity: bool = True  # score the decision users get: the policy's output mapping fills servers
     seed: int = 0  # combined with RLlib's reset seed and the worker index
 
     def __post_init__(self) -> None:
@@ -208,16 +207,21 @@ class MecEnv(gym.Env):
     def _next_observation(self) -> dict[str, np.ndarray]:
         self.instance = generate(self.distribution.sample(self._rng), self._rng)
         self.prompt = self.prompts[int(self._rng.integers(len(self.prompts)))]
-        return observe(self.instance, self.prompt, self.cfg.n_max, self.cfg.m_max)
+        obs = observe(self.instance, self.prompt, self.cfg.n_max, self.cfg.m_max)
+        self._order = obs["order"]
+        return obs
 
     def step(self, action: dict[str, np.ndarray]):
         if self.instance is None:
             raise RuntimeError("step() before reset()")
         n = self.instance.n_ues
-        target = np.asarray(action["target"], dtype=np.int64)[:n]
-        share = np.where(target > 0, np.asarray(action["share"], dtype=np.float64)[:n], 0.0)
-        if self.cfg.fill_capacity:
-            share = fill_shares(target, share, self.instance.n_servers)
+        # Actions come per decode position (the observation's order); the evaluator wants UE order.
+        order = self._order[:n]
+        target = np.zeros(n, dtype=np.int64)
+        target[order] = np.asarray(action["target"], dtype=np.int64)[:n]
+        share = np.zeros(n)
+        share[order] = np.asarray(action["share"], dtype=np.float64)[:n]
+        share = np.where(target > 0, share, 0.0)
         parts = reward_parts(self.instance, self.prompt, target, share, self.cfg.penalty)
         info = {
             INFO_R_OFF: parts.r_off,
@@ -230,20 +234,6 @@ class MecEnv(gym.Env):
         self._k += 1
         truncated = self._k >= self.cfg.instances_per_episode
         return self._next_observation(), parts.reward, False, truncated, info
-
-
-def fill_shares(target: np.ndarray, share: np.ndarray, n_servers: int) -> np.ndarray:
-    """The policy's output mapping (:func:`lambo_ray.policy.fill_capacity`): leftover capacity of each
-    used server spread over its UEs in proportion to their shares. Scoring the mapped decision makes the
-    reward that of the decision the deployed policy hands out."""
-    import torch
-
-    from lambo_ray.policy import fill_capacity
-
-    out = fill_capacity(
-        torch.as_tensor(target, dtype=torch.long), torch.as_tensor(share, dtype=torch.float64), n_servers
-    )
-    return out.numpy()
 
 
 def observe(inst: Instance, prompt: str, n_max: int, m_max: int) -> dict[str, np.ndarray]:
