@@ -70,6 +70,13 @@ class PretrainConfig:
     warm_start_batch_ues: int = 4096  # UE tokens per minibatch (cells of similar size are batched together)
     label_energy_time_limit: float = 3.0
     label_kicks: int = 20
+    # Self-imitation after the warm start (lambo_ray.rl.self_imitation): rounds of fresh instances labelled
+    # by the policy's own search, then more epochs on all labels.
+    self_imitation_rounds: int = 0
+    self_imitation_instances: int = 256
+    self_imitation_k: int = 8
+    self_imitation_epochs: int = 5
+    self_imitation_lr_scale: float = 0.3
     driver_threads: int = 1  # torch threads of the driver, which hosts the learner (notes P3)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,9 @@ class PretrainConfig:
             "minibatch_size",
             "num_epochs",
             "warm_start_batch_ues",
+            "self_imitation_instances",
+            "self_imitation_k",
+            "self_imitation_epochs",
             "val_size",
             "eval_every",
             "checkpoint_every",
@@ -99,8 +109,8 @@ class PretrainConfig:
         ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.num_env_runners < 0 or self.warm_start_labels < 0:
-            problems.append("num_env_runners and warm_start_labels must be >= 0")
+        if self.num_env_runners < 0 or self.warm_start_labels < 0 or self.self_imitation_rounds < 0:
+            problems.append("num_env_runners, warm_start_labels and self_imitation_rounds must be >= 0")
         if self.minibatch_size > self.train_batch_size:
             problems.append(f"minibatch_size {self.minibatch_size} > train_batch_size {self.train_batch_size}")
         if not (self.lr > 0 and self.warm_start_lr > 0):

@@ -83,7 +83,8 @@ def label_instance(inst: Instance, prompt: str, cfg: LabelConfig, seed: int = 0)
     use_exact = limit > 0 and inst.n_ues <= max_ues
     if use_exact:
         d = get_expert("exact").solve(inst, prompt, limit)
-        if d.stats["feasible"] and (best is None or d.objective < best[1]):
+        # Ties go to the exact expert: its label carries a certificate (status, gap).
+        if d.stats["feasible"] and (best is None or d.objective <= best[1] * (1 + 1e-12)):
             source = "exact" if d.stats.get("proven_optimal") else "exact_time_limit"
             best = (d.target, float(d.objective), source, d.stats.get("gap"))
     if best is None:

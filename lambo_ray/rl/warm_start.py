@@ -136,14 +136,18 @@ def supervised_warm_start(
     policy: LamboPolicy, cfg: PretrainConfig, run_dir: str | Path, log: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Label ``warm_start_labels`` instances of the training distribution for every warm-start prompt
-    (cached in ``run_dir``), then imitate them; returns the first and last epoch's mean loss."""
+    (cached in ``run_dir``), imitate them, then run the self-imitation rounds; returns the first and last
+    epoch's mean loss."""
+    from lambo_ray.rl.self_imitation import self_imitation
+
     labels = warm_start_labels(cfg, run_dir, log)
     examples = examples_from_labels(cfg, labels, cfg.seed + LABEL_SEED_OFFSET)
     losses = train_on_examples(
         policy, examples, cfg.warm_start_epochs, cfg.warm_start_lr, cfg.warm_start_batch_ues, cfg.seed, log
     )
-    return {
+    metrics = {
         "warm_start/labels": float(len(examples)),
         "warm_start/nll_first_epoch": losses[0] if losses else float("nan"),
         "warm_start/nll_last_epoch": losses[-1] if losses else float("nan"),
     }
+    return metrics | self_imitation(policy, cfg, examples, log)
