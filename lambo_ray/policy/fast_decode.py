@@ -38,7 +38,8 @@ from lambo_ray.policy.sampling import DecodeNoise, beta_from_noise, categorical_
 
 if TYPE_CHECKING:
     from lambo_ray.policy.features import PolicyBatch
-    from lambo_ray.policy.model import Decoder, DecoderLayer, Encoded, LamboPolicy
+    from lambo_ray.policy.layers import DecoderLayer
+    from lambo_ray.policy.model import Decoder, Encoded, LamboPolicy
 
 
 class LayerWeights(NamedTuple):
