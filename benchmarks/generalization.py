@@ -43,7 +43,7 @@ from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS, Decision, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.references import JsonlLog, Reference, ReferenceCache, instance_digest
-from lambo_ray.results import print_table, run_metadata, write_results
+from lambo_ray.results import print_table, write_results
 
 GRID_N = (20, 50, 100, 200)
 GRID_M = (2, 4, 8)
@@ -183,19 +183,32 @@ def run_one(runner: Runner, inst: Instance, prompt: str) -> dict[str, Any]:
     }
 
 
+def source_digest() -> str:
+    """sha256 of every Python source file of the lambo_ray package (committed or not)."""
+    import lambo_ray
+
+    h = hashlib.sha256()
+    root = Path(lambo_ray.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root)}|".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class RunCache:
     """Per-instance results of the methods, so an interrupted benchmark resumes where it stopped.
 
     A result is reused only under the same key: method, decode settings, policy fingerprint (LAMBO),
-    the code's git revision, and the instance's digest and prompt."""
+    a digest of the package's source (so an edited decoder or baseline is rerun, while edits to the
+    benchmark, tests or docs keep the cache), and the instance's digest and prompt."""
 
-    def __init__(self, path: Path, revision: str | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.log = JsonlLog(path, RUNS_FORMAT)
-        self.revision = revision
+        self.code = source_digest()
         self.records: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def run_key(self, method: str, settings: DecodeSettings, fingerprint: str | None) -> str:
-        doc = {"method": method, "rev": self.revision, "settings": dataclasses.asdict(settings)}
+        doc = {"method": method, "code": self.code, "settings": dataclasses.asdict(settings)}
         if method in LAMBO_MODES:
             doc["policy"] = fingerprint
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -391,7 +404,7 @@ def benchmark_rows(
 ) -> list[dict[str, Any]]:
     """Every method on every cell and prompt, with the exact expert's row first; results cached per instance."""
     settings = DecodeSettings(args.k, args.search_budget, args.decode_seed)
-    runs = RunCache(args.runs_cache, run_metadata()["git_revision"])
+    runs = RunCache(args.runs_cache)
     policy, info = lambo if lambo is not None else (None, {})
     rows = []
     for cell in cells:
