@@ -142,11 +142,8 @@ class JsonlLog:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            os.lseek(fd, 0, os.SEEK_SET)
-            data = os.read(fd, size) if size else b""
-            keep = data.rfind(b"\n") + 1
-            if keep < size:
+            keep = _whole_lines(fd)
+            if keep < os.fstat(fd).st_size:
                 os.ftruncate(fd, keep)
             if keep == 0:
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -156,6 +153,14 @@ class JsonlLog:
             os.fsync(fd)
         finally:
             os.close(fd)  # releases the lock
+
+
+def _whole_lines(fd: int) -> int:
+    """Length of the file up to and including its last newline (the whole file when it ends in one)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    return os.pread(fd, size, 0).rfind(b"\n") + 1
 
 
 class ReferenceCache:

@@ -104,3 +104,13 @@ def test_foreign_file_or_directory_is_an_input_error(tmp_path):
 def test_unknown_prompt_is_an_input_error(tmp_path, insts):
     with pytest.raises(LamboInputError, match="unknown prompt"):
         ReferenceCache(tmp_path / "refs.jsonl", time_limit=10.0).get(insts[0], "min_cost")
+
+
+def test_torn_header_is_rewritten(tmp_path):
+    path = tmp_path / "refs.jsonl"
+    path.write_text('{"format": "lambo.refer')  # killed while writing the very first line
+    cache = ReferenceCache(path, time_limit=20.0)
+    assert cache.entries == {}
+    cache.add(_ref())
+    assert [json.loads(x) for x in path.read_text().splitlines()][0] == {"format": REFERENCES_FORMAT}
+    assert ReferenceCache(path, time_limit=5.0).entries == {_ref().key: _ref()}
