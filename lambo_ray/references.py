@@ -14,12 +14,15 @@ instead of silently stale references.
 
 File format: JSONL, a header line ``{"format": "lambo.references/1"}`` then one reference per line.
 Lines are appended under an exclusive ``flock`` in one ``write`` and fsync'ed, so a background job and
-a benchmark may share one cache; a torn last line (a killed writer) is cut off by the next writer, and
-readers skip it. A process picks up lines other processes appended each time it looks a key up.
+a benchmark may share one cache (a per-key lock file beside it makes the second one wait for the
+first one's result instead of solving the same instance again); a torn last line (a killed writer)
+is cut off by the next writer, and readers skip it. A process picks up lines other processes
+appended each time it looks a key up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,9 +204,27 @@ class ReferenceCache:
         ref = self.get(inst, prompt)
         if ref is not None:
             return ref, True
-        ref = self.solve(inst, prompt)
-        self.add(ref)
+        with self._claim(self.key(inst, prompt)):  # another process solving it: wait, then read its result
+            ref = self.get(inst, prompt)
+            if ref is not None:
+                return ref, True
+            ref = self.solve(inst, prompt)
+            self.add(ref)
         return ref, False
+
+    @contextlib.contextmanager
+    def _claim(self, key: tuple[str, str, float, str]) -> Iterator[None]:
+        """An exclusive lock on one key (a lock file beside the cache), so two processes sharing the
+        cache never spend minutes solving the same instance twice."""
+        lock_dir = self.path.with_name(self.path.name + ".locks")
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+        fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def solve(self, inst: Instance, prompt: str) -> Reference:
         """Run the exact expert (not cached; :meth:`get_or_solve` caches)."""

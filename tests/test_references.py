@@ -114,3 +114,36 @@ def test_torn_header_is_rewritten(tmp_path):
     cache.add(_ref())
     assert [json.loads(x) for x in path.read_text().splitlines()][0] == {"format": REFERENCES_FORMAT}
     assert ReferenceCache(path, time_limit=5.0).entries == {_ref().key: _ref()}
+
+
+def test_a_second_process_waits_for_the_first_ones_solve(tmp_path, insts, monkeypatch):
+    import threading
+
+    path = tmp_path / "refs.jsonl"
+    started, release, calls = threading.Event(), threading.Event(), []
+    real_solve = ReferenceCache.solve
+
+    def slow_solve(self, inst, prompt):
+        calls.append(prompt)
+        started.set()
+        release.wait(10)
+        return real_solve(self, inst, prompt)
+
+    monkeypatch.setattr(ReferenceCache, "solve", slow_solve)
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.update(a=ReferenceCache(path, 20.0).get_or_solve(insts[0], "min_energy"))
+    )
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(
+        target=lambda: results.update(b=ReferenceCache(path, 20.0).get_or_solve(insts[0], "min_energy"))
+    )
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting on the first one's claim, not solving
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert calls == ["min_energy"]
+    assert results["a"] == (results["b"][0], False) and results["b"][1] is True
