@@ -88,6 +88,22 @@ def grid_cells(ns: Sequence[int], ms: Sequence[int], drifts: Sequence[str], base
     return cells
 
 
+def cell_references(
+    cell: Cell, prompt: str, instances: Sequence[Instance], cache: ReferenceCache, log: Callable[[str], None]
+) -> list[Reference]:
+    """Exact references of one cell and prompt: read back from the cache, solved (and cached) if missing."""
+    refs = []
+    for idx, inst in enumerate(instances):
+        ref, cached = cache.get_or_solve(inst, prompt)
+        refs.append(ref)
+        if not cached:
+            log(
+                f"reference {cell.label} {prompt} #{idx}: {ref.status} ({ref.kind}) "
+                f"gap {_pct(ref.gap)} in {ref.wall_s:.1f} s"
+            )
+    return refs
+
+
 def compute_references(
     cells: Sequence[Cell],
     prompts: Sequence[str],
@@ -95,25 +111,13 @@ def compute_references(
     cache: ReferenceCache,
     log: Callable[[str], None] = print,
 ) -> dict[tuple[str, str], list[Reference]]:
-    """Exact references of every cell and prompt, cheapest cells first; cached ones are read back."""
-    out: dict[tuple[str, str], list[Reference]] = {}
-    total = len(cells) * len(prompts) * count
-    done = 0
+    """Exact references of every cell and prompt, cheapest cells first (so a stopped run has the most)."""
+    out = {}
     for cell in sorted(cells, key=lambda c: (c.cost, c.label)):
         instances = cell.instances(count)
         for prompt in prompts:
-            refs = []
-            for idx, inst in enumerate(instances):
-                ref, cached = cache.get_or_solve(inst, prompt)
-                refs.append(ref)
-                done += 1
-                if not cached:
-                    log(
-                        f"reference {done}/{total} {cell.label} {prompt} #{idx}: {ref.status} ({ref.kind}) "
-                        f"gap {_pct(ref.gap)} in {ref.wall_s:.1f} s"
-                    )
-            out[(cell.label, prompt)] = refs
-    log(f"references: all {total} in {cache.path}")
+            out[(cell.label, prompt)] = cell_references(cell, prompt, instances, cache, log)
+        log(f"references: {cell.label} done ({len(out) * count} of {len(cells) * len(prompts) * count})")
     return out
 
 
@@ -398,11 +402,13 @@ def warm_up(policy: Any, inst: Instance) -> None:
 def benchmark_rows(
     cells: Sequence[Cell],
     args: argparse.Namespace,
+    cache: ReferenceCache,
     refs: dict[tuple[str, str], list[Reference]],
     lambo: tuple[Any, dict[str, Any]] | None,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Every method on every cell and prompt, with the exact expert's row first; results cached per instance."""
+    """Every method on every cell and prompt, exact first (its references cached as they come, cell by cell,
+    so results flow before the largest cells are solved); method results cached per instance."""
     settings = DecodeSettings(args.k, args.search_budget, args.decode_seed)
     runs = RunCache(args.runs_cache)
     policy, info = lambo if lambo is not None else (None, {})
@@ -413,7 +419,7 @@ def benchmark_rows(
         if policy is not None:
             warm_up(policy, instances[0])
         for prompt in args.prompts:
-            cell_refs = refs[(cell.label, prompt)]
+            cell_refs = refs[(cell.label, prompt)] = cell_references(cell, prompt, instances, cache, log)
             rows.append(exact_row(cell, prompt, reference_records(instances, cell_refs, prompt), cell_refs))
             for method in args.methods:
                 key = runs.run_key(method, settings, info.get("fingerprint"))
@@ -548,8 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = grid_cells(args.n_ues, args.n_servers, args.drifts, args.seed)
     cache = ReferenceCache(args.cache, args.exact_time_limit)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    refs = compute_references(cells, args.prompts, args.count, cache, log=log)
     if args.references_only:
+        compute_references(cells, args.prompts, args.count, cache, log=log)
         return 0
     lambo = None
     if any(m in LAMBO_MODES for m in args.methods):
@@ -558,7 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(1)  # decision times comparable with the single-threaded baselines
         lambo = load_lambo(args.checkpoint)
     load_before = os.getloadavg()
-    rows = benchmark_rows(cells, args, refs, lambo, log)
+    refs: dict[tuple[str, str], list[Reference]] = {}  # filled cell by cell (references cached as they come)
+    rows = benchmark_rows(cells, args, cache, refs, lambo, log)
     checks = acceptance_checks(rows)
     print_table(rows, TABLE_COLUMNS, title=f"Generalization: {args.count} instances per cell")
     print_table(checks, ["check", "target", "worst", "pass"], title="Acceptance targets")
