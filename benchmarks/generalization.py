@@ -135,6 +135,7 @@ LAMBO_MODES: dict[str, tuple[str, bool]] = {  # method -> (decode mode, heuristi
 EXPERTS = ("local_search", "greedy", "de")
 METHODS = (*LAMBO_MODES, *EXPERTS)
 RUNS_FORMAT = "lambo.generalization-runs/1"
+RECORD_VERSION = 2  # bump when run_one records more: older records are then recomputed
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ def run_one(runner: Runner, inst: Instance, prompt: str) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": cpu,
         "budget_hit": bool(d.stats.get("budget_hit", False)),
+        "fallback": d.stats.get("fallback"),  # DE: no feasible individual, the greedy decision returned
     }
 
 
@@ -212,7 +214,7 @@ class RunCache:
         self.records: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def run_key(self, method: str, settings: DecodeSettings, fingerprint: str | None) -> str:
-        doc = {"method": method, "code": self.code, "settings": dataclasses.asdict(settings)}
+        doc = {"method": method, "code": self.code, "record": RECORD_VERSION, "settings": dataclasses.asdict(settings)}
         if method in LAMBO_MODES:
             doc["policy"] = fingerprint
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -278,6 +280,7 @@ def summarize(cell: Cell, prompt: str, method: str, records: list[dict], refs: l
         "decision_ms": 1000 * float(np.mean([r["wall_s"] for r in records])),
         "decision_cpu_ms": _ms(_mean([r["cpu_s"] for r in records])),
         "budget_hits": int(sum(r["budget_hit"] for r in records)),
+        "fallbacks": int(sum(bool(r.get("fallback")) for r in records)),
         "instances": len(records),
         "gaps_over": len(gaps),
     }
@@ -478,6 +481,7 @@ TABLE_COLUMNS = [
     "decision_ms",
     "decision_cpu_ms",
     "budget_hits",
+    "fallbacks",
     "proven_optimal",
     "reference",
 ]

@@ -32,6 +32,8 @@ TIME_CELLS = ("N20-M4", "N50-M4", "N100-M4", "N200-M4", "N200-M8")
 def _gap_text(row: dict[str, Any]) -> str:
     """The mean gap, with the feasible count when some decisions were infeasible."""
     text = "-" if row.get("gap_pct") is None else f"{row['gap_pct']:.2f}"
+    if row.get("fallbacks"):
+        text += f" ({row['fallbacks']}/{row['instances']} greedy fallback)"
     if row["feasible_rate"] < 1:
         text += f" ({round(row['feasible_rate'] * row['instances'])}/{row['instances']} feasible)"
     return text
@@ -81,7 +83,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{s['exact_time_limit_s']:g} s; best-of-k and search with k = {s['k']}; search polishing budget "
         f"{s['search_budget_s']:g} s per instance; one torch thread.\n",
         "Gap (%) to the reference, over feasible decisions: the exact optimum where the exact expert proved "
-        "it, else its certified lower bound (`k opt, j bound`: then the gap is an upper bound on the true gap).\n",
+        "it, else its certified lower bound (`k opt, j bound`: then the gap is an upper bound on the true gap). "
+        "`greedy fallback`: DE found no feasible individual within its budget and returned the greedy "
+        "heuristic's decision.\n",
         "**Acceptance targets**\n",
         markdown_table(checks_table(doc["checks"])),
         "**Gap to the reference (%)**\n",
