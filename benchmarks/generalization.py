@@ -135,7 +135,7 @@ LAMBO_MODES: dict[str, tuple[str, bool]] = {  # method -> (decode mode, heuristi
 EXPERTS = ("local_search", "greedy", "de")
 METHODS = (*LAMBO_MODES, *EXPERTS)
 RUNS_FORMAT = "lambo.generalization-runs/1"
-RECORD_VERSION = 2  # bump when run_one records more: older records are then recomputed
+RECORD_VERSION = 3  # bump when run_one records more: older records are then recomputed
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,7 @@ def run_one(runner: Runner, inst: Instance, prompt: str) -> dict[str, Any]:
         "cpu_s": cpu,
         "budget_hit": bool(d.stats.get("budget_hit", False)),
         "fallback": d.stats.get("fallback"),  # DE: no feasible individual, the greedy decision returned
+        "load1": os.getloadavg()[0],  # how busy the machine was: wall times depend on it
     }
 
 
@@ -281,6 +282,7 @@ def summarize(cell: Cell, prompt: str, method: str, records: list[dict], refs: l
         "decision_cpu_ms": _ms(_mean([r["cpu_s"] for r in records])),
         "budget_hits": int(sum(r["budget_hit"] for r in records)),
         "fallbacks": int(sum(bool(r.get("fallback")) for r in records)),
+        "load_avg": _mean([r.get("load1") for r in records]),
         "instances": len(records),
         "gaps_over": len(gaps),
     }
@@ -391,6 +393,7 @@ def load_lambo(checkpoint: Path | None) -> tuple[Any, dict[str, Any]]:
     policy, _ = load_policy(directory)
     manifest = read_manifest(directory)
     info = {k: manifest.get(k) for k in ("scale", "fingerprint", "n_params", "feature_version")}
+    info["note"] = (manifest.get("meta") or {}).get("note")  # e.g. what a smoke-check checkpoint is
     return policy, {"path": str(checkpoint), **info}
 
 
@@ -583,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_threads": 1,
         "load_avg_before": load_before,
         "load_avg_after": os.getloadavg(),
+        "load_avg_during_decisions": _mean([r["load_avg"] for r in rows if r["method"] != "exact"]),
     }
     checkpoint = lambo[1] if lambo else None
     refs_doc = reference_summary(cells, args.prompts, args.count, refs)
