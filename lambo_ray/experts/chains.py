@@ -62,7 +62,7 @@ def _server_bounds(a: Assignment, j: int) -> tuple[np.ndarray, np.ndarray, np.nd
     a_k = t.a_min[ks]  # (K, M)
     fits_j = np.isfinite(a_in)[:, None] & (a.load[s] - a_k[None, :, s] + a_in[:, None] <= 1.0 + CAP_TOL)
     # Where k can go: local, or server l with room (i's own server p gets i's share back).
-    load = np.broadcast_to(a.load, (ins.size, m)).copy()
+    load = np.array(np.broadcast_to(a.load, (ins.size, m)), dtype=float)
     rows = np.flatnonzero(p > 0)
     load[rows, ps[rows]] -= t.a_min[ins[rows], ps[rows]]
     fits_l = np.isfinite(a_k)[None] & (load[:, None, :] + a_k[None] <= 1.0 + CAP_TOL)  # (I, K, M)

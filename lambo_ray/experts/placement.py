@@ -147,8 +147,8 @@ class Assignment:
         off = self.target > 0
         srv = self.target[off] - 1
         rows = np.flatnonzero(off)
-        self.load = np.bincount(srv, weights=t.a_min[rows, srv], minlength=m)
-        self.sw_sum = np.bincount(srv, weights=t.sqrt_work[rows, srv], minlength=m)
+        self.load = np.bincount(srv, weights=t.a_min[rows, srv], minlength=m).astype(float)  # int64 when empty
+        self.sw_sum = np.bincount(srv, weights=t.sqrt_work[rows, srv], minlength=m).astype(float)
 
     @property
     def cost(self) -> float:

@@ -195,14 +195,16 @@ def _compute(
     import ray
 
     chunks = [todo[k : k + cfg.chunk] for k in range(0, len(todo), cfg.chunk)]
-    if not ray.is_initialized():
+    # Inline without Ray, or when no CPU is free (e.g. a run's env runners hold them all): a task that
+    # cannot be scheduled would only wait for its deadline.
+    if not ray.is_initialized() or ray.available_resources().get("CPU", 0.0) < 1.0:
         for k, chunk in enumerate(chunks):
             cache.add(label_chunk(dist, seed, chunk, cfg))
             log(f"labels: {min((k + 1) * cfg.chunk, len(todo))}/{len(todo)}")
         return
     task = ray.remote(num_cpus=1, max_retries=1)(label_chunk)
     limit = 2 * (cfg.energy_exact_time_limit + cfg.latency_exact_time_limit) + cfg.task_grace_s
-    width = max(1, int(ray.available_resources().get("CPU", 1)))
+    width = max(1, int(ray.available_resources().get("CPU", 1.0)))
     pending = list(chunks)
     running: dict[Any, tuple[list[tuple[int, str]], float]] = {}
     done = 0
