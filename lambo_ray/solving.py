@@ -86,7 +86,7 @@ class SolveOptions:
 
     def record(self) -> dict[str, Any]:
         """The options as plain JSON values; paths resolved so a move of the working directory is seen."""
-        out = asdict(self)
+        out = {**asdict(self), "batch": self.batch}
         for key in ("checkpoint", "decoder"):
             if out[key] is not None:
                 out[key] = str(Path(out[key]).expanduser().resolve())

@@ -107,12 +107,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_file(small_file, t
     assert not part_path(cut).exists() and not run_path(cut).exists()
 
 
-def _record_of(inp: Path, method: str, seed: int) -> str:
+def _record_of(inp: Path, method: str, seed: int, **options) -> str:
     """The run record `lambo solve` writes for these parameters (captured from a run that is stopped)."""
     from lambo_ray.mec.io import file_digest
     from lambo_ray.solving import SolveOptions
 
-    opts = SolveOptions(method=method, prompt="min_latency", seed=seed)
+    opts = SolveOptions(method=method, prompt="min_latency", seed=seed, **options)
     record = {**opts.record(), "input_path": str(inp.resolve()), "input_sha256": file_digest(inp)}
     record["instances"] = sum(1 for line in inp.read_text().splitlines() if line.strip())
     from lambo_ray.mec.journal import RUN_FORMAT
@@ -146,6 +146,57 @@ def test_online_learners_resume_to_the_same_decisions(small_file, tmp_path):
     run_path(cut).write_text(_record_of(small_file, "droo", 0))
     assert _solve(small_file, cut, "droo", "--resume") == 0
     _same_decisions(full, cut)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    import torch
+
+    from lambo_ray.policy import LamboPolicy, scale_config
+    from lambo_ray.policy.checkpoint import save_policy
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("policy") / "policy"
+    save_policy(path, LamboPolicy(scale_config("S", d_model=32, enc_layers=1)).eval())
+    return path
+
+
+def test_the_policy_resumes_at_a_batch_boundary_to_the_same_decisions(small_file, policy_dir, tmp_path, monkeypatch):
+    """The policy decides in batches: a resume restarts at the last complete batch so batches match."""
+    import lambo_ray.solving as solving
+    from lambo_ray.mec.io import read_instances
+    from lambo_ray.policy.checkpoint import load_policy
+    from lambo_ray.policy.decoding import decide
+
+    monkeypatch.setattr(solving, "LAMBO_BATCH", 4)
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    args = ("--checkpoint", str(policy_dir), "--decode", "sample", "--k", "3", "--seed", "2")
+    assert _solve(small_file, full, "lambo", *args) == 0
+    policy, _ = load_policy(policy_dir)
+    insts = read_instances(small_file)
+    expected = [d for k in range(0, 12, 4) for d in decide(policy, insts[k : k + 4], "min_latency", "sample", 3, 2)]
+    assert [d["target"] for d in _docs(full)] == [d.target.tolist() for d in expected]
+    # 6 decisions on disk: the second batch is incomplete, so it is decided again from instance 4
+    part_path(cut).write_text("".join(full.read_text().splitlines(keepends=True)[:6]))
+    run_path(cut).write_text(_record_of(small_file, "lambo", 2, checkpoint=str(policy_dir), decode="sample", k=3))
+    assert _solve(small_file, cut, "lambo", *args, "--resume") == 0
+    _same_decisions(full, cut)
+
+
+def test_time_budget_goes_to_the_policy_only_if_its_decoding_takes_one(small_file, policy_dir, tmp_path, capsys):
+    import inspect
+
+    from lambo_ray.policy.decoding import decide
+
+    out = tmp_path / "d.jsonl"
+    assert _solve(small_file, out, "greedy", "--time-budget-ms", "50") == 2
+    assert "--time-budget-ms applies to --method lambo" in capsys.readouterr().err
+    code = _solve(small_file, out, "lambo", "--checkpoint", str(policy_dir), "--time-budget-ms", "50")
+    if "time_budget_s" in inspect.signature(decide).parameters:
+        assert code == 0 and len(_docs(out)) == 12
+    else:
+        assert code == 2 and "takes no time budget" in capsys.readouterr().err
+        assert not part_path(out).exists() and not run_path(out).exists()  # refused before any work
 
 
 @pytest.mark.slow

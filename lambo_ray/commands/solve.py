@@ -30,7 +30,7 @@ from lambo_ray.mec.instance import PROMPTS, Decision
 from lambo_ray.mec.io import file_digest, iter_decisions, iter_instances
 from lambo_ray.mec.journal import DecisionJournal
 from lambo_ray.results import print_table
-from lambo_ray.solving import METHODS, SolveOptions, make_solver, solve_stream
+from lambo_ray.solving import METHODS, SolveOptions, Solver, make_solver, solve_stream
 
 
 def _decode_strategies() -> list[str]:
@@ -116,6 +116,7 @@ def summarize(decisions: Iterable[Decision]) -> dict:
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     count = sum(1 for _ in iter_instances(args.inp))  # the whole file is checked before any work
+    solver = make_solver(opts)  # a bad checkpoint or option fails here, before anything is written
     record = {**opts.record(), "input_path": str(args.inp.resolve()), "input_sha256": file_digest(args.inp)}
     record["instances"] = count
     journal = DecisionJournal.open(args.out, record, resume=args.resume, align=opts.batch)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             done = f"resuming after {journal.done} of {count} decisions" if journal.done else "nothing to resume"
             print(f"lambo solve: {done}", file=sys.stderr)
-        _solve_rest(opts, args.inp, journal, count, progress=not args.quiet)
+        _solve_rest(opts, solver, args.inp, journal, count, progress=not args.quiet)
         journal.commit()
     finally:
         journal.close()
@@ -133,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _solve_rest(opts: SolveOptions, inp: Path, journal: DecisionJournal, count: int, *, progress: bool) -> None:
+def _solve_rest(
+    opts: SolveOptions, solver: Solver, inp: Path, journal: DecisionJournal, count: int, *, progress: bool
+) -> None:
     """Decide the instances after the ``journal.done`` already on disk, appending each decision."""
     if journal.done >= count:
         return
-    solver = make_solver(opts)
     if METHODS[opts.method].online and journal.done:
         for _ in solve_stream(solver, itertools.islice(iter_instances(inp), journal.done), opts.batch):
             pass  # the online learners rebuild their memory from the instances they saw before the crash
