@@ -81,3 +81,25 @@ def test_the_checker_catches_each_rule(tmp_path):
     found = offences(tmp_path)
     assert set(found) == {("funcs.py", "long"), ("funcs.py", "many"), ("big.py", None)}
     assert "81 lines" in found[("funcs.py", "long")] and "13 parameters" in found[("funcs.py", "many")]
+
+
+def test_only_the_command_line_imports_the_commands():
+    """Layering: the library (and the benchmarks) never import ``lambo_ray.commands``; commands import it."""
+    allowed = {"cli.py"}
+    offenders = []
+    roots = [(PACKAGE, ""), (PACKAGE.parent / "benchmarks", "../benchmarks/")]
+    for root, label in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if label == "" and (rel in allowed or rel.startswith("commands/")):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                offenders += [
+                    f"{label}{rel}:{node.lineno} imports {n}" for n in names if n.startswith("lambo_ray.commands")
+                ]
+    assert not offenders, "\n".join(offenders)

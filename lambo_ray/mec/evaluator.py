@@ -114,10 +114,6 @@ def evaluate(inst: Instance, target: np.ndarray, share: np.ndarray) -> Evaluatio
     )
 
 
-def objective(inst: Instance, target: np.ndarray, share: np.ndarray, prompt: str) -> float:
-    return evaluate(inst, target, share).objective(prompt)
-
-
 def relative_gap(value: float, reference: float) -> float:
     """(value - reference) / |reference|: the optimality gap of a method against the exact expert."""
     return (value - reference) / abs(reference) if reference != 0 else float("nan")
