@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="FLOAT",
-        help="lambo: time budget per call of the policy's decoding, for strategies that search until it runs out",
+        help="lambo: wall-time cap per instance on the polishing of the refine and search strategies",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
