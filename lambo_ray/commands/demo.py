@@ -101,8 +101,6 @@ def _settings(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.drift not in DRIFTS:
-        raise LamboInputError(f"unknown drift {args.drift!r}; expected one of {', '.join(DRIFTS)}", where="--drift")
     out: Path = args.out
     pretrain_dir, decoder_dir = out / "pretrain", out / f"decoder_{args.drift}"
     if not args.overwrite:
