@@ -109,6 +109,8 @@ def test_generated_flags_parse_each_field_type():
         ("--count seven", "invalid int or none value"),
         ("--table a", "expected KEY=VALUE"),
         ("--on maybe", "expected true or false"),
+        ("--rate nan", "expected a finite number"),
+        ("--pair 1 inf", "expected a finite number"),
     ],
 )
 def test_generated_flags_reject_bad_values_in_one_line(argv, message):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -141,6 +142,8 @@ class _Kind:
             return None
         if self.mapping:
             return _key_value(text)
+        if self.base is float:
+            return _finite(text)
         return self.base(text)
 
     def convert(self, value: Any) -> Any:
@@ -186,6 +189,13 @@ def _named(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
 
     parse.__name__ = name
     return parse
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _type_name(kind: _Kind) -> str:
