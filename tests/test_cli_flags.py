@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,17 @@ def test_the_historical_flag_names_still_exist(name):
     known = {s for a in _subparser(name)._actions for s in a.option_strings}
     assert not set(LEGACY_FLAGS[name].split()) - known
     assert hasattr(command_module(name), "run")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_shipped_pretrain_configs_load_through_the_command_line(path, tmp_path):
+    from lambo_ray.commands.pretrain import config_from_args
+    from lambo_ray.config_files import load_mapping
+
+    argv = ["pretrain", "--out", str(tmp_path / "run"), "--config", str(path), "--iterations", "1"]
+    cfg = config_from_args(build_parser("pretrain").parse_args(argv))
+    file_values = load_mapping(path)
+    assert cfg.iterations == 1
+    for key, value in file_values.items():
+        if key != "iterations" and not isinstance(value, (dict, list)):
+            assert getattr(cfg, key) == value, key
