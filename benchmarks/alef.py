@@ -29,10 +29,10 @@ import torch
 
 from lambo_ray.alef.expert_pool import ExpertPool
 from lambo_ray.alef.finetune import AlefConfig, AlefResult, References, prepare_references, run_alef
-from lambo_ray.commands.common import init_ray
 from lambo_ray.mec.drift import DRIFTS
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.results import print_table, write_results
+from lambo_ray.runtime import init_ray
 
 
 def load_base_policy(checkpoint: Path | None, seed: int) -> tuple[torch.nn.Module, str]:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lambo_ray.commands.solve import solve_all
 from lambo_ray.mec.evaluator import relative_gap
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.results import print_table, write_results
+from lambo_ray.solving import solve_all
 
 DEFAULT_METHODS = ["exact", "local_search", "greedy", "de", "droo", "are", "all_local", "all_offload"]
 

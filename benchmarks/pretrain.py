@@ -24,8 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.commands.common import init_ray
-from lambo_ray.commands.solve import solve_all
 from lambo_ray.mec.evaluator import relative_gap
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import PROMPTS, Instance
@@ -34,6 +32,8 @@ from lambo_ray.policy.decoding import decide
 from lambo_ray.results import print_table, write_results
 from lambo_ray.rl.config import PretrainConfig
 from lambo_ray.rl.pretrain import Pretrainer
+from lambo_ray.runtime import init_ray
+from lambo_ray.solving import solve_all
 
 HELDOUT_SEED = 9000
 

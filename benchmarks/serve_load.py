@@ -169,11 +169,11 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from lambo_ray.commands.common import init_ray
     from lambo_ray.mec.generator import generate_many
     from lambo_ray.mec.io import write_instances
     from lambo_ray.mec.scenario import ScenarioConfig
     from lambo_ray.results import print_table, write_results
+    from lambo_ray.runtime import init_ray
     from lambo_ray.serving.app import build_app
     from lambo_ray.serving.config import ServeConfig
 

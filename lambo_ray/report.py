@@ -1,4 +1,4 @@
-"""Reproduction report (SPEC section 4, the paper's Fig. 5 and Fig. 6 and beyond).
+"""Reproduction report: the paper's Fig. 5 and Fig. 6 (latency and energy of every method) and beyond.
 
 Three sections, each a list of rows computed with the one evaluator, written as JSON, Markdown
 tables and matplotlib PNGs:
@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from lambo_ray.commands.solve import solve_all
-from lambo_ray.mec.drift import apply_drift
+from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.evaluator import evaluate, relative_gap
 from lambo_ray.mec.generator import generate_many
-from lambo_ray.mec.instance import Decision, Instance
+from lambo_ray.mec.instance import PROMPTS, Decision, Instance
 from lambo_ray.mec.io import atomic_write_text, write_json
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.results import markdown_table, mean_ci95, run_metadata
+from lambo_ray.solving import METHODS, solve_all
 
 PROMPT_METRIC = {
     "min_latency": ("mean_latency_s", "mean latency per UE (s)"),
@@ -35,34 +35,56 @@ PROMPT_METRIC = {
 }
 
 
+# What the report can run: every solving method, and the policy with best-of-k or refine decoding.
+REPORT_METHODS: tuple[str, ...] = (*METHODS, "lambo_best_of_k", "lambo_refine")
+SECTIONS: tuple[str, ...] = ("comparison", "drift", "scaling")
+
+
+def _f(default: Any, help_text: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help_text}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ReportConfig:
-    count: int = 30
-    seed: int = 5000  # held out: training and validation use other seeds
-    methods: tuple[str, ...] = (
-        "exact",
-        "lambo",
-        "lambo_best_of_k",
-        "local_search",
-        "greedy",
-        "de",
-        "droo",
-        "are",
-        "all_local",
-        "all_offload",
+    """What the reproduction report runs; the ``lambo report`` flags are generated from these fields."""
+
+    count: int = _f(30, "held-out instances per prompt (comparison)")
+    seed: int = _f(5000, "seed of the held-out instances (training and validation use other seeds)")
+    methods: tuple[str, ...] = _f(
+        (
+            "exact",
+            "lambo",
+            "lambo_best_of_k",
+            "local_search",
+            "greedy",
+            "de",
+            "droo",
+            "are",
+            "all_local",
+            "all_offload",
+        ),
+        "methods of the comparison",
+        REPORT_METHODS,
     )
-    prompts: tuple[str, ...] = ("min_latency", "min_energy")
-    exact_time_limit: float = 60.0
-    drifts: tuple[str, ...] = ("mobility", "load", "outage", "density", "deadline")
-    drift_count: int = 20
-    scaling_n: tuple[int, ...] = (20, 50, 100, 200)
-    scaling_m: tuple[int, ...] = (2, 4, 8)
-    scaling_count: int = 5
-    scaling_methods: tuple[str, ...] = ("exact", "lambo", "greedy", "de")
-    scaling_exact_time_limit: float = 30.0
-    best_of_k: int = 16
-    sections: tuple[str, ...] = ("comparison", "drift", "scaling")
-    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)  # the undrifted held-out regime
+    prompts: tuple[str, ...] = _f(("min_latency", "min_energy"), "prompts of the comparison", PROMPTS)
+    exact_time_limit: float = _f(60.0, "seconds per instance of the exact expert (the reference)")
+    drifts: tuple[str, ...] = _f(
+        ("mobility", "load", "outage", "density", "deadline"), "drifts of the drift section", tuple(DRIFTS)
+    )
+    drift_count: int = _f(20, "held-out instances per drift")
+    scaling_n: tuple[int, ...] = _f((20, 50, 100, 200), "UE counts of the scaling section")
+    scaling_m: tuple[int, ...] = _f((2, 4, 8), "server counts of the scaling section")
+    scaling_count: int = _f(5, "instances per (N, M) of the scaling section")
+    scaling_methods: tuple[str, ...] = _f(
+        ("exact", "lambo", "greedy", "de"), "methods of the scaling section", REPORT_METHODS
+    )
+    scaling_exact_time_limit: float = _f(30.0, "seconds per instance of exact in the scaling section")
+    best_of_k: int = _f(16, "samples per instance of lambo_best_of_k")
+    sections: tuple[str, ...] = _f(SECTIONS, "sections to build", SECTIONS)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig, metadata={"help": "the undrifted held-out regime"})
 
 
 @dataclass

@@ -172,7 +172,7 @@ def test_cli_bad_files_exit_2_one_line(tmp_path, good_doc, capsys):
                 "--out",
                 str(tmp_path / "o.jsonl"),
             ],
-            "unknown prompt 'min_cost'",
+            "argument --prompt: invalid choice: 'min_cost'",
         ),
         (
             ["generate", "--count", "2", "--n-ues", "0", "--out", str(tmp_path / "g.jsonl")],

@@ -333,7 +333,7 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path, capsys):
     from lambo_ray.cli import main
 
     assert main(["pretrain", "--out", str(tmp_path / "a"), "--scale", "XL"]) == 2
-    assert "unknown scale 'XL'" in capsys.readouterr().err
+    assert "argument --scale: invalid choice: 'XL'" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "a"), "--n-ues", "60", "--n-max", "50"]) == 2
     assert "n_max=50" in capsys.readouterr().err
     (tmp_path / "f").write_text("x")

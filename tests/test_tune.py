@@ -155,6 +155,8 @@ BAD_SPECS = [
     (dict(mode="minimum"), "mode: expected min or max"),
     (dict(fixed={"scale": "S", "iterations": 4, "val_expert": None}), "fixed.val_expert is null"),
     (dict(num_samples=0), "num_samples: expected an integer >= 1"),
+    (dict(max_failures=-1), "max_failures: expected an integer >= 0"),
+    (dict(max_failures="often"), "max_failures: expected an integer >= 0"),
     (dict(resources={"cpu": 1, "tpu": 1}), "resources: unknown key(s) tpu"),
     (dict(resources={"cpu": 0}), "resources.cpu: a trial needs at least some CPU"),
     (dict(resources_by_scale={"XL": {"cpu": 1}}), "resources_by_scale.XL: unknown scale"),
@@ -167,6 +169,64 @@ def test_bad_tune_specs_fail_with_a_message_naming_the_key(changes, message):
     with pytest.raises(LamboInputError) as err:
         parse_tune_spec(_spec(**changes), name="bad", where="bad.yaml")
     assert message in str(err.value) and str(err.value).startswith("bad.yaml: ")
+
+
+def test_failed_trials_are_retried_max_failures_times(tmp_path):
+    """The file's max_failures (default 2), overridden by --max-failures, is Tune's FailureConfig."""
+    from lambo_ray.tuning import SweepOverrides
+    from lambo_ray.tuning.spec import DEFAULT_MAX_FAILURES
+    from lambo_ray.tuning.sweep import run_config
+
+    spec = parse_tune_spec(_spec(), name="ok", where="ok.yaml")
+    assert spec.max_failures == DEFAULT_MAX_FAILURES == 2
+    assert run_config(spec, tmp_path / "exp").failure_config.max_failures == 2
+    spec = parse_tune_spec(_spec(max_failures=0), name="ok", where="ok.yaml")
+    assert run_config(spec, tmp_path / "exp").failure_config.max_failures == 0
+    spec = spec.with_overrides(SweepOverrides(max_failures=5, num_samples=3))
+    assert (spec.max_failures, spec.num_samples, spec.max_concurrent) == (5, 3, None)
+    assert run_config(spec, tmp_path / "exp").failure_config.max_failures == 5
+    with pytest.raises(LamboInputError, match="--max-failures must be >= 0"):
+        SweepOverrides(max_failures=-1)
+
+
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(ray_session, tmp_path):
+    """What FailureConfig(max_failures) buys: the trial is restarted from its last checkpoint and finishes."""
+    from ray import tune
+
+    from lambo_ray.tuning.sweep import run_config
+
+    def _flaky_trial(config):
+        """Checkpoints every iteration; the first attempt dies after its first checkpoint (a lost worker)."""
+        import tempfile
+
+        from ray import tune
+
+        marker = Path(config["marker"])
+        start = 0
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            start = int((Path(ckpt.path) / "it").read_text())
+        attempts = int(marker.read_text()) + 1 if marker.exists() else 1
+        marker.write_text(str(attempts))
+        for it in range(start, 3):
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "it").write_text(str(it + 1))
+                tune.report(
+                    {"it": it + 1, "start": start, "attempt": attempts}, checkpoint=tune.Checkpoint.from_directory(d)
+                )
+            if attempts == 1 and it == 0:
+                os._exit(1)  # the worker process dies: what a lost node looks like to Tune
+
+    spec = parse_tune_spec(_spec(max_failures=1), name="flaky", where="flaky.yaml")
+    tuner = tune.Tuner(
+        _flaky_trial,
+        param_space={"marker": str(tmp_path / "attempts")},
+        run_config=run_config(spec, tmp_path / "flaky", verbose=0),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None and result.metrics["it"] == 3
+    assert result.metrics["attempt"] == 2 and result.metrics["start"] == 1  # resumed after iteration 1
+    assert (tmp_path / "attempts").read_text() == "2"
 
 
 def test_unparsable_or_missing_file_is_an_input_error(tmp_path):

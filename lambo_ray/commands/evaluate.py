@@ -16,8 +16,8 @@ from lambo_ray.results import print_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instances", type=Path, required=True)
-    p.add_argument("--decisions", type=Path, required=True)
+    p.add_argument("--instances", type=Path, required=True, help="instances .jsonl (lambo.instance/1 per line)")
+    p.add_argument("--decisions", type=Path, required=True, help="decisions .jsonl, one per instance in the same order")
     p.add_argument("--reference", type=Path, help="reference decisions (e.g. exact) for the gap")
     p.add_argument("--json", action="store_true", help="print per-instance results as JSON")
 

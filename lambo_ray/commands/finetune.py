@@ -21,108 +21,68 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lambo_ray.commands.common import add_scenario_arguments, init_ray, scenario_from_args
+from lambo_ray.commands.common import (
+    add_config_argument,
+    add_scenario_arguments,
+    config_file_values,
+    init_ray,
+    scenario_values,
+)
+from lambo_ray.commands.flags import DataclassFlags, Flag, LazyChoices
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS
-from lambo_ray.mec.instance import PROMPTS
+from lambo_ray.mec.scenario import ScenarioConfig
+
+
+def _query_strategies() -> list[str]:
+    from lambo_ray.alef.query import query_strategies
+
+    return query_strategies()
+
+
+def alef_flags() -> DataclassFlags:
+    """One flag per AlefConfig field (historical short names kept); the scenario has its own group."""
+    from lambo_ray.alef.finetune import AlefConfig
+
+    return DataclassFlags(
+        AlefConfig,
+        exclude=("scenario",),
+        flags={
+            "drift": Flag(help="the named drift to adapt to (required, here or in --config)", default_text=""),
+            "prompts": Flag(names=("--prompt", "--prompts")),
+            "query": Flag(choices=LazyChoices(_query_strategies), metavar="QUERY"),
+            "label_time_limit": Flag(names=("--time-limit", "--label-time-limit")),
+            "n_heldout": Flag(names=("--heldout", "--n-heldout")),
+        },
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lambo_ray.alef.finetune import AlefConfig
-
-    d = AlefConfig.__dataclass_fields__
     p.add_argument("--checkpoint", type=Path, required=True, help="pretrained policy (DIR or DIR/policy)")
     p.add_argument("--out", type=Path, required=True, help="output directory: decoder checkpoint + metrics.json")
-    p.add_argument("--budget", type=int, default=d["budget"].default, help="expert labels in total")
-    p.add_argument("--budget-per-round", type=int, default=None, help="default: budget / rounds")
-    p.add_argument("--rounds", type=int, default=d["rounds"].default)
-    p.add_argument(
-        "--pool-size",
-        type=int,
-        default=d["pool_size"].default,
-        help="unlabelled drifted instances decided online per round",
-    )
-    p.add_argument("--query", default=d["query"].default, help="query strategy: entropy or random")
-    p.add_argument("--experts", type=int, default=d["experts"].default, help="expert actors (1 CPU each)")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=d["label_time_limit"].default,
-        help="seconds per label for exact (and again for the DE fallback)",
-    )
-    p.add_argument(
-        "--prompt",
-        nargs="+",
-        default=list(d["prompts"].default),
-        help=f"prompt(s) of the arriving instances, from {', '.join(PROMPTS)}",
-    )
-    p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
-    p.add_argument("--lr", type=float, default=d["lr"].default)
-    p.add_argument("--replay-fraction", type=float, default=d["replay_fraction"].default)
-    p.add_argument("--n-replay", type=int, default=d["n_replay"].default, help="pre-drift labelled replay set")
-    p.add_argument(
-        "--heldout",
-        type=int,
-        default=d["n_heldout"].default,
-        help="held-out drifted (and undrifted) instances for the gap metrics",
-    )
-    p.add_argument("--target-weight", type=float, default=d["target_weight"].default)
-    p.add_argument("--share-weight", type=float, default=d["share_weight"].default)
-    p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--decoder-id", default=None, help="id of the new decoder (default: DRIFT-QUERY)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    p.add_argument(
-        "--no-gate",
-        action="store_true",
-        help="keep every round's update even if greedy decisions on the labelled data got worse",
-    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the driver")
-    add_scenario_arguments(p)  # --drift NAME and the undrifted scenario's values
-    for action in p._actions:  # an unknown drift is reported in one line by config_from_args
-        if action.dest == "drift":
-            action.choices, action.help = None, f"drift scenario: {', '.join(DRIFTS)} (required)"
+    add_config_argument(p, "fine-tuning (AlefConfig; its `scenario` is the undrifted regime)")
+    alef_flags().add_to(p.add_argument_group("fine-tuning"))
+    add_scenario_arguments(p, drift=False)  # the undrifted scenario; the drift is --drift above
 
 
 def config_from_args(args: argparse.Namespace):
+    """AlefConfig from the defaults, then ``--config FILE``, then the flags given; ``drift`` is required."""
     from lambo_ray.alef.finetune import AlefConfig
-    from lambo_ray.alef.query import query_strategies
 
-    if args.drift not in DRIFTS:
-        what = "--drift is required" if args.drift is None else f"unknown drift {args.drift!r}"
-        raise LamboInputError(f"{what}; expected one of {', '.join(DRIFTS)}", where="drift")
-    if args.query not in query_strategies():
-        raise LamboInputError(
-            f"unknown query strategy {args.query!r}; expected one of {', '.join(query_strategies())}",
-            where="query",
-        )
-    if args.budget < 1:
-        raise LamboInputError(f"--budget must be >= 1 label (got {args.budget})", where="budget")
-    if args.budget_per_round is not None and args.budget_per_round < 1:
-        raise LamboInputError(f"--budget-per-round must be >= 1 (got {args.budget_per_round})", where="budget")
-    base = scenario_from_args(argparse.Namespace(**{**vars(args), "drift": None}))
-    return AlefConfig(
-        drift=args.drift,
-        prompts=tuple(args.prompt),
-        rounds=args.rounds,
-        pool_size=args.pool_size,
-        budget=args.budget,
-        budget_per_round=args.budget_per_round,
-        query=args.query,
-        experts=args.experts,
-        label_time_limit=args.time_limit,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        replay_fraction=args.replay_fraction,
-        n_replay=args.n_replay,
-        n_heldout=args.heldout,
-        target_weight=args.target_weight,
-        share_weight=args.share_weight,
-        seed=args.seed,
-        scenario=base,
-        gate=not args.no_gate,
-    )
+    values = config_file_values(args, AlefConfig)
+    values.update(alef_flags().values(args))
+    if "drift" not in values:
+        raise LamboInputError(f"--drift is required; expected one of {', '.join(DRIFTS)}", where="drift")
+    if values.get("budget_per_round") is not None and values["budget_per_round"] < 1:
+        raise LamboInputError(f"--budget-per-round must be >= 1 (got {values['budget_per_round']})", where="budget")
+    scenario = values.get("scenario") or {}
+    if not isinstance(scenario, dict):
+        raise LamboInputError("scenario: expected a mapping of scenario values", where=str(args.config))
+    values["scenario"] = ScenarioConfig.from_dict(scenario_values(args, scenario))
+    return AlefConfig(**values)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -148,15 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lambo_ray.alef.expert_pool import ExpertPool
     from lambo_ray.alef.finetune import run_alef
-    from lambo_ray.mec.io import write_json
-    from lambo_ray.policy.checkpoint import (
-        DECODER_ID_RE,
-        load_policy,
-        policy_fingerprint,
-        resolve_policy_dir,
-        save_decoder,
-    )
-    from lambo_ray.results import print_table, run_metadata
+    from lambo_ray.policy.checkpoint import DECODER_ID_RE, load_policy, policy_fingerprint, resolve_policy_dir
+    from lambo_ray.results import run_metadata
 
     if not DECODER_ID_RE.match(decoder_id):
         raise LamboInputError(f"decoder id {decoder_id!r} must match {DECODER_ID_RE.pattern}", where="decoder-id")
@@ -188,17 +141,23 @@ def run(args: argparse.Namespace) -> int:
         "undrifted_gap_before": result.before["undrifted"]["gap"],
         "undrifted_gap_after": result.after["undrifted"]["gap"],
     }
+    meta = {"alef": summary, "config": result.config, "checkpoint": str(policy_dir)}
+    _write_output(out, policy, decoder_id, meta, metrics)
+    _print_rounds(result, cfg)
+    print(f"decoder {decoder_id!r} written to {out} (metrics.json alongside)")
+    return 0
+
+
+def _write_output(out: Path, policy: Any, decoder_id: str, meta: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Decoder checkpoint + metrics.json, assembled in a temporary sibling and swapped in complete."""
+    from lambo_ray.mec.io import write_json
+    from lambo_ray.policy.checkpoint import save_decoder
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
     try:
         stage = stage_root / "out"
-        save_decoder(
-            stage,
-            policy,
-            decoder_id,
-            meta={"alef": summary, "config": result.config, "checkpoint": str(policy_dir)},
-        )
+        save_decoder(stage, policy, decoder_id, meta=meta)
         write_json(stage / "metrics.json", metrics)
         umask = os.umask(0)
         os.umask(umask)
@@ -207,13 +166,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
 
+
+def _print_rounds(result: Any, cfg: Any) -> None:
+    from lambo_ray.results import print_table
+
+    before = result.before
     rows = [
         {
             "round": 0,
             "labels": 0,
-            "drifted_gap": result.before["drifted"]["gap"],
-            "drifted_feasible": result.before["drifted"]["feasible"],
-            "undrifted_gap": result.before["undrifted"]["gap"],
+            "drifted_gap": before["drifted"]["gap"],
+            "drifted_feasible": before["drifted"]["feasible"],
+            "undrifted_gap": before["undrifted"]["gap"],
             "loss": None,
         }
     ]
@@ -229,5 +193,3 @@ def run(args: argparse.Namespace) -> int:
         for r in result.rounds
     ]
     print_table(rows, title=f"ALEF {cfg.drift} ({cfg.query} query, {result.labels_used} labels)")
-    print(f"decoder {decoder_id!r} written to {out} (metrics.json alongside)")
-    return 0

@@ -12,15 +12,15 @@ from lambo_ray.mec.io import write_instances
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--count", type=int, default=100, help="number of instances (default 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+    p.add_argument("--count", type=int, default=100, help="number of instances")
+    p.add_argument("--seed", type=int, default=0, help="instance k depends only on (scenario, seed, k)")
+    p.add_argument("--out", type=Path, required=True, help="output .jsonl file (written atomically)")
     p.add_argument(
         "--series",
         action="store_true",
         help="one cell over time (fixed servers, UEs walking) instead of independent snapshots",
     )
-    p.add_argument("--dt", type=float, default=60.0, help="seconds between snapshots with --series (default 60)")
+    p.add_argument("--dt", type=float, default=60.0, help="seconds between snapshots with --series")
     add_scenario_arguments(p)
 
 

@@ -14,29 +14,51 @@ import socket
 import time
 from pathlib import Path
 
+from lambo_ray.commands.flags import DataclassFlags, Flag, LazyChoices
 from lambo_ray.errors import LamboInputError
 
 APP_NAME = "lambo"
 
 
+def _decode_strategies() -> list[str]:
+    from lambo_ray.policy.decoding import available_strategies
+
+    return list(available_strategies())
+
+
+def serve_flags() -> DataclassFlags:
+    """One flag per ServeConfig field; the historical short names are kept next to the field names."""
+    from lambo_ray.serving.config import ServeConfig
+
+    return DataclassFlags(
+        ServeConfig,
+        flags={
+            "checkpoint": Flag(type=Path, convert=str, required=True),
+            "decoders_dir": Flag(names=("--decoders", "--decoders-dir"), type=Path, convert=str),
+            "policy_replicas": Flag(names=("--replicas", "--policy-replicas"), default_text="1"),
+            "decoder_cache_size": Flag(names=("--cache-size", "--decoder-cache-size")),
+            "batch_wait_timeout_s": Flag(
+                names=("--batch-wait-ms",),
+                help="@serve.batch wait for a batch to fill (ms)",
+                convert=lambda ms: ms / 1e3,
+                default_text="5",
+                metavar="MS",
+            ),
+            "default_decode": Flag(choices=LazyChoices(_decode_strategies), metavar="STRATEGY"),
+        },
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="pretrained policy directory (`lambo pretrain`)")
-    p.add_argument("--decoders", type=Path, help="directory of decoder-only checkpoints (id = sub-directory name)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--replicas", type=int, default=1, help="policy replicas (each holds the encoder once)")
-    p.add_argument("--no-batching", action="store_true", help="decide every /v1/decide request on its own")
-    p.add_argument("--max-batch-size", type=int, default=16, help="@serve.batch max_batch_size")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait for a batch to fill (ms)")
-    p.add_argument("--max-ues", type=int, default=1000, help="refuse (413) instances with more UEs")
-    p.add_argument("--max-body-bytes", type=int, default=8_000_000, help="refuse (413) larger request bodies")
-    p.add_argument("--cache-size", type=int, default=4, help="decoders kept in memory per replica (LRU)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     p.add_argument(
         "--blocking",
         action="store_true",
         help="stay in the foreground until Ctrl-C (always the case with an embedded local Ray)",
     )
+    serve_flags().add_to(p.add_argument_group("application (ServeConfig)"))
 
 
 def config_from_args(args: argparse.Namespace):
@@ -44,21 +66,9 @@ def config_from_args(args: argparse.Namespace):
 
     if not 1 <= args.port <= 65535:
         raise LamboInputError(f"--port must be in 1..65535 (got {args.port})")
-    if args.replicas < 1:
-        raise LamboInputError(f"--replicas must be >= 1 (got {args.replicas})")
-    return ServeConfig.from_dict(
-        {
-            "checkpoint": str(args.checkpoint),
-            "decoders_dir": str(args.decoders) if args.decoders else None,
-            "policy_replicas": args.replicas,
-            "batching": not args.no_batching,
-            "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
-            "max_ues": args.max_ues,
-            "max_body_bytes": args.max_body_bytes,
-            "decoder_cache_size": args.cache_size,
-        }
-    )
+    values = serve_flags().values(args)
+    values.setdefault("policy_replicas", 1)  # `lambo serve` starts one policy replica unless told otherwise
+    return ServeConfig.from_dict(values)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -74,7 +84,7 @@ def start(cfg, host: str, port: int, *, num_cpus: int | None = None) -> str:
     """Start Serve on (embedded or cluster) Ray, deploy the app, return its base URL."""
     from ray import serve
 
-    from lambo_ray.commands.common import init_ray
+    from lambo_ray.runtime import init_ray
     from lambo_ray.serving.app import build_app, check_checkpoint
 
     check_checkpoint(cfg, load_weights=True)  # a bad checkpoint is one line, before anything starts

@@ -3,6 +3,8 @@
     lambo tune --config tune_configs/small.yaml --num-samples 4 --storage runs/tune
     lambo tune --config tune_configs/small.yaml --storage runs/tune --resume     # after Ctrl+C / a crash
 
+A failed trial is retried from its last checkpoint up to ``max_failures`` times (the file's key, or
+``--max-failures``; 2 by default), so a lost worker does not end the trial.
 Prints the trial table (best first) and the best config; writes ``summary.json`` into the experiment
 directory next to Tune's own files. Under `ray job submit` it joins that cluster (RAY_ADDRESS).
 Exit status: 0, 1 when no trial reported the metric, 2 on bad input, 130 when interrupted (Ctrl+C:
@@ -16,11 +18,20 @@ import json
 import sys
 from pathlib import Path
 
+from lambo_ray.commands.flags import DataclassFlags
 from lambo_ray.errors import LamboInputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="search space, e.g. tune_configs/small.yaml")
+    from lambo_ray.tuning.spec import SweepOverrides
+
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="search-space file (YAML), e.g. tune_configs/small.yaml; the flags below override its values",
+    )
     p.add_argument(
         "--storage",
         type=Path,
@@ -28,12 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="directory that holds experiments (Tune's storage_path); the sweep goes to STORAGE/NAME",
     )
     p.add_argument("--name", help="experiment name (default: the config file's name)")
-    p.add_argument("--num-samples", type=int, help="trials to sample (default: the config's num_samples)")
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        help="trials running at once (default: the config's, else as many as the cluster's resources allow)",
-    )
+    DataclassFlags(SweepOverrides).add_to(p)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -46,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lambo_ray.commands.common import init_ray
+    from lambo_ray.runtime import init_ray
     from lambo_ray.tuning import (
         SPEC_FILE,
         SUMMARY_FILE,
@@ -57,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
         run_sweep,
         summarize,
     )
+    from lambo_ray.tuning.spec import SweepOverrides
 
     spec = load_tune_spec(args.config)  # checked before Ray starts: bad files fail in a second
+    overrides = SweepOverrides(**DataclassFlags(SweepOverrides).values(args))
     name = args.name or spec.name
     exp = experiment_dir(args.storage, name)
     check_experiment(exp, resume=args.resume)
@@ -70,13 +78,13 @@ def run(args: argparse.Namespace) -> int:
                 f"({stored}); a resume continues the stored one",
                 where="--config",
             )
-        if args.num_samples is not None or args.max_concurrent is not None:
+        if overrides != SweepOverrides():
             print(
-                "lambo tune: --resume keeps the experiment's own --num-samples / --max-concurrent",
+                "lambo tune: --resume keeps the experiment's own --num-samples / --max-concurrent / --max-failures",
                 file=sys.stderr,
             )
     else:
-        spec = spec.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+        spec = spec.with_overrides(overrides)
 
     init_ray(num_cpus=args.num_cpus)
     results = run_sweep(spec, args.storage, name=name, resume=args.resume, verbose=0 if args.quiet else 1)

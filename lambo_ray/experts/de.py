@@ -1,4 +1,4 @@
-"""Differential evolution over the offloading decision (the paper's DE baseline, SPEC section 4).
+"""Differential evolution over the offloading decision (the paper's DE baseline).
 
 Encoding: one real gene per UE in [0, M+1); its floor is the target (0 = local, j = server j). The
 shares of a decoded assignment are the water-filled optimum (:mod:`lambo_ray.mec.shares`), so DE

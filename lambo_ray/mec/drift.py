@@ -1,4 +1,4 @@
-"""The named drift scenarios of SPEC section 1: each is a documented change of the scenario config.
+"""The named drift scenarios: each is a documented change of the scenario config (docs/model.md).
 
 | name      | change                                                                          |
 |-----------|---------------------------------------------------------------------------------|

@@ -1,7 +1,7 @@
 """The one evaluator: every method, test, benchmark, report and the Serve API compute objectives here.
 
-Latency and energy per UE (SPEC section 1), both objectives, and a feasibility report that names each
-broken constraint and by how much. Infeasible decisions are reported, never repaired.
+Latency and energy per UE (the formulas are in docs/model.md), both objectives, and a feasibility
+report that names each broken constraint and by how much. Infeasible decisions are reported, never repaired.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lambo_ray.errors import LamboInputError
-from lambo_ray.mec.instance import Decision, Instance, check_prompt
+from lambo_ray.mec.instance import Instance, check_prompt
 
 # Relative slack for floating-point round-off in solver output (shares summing to 1 + 1e-12, ...).
 TOL = 1e-7
@@ -112,14 +112,6 @@ def evaluate(inst: Instance, target: np.ndarray, share: np.ndarray) -> Evaluatio
         feasible=not violations,
         violations=violations,
     )
-
-
-def evaluate_decision(inst: Instance, decision: Decision) -> Evaluation:
-    return evaluate(inst, decision.target, decision.share)
-
-
-def objective(inst: Instance, target: np.ndarray, share: np.ndarray, prompt: str) -> float:
-    return evaluate(inst, target, share).objective(prompt)
 
 
 def relative_gap(value: float, reference: float) -> float:

@@ -1,12 +1,13 @@
 """Reading and writing instances and decisions (JSON documents, `.jsonl` batches).
 
 Every failure becomes a :class:`LamboInputError` naming file, line and field; nothing here ever
-repairs a value. Writes are atomic (temp file + rename) so an interrupted run never leaves a
-half-written result over a good one.
+repairs a value. Batch files are read lazily, one line at a time. Writes are atomic (temp file +
+rename) so an interrupted run never leaves a half-written result over a good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from lambo_ray.config_files import parse_json
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
 from lambo_ray.mec.schema import DECISION_SCHEMA, INSTANCE_SCHEMA, DecisionModel, InstanceModel, describe
@@ -115,43 +117,69 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed document) for each non-empty line; JSON errors name file and line."""
+def _existing_file(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise LamboInputError(f"file not found: {p}")
     if p.is_dir():
         raise LamboInputError(f"expected a file, got a directory: {p}")
-    with p.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    return p
+
+
+def iter_jsonl(path: str | os.PathLike, start: int = 0) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed document) for each non-empty line, read lazily (constant memory).
+
+    The first ``start`` documents are skipped without being parsed (a resumed run has checked them
+    already). Bad bytes, bad JSON, NaN/Infinity, runaway nesting and over-long integers are a
+    LamboInputError naming file and line.
+    """
+    p = _existing_file(path)
+    index = 0
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LamboInputError(
-                    f"invalid JSON ({err.msg} at column {err.colno})", where=f"{p}:{lineno}"
-                ) from None
+            index += 1
+            if index > start:
+                yield lineno, parse_json(raw, f"{p}:{lineno}")
 
 
-def _read(path: str | os.PathLike, parse) -> list:
-    out = []
-    for lineno, doc in iter_jsonl(path):
+def _iter(path: str | os.PathLike, parse, start: int = 0) -> Iterator:
+    seen = False
+    for lineno, doc in iter_jsonl(path, start):
+        seen = True
         try:
-            out.append(parse(doc))
+            yield parse(doc)
         except LamboInputError as err:
             raise err.located(f"{path}:{lineno}") from None
-    if not out:
+    if not seen and start == 0:
         raise LamboInputError(f"no documents in {path} (empty file)")
-    return out
+
+
+def iter_instances(path: str | os.PathLike, start: int = 0) -> Iterator[Instance]:
+    """Instances of a ``.jsonl`` file one by one, from the ``start``-th (0-based) on."""
+    return _iter(path, instance_from_dict, start)
+
+
+def iter_decisions(path: str | os.PathLike, start: int = 0) -> Iterator[Decision]:
+    return _iter(path, decision_from_dict, start)
 
 
 def read_instances(path: str | os.PathLike) -> list[Instance]:
-    return _read(path, instance_from_dict)
+    return list(iter_instances(path))
 
 
 def read_decisions(path: str | os.PathLike) -> list[Decision]:
-    return _read(path, decision_from_dict)
+    return list(iter_decisions(path))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with _existing_file(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -159,6 +187,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -168,6 +197,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where possible (os.umask sets it for all threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _aside(target: Path) -> Path:

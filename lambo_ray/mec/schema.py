@@ -12,9 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 INSTANCE_SCHEMA = "lambo.instance/1"
 DECISION_SCHEMA = "lambo.decision/1"
-MAX_UES_DEFAULT = 100_000
-
-PositiveFloat = Field(gt=0, allow_inf_nan=False)
 
 
 class _Strict(BaseModel):

@@ -1,4 +1,4 @@
-"""Optimal CPU shares for a fixed assignment (SPEC section 1, "useful structure").
+"""Optimal CPU shares for a fixed assignment (derivation in docs/model.md, "Shares for a fixed assignment").
 
 For one server with task set S, min sum_i c_i / (a_i F) s.t. sum a_i <= 1, a_i >= a_min_i is solved
 by water-filling: a_i = max(a_min_i, sqrt(c_i) / lambda), lambda chosen so the shares sum to 1.
@@ -59,12 +59,3 @@ def optimal_shares(inst: Instance, target: np.ndarray, *, overflow: str = "fail"
             s = sqrt_c[idx] / sqrt_c[idx].sum()
         share[idx] = s
     return share
-
-
-def server_latency_term(inst: Instance, target: np.ndarray) -> float:
-    """Sum over offloaded UEs of c_i / (a_i F_j) at optimal shares (inf if infeasible)."""
-    share = optimal_shares(inst, target)
-    if share is None:
-        return float("inf")
-    off = np.asarray(target) > 0
-    return float((inst.cycles[off] / (share[off] * inst.capacity_cps[np.asarray(target)[off] - 1])).sum())

@@ -21,63 +21,122 @@ ARCHITECTURE_FIELDS = ("scale", "policy_overrides", "critic", "n_max", "m_max")
 @dataclass
 class PretrainConfig:
     # Model.
-    scale: str = "S"
-    policy_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"enc_layers": 2} for Tune
-    critic: str = "two_head"  # "two_head" | "single_head" (ablation)
-    ratio: str = "per_ue"  # PPO ratio per UE decision, or "joint" for the whole decision (ablation)
-    share_credit: str = "total"  # share log-probs baselined by A_off + A_alloc ("total") or A_alloc ("alloc")
+    scale: str = field(default="S", metadata={"help": "model scale", "choices": tuple(SCALES)})
+    policy_overrides: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "PolicyConfig values over the scale's, e.g. enc_layers=2 (Tune)"}
+    )
+    critic: str = field(
+        default="two_head",
+        metadata={
+            "help": "two_head: one value per reward part (offloading, allocation); single_head: ablation",
+            "choices": ("two_head", "single_head"),
+        },
+    )
+    ratio: str = field(
+        default="per_ue",
+        metadata={
+            "help": "PPO ratio per UE decision, or of the whole decision (joint, ablation)",
+            "choices": ("per_ue", "joint"),
+        },
+    )
+    share_credit: str = field(
+        default="total",
+        metadata={
+            "help": "advantage of the share log-probs: A_off + A_alloc (total) or A_alloc only (alloc, ablation)",
+            "choices": ("total", "alloc"),
+        },
+    )
     # Ray / sampling.
-    iterations: int = 20
-    num_env_runners: int = 2
-    num_envs_per_env_runner: int = 32  # the decoder costs ~the same per step for 4 or 64 rows: batch wide
-    instances_per_episode: int = 64
+    iterations: int = field(default=20, metadata={"help": "training iterations in total (a resume counts on)"})
+    num_env_runners: int = field(default=2, metadata={"help": "RLlib env-runner actors (0: sample in the driver)"})
+    num_envs_per_env_runner: int = field(  # the decoder costs ~the same per step for 4 or 64 rows: batch wide
+        default=32, metadata={"help": "environments per env runner, decoded as one batch"}
+    )
+    instances_per_episode: int = field(default=64, metadata={"help": "instances per episode (one step each)"})
     # PPO / ACRL.
-    train_batch_size: int = 512  # instances per iteration
-    minibatch_size: int = 128
-    num_epochs: int = 4
-    lr: float = 1e-4  # 3e-4 moved the S model's log-probs by >20 nats in one Adam step
-    grad_clip: float | None = 1.0
-    clip_param: float = 0.2
-    vf_loss_coeff: float = 0.5
-    entropy_bonus: bool = True
-    entropy_coeff_target: float = 0.01
-    entropy_coeff_share: float = 0.001
-    penalty: float = 0.1
+    train_batch_size: int = field(default=512, metadata={"help": "instances per training iteration"})
+    minibatch_size: int = field(default=128, metadata={"help": "instances per gradient step"})
+    num_epochs: int = field(default=4, metadata={"help": "passes over each training batch"})
+    lr: float = field(  # 3e-4 moved the S model's log-probs by >20 nats in one Adam step
+        default=1e-4, metadata={"help": "Adam learning rate of the actor-critic updates"}
+    )
+    grad_clip: float | None = field(default=1.0, metadata={"help": "gradient norm clip (none: no clipping)"})
+    clip_param: float = field(default=0.2, metadata={"help": "PPO clip range of the probability ratio"})
+    vf_loss_coeff: float = field(default=0.5, metadata={"help": "weight of the critic's loss"})
+    entropy_bonus: bool = field(
+        default=True, metadata={"help": "entropy bonus on both heads (--no-entropy-bonus: ablation)"}
+    )
+    entropy_coeff_target: float = field(default=0.01, metadata={"help": "entropy bonus weight of the target head"})
+    entropy_coeff_share: float = field(default=0.001, metadata={"help": "entropy bonus weight of the share head"})
+    penalty: float = field(default=0.1, metadata={"help": "reward penalty per constraint violation"})
     # Environment.
-    scenario: dict[str, Any] = field(default_factory=dict)  # ScenarioConfig fields; {} = the paper
-    drift: str | None = None
+    scenario: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "ScenarioConfig values of the training cells ({}: the paper's)"}
+    )
+    drift: str | None = field(default=None, metadata={"help": "named drift applied to the scenario"})
     # A scenario distribution (ScenarioDistribution fields) to train one model for every cell size; when
     # set, every training / validation instance draws its own scenario and ``scenario`` is its base.
-    scenario_dist: dict[str, Any] | None = None
-    prompts: tuple[str, ...] = PROMPTS
-    n_max: int | None = None  # padding; default: the scenario's (or the distribution's largest) N and M
-    m_max: int | None = None
-    seed: int = 0
+    scenario_dist: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "ScenarioDistribution values: every instance draws its own cell (none: the scenario)"},
+    )
+    prompts: tuple[str, ...] = field(
+        default=PROMPTS, metadata={"help": "prompts mixed in the episodes", "choices": PROMPTS}
+    )
+    n_max: int | None = field(
+        default=None, metadata={"help": "padded UEs (default: the scenario's N, or the distribution's largest)"}
+    )
+    m_max: int | None = field(
+        default=None, metadata={"help": "padded servers (default: the scenario's M, or the distribution's largest)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the training instances and the networks"})
     # Validation.
-    val_size: int = 16
-    val_seed: int = 1_000_003  # far from the training seeds
-    val_expert: str | None = "exact"  # "exact", "labels" (the label experts, cached) or None: no gap
-    val_expert_time_limit: float = 60.0
-    eval_every: int = 1
-    checkpoint_every: int = 1
+    val_size: int = field(default=16, metadata={"help": "validation instances, decoded greedily"})
+    val_seed: int = field(default=1_000_003, metadata={"help": "seed of the validation instances"})
+    val_expert: str | None = field(
+        default="exact",
+        metadata={
+            "help": "reference of the validation gap: exact, labels (the label experts, cached) or none (no gap)",
+            "choices": ("exact", "labels"),
+        },
+    )
+    val_expert_time_limit: float = field(default=60.0, metadata={"help": "seconds per validation label"})
+    eval_every: int = field(default=1, metadata={"help": "iterations between validations"})
+    checkpoint_every: int = field(default=1, metadata={"help": "iterations between checkpoints"})
     # Supervised warm start on expert labels (0 = pure ACRL): instances, each labelled for every prompt
     # of warm_start_prompts by lambo_ray.rl.labels (exact min_energy MILP with a time limit and
     # iterated local search), cached in <out>/labels.jsonl.
-    warm_start_labels: int = 0
-    warm_start_epochs: int = 30
-    warm_start_lr: float = 1e-3
-    warm_start_prompts: tuple[str, ...] = PROMPTS
-    warm_start_batch_ues: int = 4096  # UE tokens per minibatch (cells of similar size are batched together)
-    label_energy_time_limit: float = 3.0
-    label_kicks: int = 20
+    warm_start_labels: int = field(
+        default=0, metadata={"help": "supervised warm start on this many labelled instances first (0: pure ACRL)"}
+    )
+    warm_start_epochs: int = field(default=30, metadata={"help": "passes over the warm-start labels"})
+    warm_start_lr: float = field(default=1e-3, metadata={"help": "learning rate of the warm start"})
+    warm_start_prompts: tuple[str, ...] = field(
+        default=PROMPTS, metadata={"help": "prompts each warm-start instance is labelled for", "choices": PROMPTS}
+    )
+    warm_start_batch_ues: int = field(
+        default=4096, metadata={"help": "UE tokens per warm-start minibatch (cells of similar size batched together)"}
+    )
+    label_energy_time_limit: float = field(
+        default=3.0, metadata={"help": "seconds per exact min_energy label of the warm start"}
+    )
+    label_kicks: int = field(default=20, metadata={"help": "perturbation rounds of the iterated local search labels"})
     # Self-imitation after the warm start (lambo_ray.rl.self_imitation): rounds of fresh instances labelled
     # by the policy's own search, then more epochs on all labels.
-    self_imitation_rounds: int = 0
-    self_imitation_instances: int = 256
-    self_imitation_k: int = 8
-    self_imitation_epochs: int = 5
-    self_imitation_lr_scale: float = 0.3
-    driver_threads: int = 1  # torch threads of the driver, which hosts the learner (notes P3)
+    self_imitation_rounds: int = field(
+        default=0, metadata={"help": "self-imitation rounds after the warm start (0: none)"}
+    )
+    self_imitation_instances: int = field(
+        default=256, metadata={"help": "fresh instances per self-imitation round, labelled by the policy's search"}
+    )
+    self_imitation_k: int = field(default=8, metadata={"help": "policy samples per instance of that search"})
+    self_imitation_epochs: int = field(default=5, metadata={"help": "epochs on all labels after each round"})
+    self_imitation_lr_scale: float = field(
+        default=0.3, metadata={"help": "learning rate of self-imitation, as a fraction of warm_start_lr"}
+    )
+    driver_threads: int = field(  # the driver hosts the learner
+        default=1, metadata={"help": "torch threads of the driver"}
+    )
 
     def __post_init__(self) -> None:
         self.prompts = tuple(self.prompts)

@@ -8,7 +8,7 @@ are rejected up front with a :class:`LamboInputError`, before Serve starts anyth
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,10 @@ from lambo_ray.errors import LamboInputError, reject_unknown_keys
 
 # The policy's decode modes (lambo_ray.policy.decoding); validated per request.
 DECODE_MODES: tuple[str, ...] = ("greedy", "best_of_k", "sample", "refine", "search")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -39,24 +43,31 @@ class ServeConfig:
     torch_threads: intra-op threads per policy replica (1 on small machines: replicas, not threads, scale).
     """
 
-    checkpoint: str
-    decoders_dir: str | None = None
-    default_decoder: str = "default"
-    max_ues: int = 1000
-    max_body_bytes: int = 8_000_000
-    max_batch_instances: int = 256
-    batching: bool = True
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
-    decoder_cache_size: int = 4
-    default_decode: str = "greedy"
-    default_k: int = 8
-    max_k: int = 64
-    policy_replicas: int | None = None
-    ingress_replicas: int | None = None
-    policy_num_cpus: float = 1.0
-    max_ongoing_requests: int = 64
-    torch_threads: int = 1
+    checkpoint: str = field(metadata=_help("pretrained policy directory (`lambo pretrain`); its decoder is 'default'"))
+    decoders_dir: str | None = field(
+        default=None,
+        metadata=_help("directory of decoder-only checkpoints, one sub-directory per decoder (id = its name)"),
+    )
+    default_decoder: str = field(default="default", metadata=_help("id of the pretrained checkpoint's own decoder"))
+    max_ues: int = field(default=1000, metadata=_help("most UEs (N) per instance"))
+    max_body_bytes: int = field(default=8_000_000, metadata=_help("largest request body in bytes"))
+    max_batch_instances: int = field(default=256, metadata=_help("most instances per /v1/decide_batch request"))
+    batching: bool = field(default=True, metadata=_help("group concurrent /v1/decide callers (@serve.batch)"))
+    max_batch_size: int = field(default=16, metadata=_help("@serve.batch max_batch_size"))
+    batch_wait_timeout_s: float = field(default=0.005, metadata=_help("@serve.batch wait for a batch to fill (s)"))
+    decoder_cache_size: int = field(default=4, metadata=_help("decoders in memory per replica besides the default"))
+    default_decode: str = field(default="greedy", metadata=_help("decode mode of requests that name none"))
+    default_k: int = field(default=8, metadata=_help("k of requests that name none"))
+    max_k: int = field(default=64, metadata=_help("largest k (samples of best_of_k / sample) a request may ask for"))
+    policy_replicas: int | None = field(
+        default=None, metadata=_help("replicas holding the policy (None: the deployment options decide)")
+    )
+    ingress_replicas: int | None = field(
+        default=None, metadata=_help("replicas of the HTTP ingress (None: the deployment options decide)")
+    )
+    policy_num_cpus: float = field(default=1.0, metadata=_help("CPUs Ray reserves per replica"))
+    max_ongoing_requests: int = field(default=64, metadata=_help("requests one replica works on at once"))
+    torch_threads: int = field(default=1, metadata=_help("intra-op torch threads per replica"))
 
     def __post_init__(self) -> None:
         if not self.checkpoint:

@@ -2,20 +2,15 @@
 
 Public API:
 
-* :func:`load_tune_spec` / :class:`TuneSpec` -- read and check ``tune_configs/*.yaml``
+* :func:`load_tune_spec` / :class:`TuneSpec` -- read and check ``tune_configs/*.yaml`` (its parts:
+  :mod:`lambo_ray.tuning.space`); :class:`SweepOverrides` -- what command-line flags may change in it
 * :func:`run_sweep` -- run or resume a sweep (Ray initialised by the caller), returns Tune's ResultGrid
 * :func:`summarize`, :func:`format_table` -- trial table (best first) and best trial
 * :func:`pretrain_trial`, :func:`pretrain_config_from_trial`, :func:`tune_metrics` -- the trial itself
 """
 
-from lambo_ray.tuning.spec import (
-    ParamSpec,
-    SchedulerSpec,
-    SearchSpec,
-    TrialResources,
-    TuneSpec,
-    load_tune_spec,
-)
+from lambo_ray.tuning.space import ParamSpec, SchedulerSpec, SearchSpec, TrialResources
+from lambo_ray.tuning.spec import SweepOverrides, TuneSpec, load_tune_spec
 from lambo_ray.tuning.sweep import (
     LABELS_FILE,
     SPEC_FILE,
@@ -34,6 +29,7 @@ __all__ = [
     "SchedulerSpec",
     "SearchSpec",
     "TrialResources",
+    "SweepOverrides",
     "TuneSpec",
     "load_tune_spec",
     "LABELS_FILE",

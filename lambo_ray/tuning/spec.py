@@ -13,6 +13,7 @@ Layout of a file (every key but ``param_space`` optional)::
     mode: min
     num_samples: 4
     max_concurrent: 2
+    max_failures: 2            # retries of a failed trial from its last checkpoint (transient failures)
     search: {type: optuna, seed: 0}            # optuna | random
     scheduler: {type: asha, max_t: 8, grace_period: 2, reduction_factor: 2}   # asha | fifo
     resources: {cpu: 1, gpu: 0}                # per trial, plus 1 CPU per env runner
@@ -24,7 +25,7 @@ Layout of a file (every key but ``param_space`` optional)::
       lr: {loguniform: [1.0e-4, 3.0e-3]}
       enc_layers: {choice: [1, 2, 3]}
 
-Keys of ``fixed`` and ``param_space`` are :class:`~lambo_ray.rl.pretrain.PretrainConfig` fields or
+Keys of ``fixed`` and ``param_space`` are :class:`~lambo_ray.rl.config.PretrainConfig` fields or
 :class:`~lambo_ray.policy.PolicyConfig` fields (the latter become ``policy_overrides``).
 """
 
@@ -33,28 +34,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lambo_ray.config_files import load_yaml, read_text
 from lambo_ray.errors import LamboInputError
+from lambo_ray.tuning.space import (
+    SCHEDULER_TYPES,
+    SEARCH_TYPES,
+    ParamSpec,
+    SchedulerSpec,
+    SearchSpec,
+    TrialResources,
+    is_number,
+)
 
-# name -> number of list arguments (None: a non-empty list of values)
-DISTRIBUTIONS: dict[str, int | None] = {
-    "uniform": 2,
-    "loguniform": 2,
-    "quniform": 3,
-    "qloguniform": 3,
-    "randint": 2,
-    "lograndint": 2,
-    "choice": None,
-    "grid": None,
-}
-SEARCH_TYPES = ("random", "optuna")
-SCHEDULER_TYPES = ("asha", "fifo")
 MODES = ("min", "max")
 TOP_LEVEL_KEYS = (
     "description",
@@ -66,6 +61,7 @@ TOP_LEVEL_KEYS = (
     "scheduler",
     "resources",
     "resources_by_scale",
+    "max_failures",
     "checkpoint_every",
     "keep_checkpoints",
     "fixed",
@@ -74,163 +70,36 @@ TOP_LEVEL_KEYS = (
 # Settings the Tune trainable owns: a trial reports every iteration (ASHA decides on each rung).
 TRAINABLE_OWNED = {"eval_every": 1, "checkpoint_every": None}
 MAX_CORNER_CHECKS = 512
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float (YAML 1.2), not as the string PyYAML's 1.1 rules give."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        raise LamboInputError(f"not valid YAML: {str(err).splitlines()[0]}", where=where) from None
-
-
-# ---------------------------------------------------------------------------------------- pieces
+# Retries of a failed trial from its last checkpoint: a lost node, an env runner killed for memory or a
+# worker that died while starting are transient on a shared cluster; a bug fails every retry the same way.
+DEFAULT_MAX_FAILURES = 2
 
 
 @dataclass(frozen=True)
-class ParamSpec:
-    """One searched hyperparameter: ``{kind: args}`` in the file."""
+class SweepOverrides:
+    """What `lambo tune` flags may change in a search-space file; None keeps the file's value."""
 
-    name: str
-    kind: str
-    args: tuple[Any, ...]
+    num_samples: int | None = field(
+        default=None, metadata={"help": "trials to sample (default: the file's num_samples, else 1)"}
+    )
+    max_concurrent: int | None = field(
+        default=None,
+        metadata={"help": "trials running at once (default: the file's, else as many as the resources allow)"},
+    )
+    max_failures: int | None = field(
+        default=None,
+        metadata={
+            "help": "retries of a failed trial from its last checkpoint, for transient failures such as a lost "
+            f"worker (default: the file's max_failures, else {DEFAULT_MAX_FAILURES})"
+        },
+    )
 
-    @classmethod
-    def parse(cls, name: str, raw: Any, where: str) -> ParamSpec:
-        field_ = f"param_space.{name}"
-        if not isinstance(raw, dict) or len(raw) != 1:
-            raise LamboInputError(
-                f"{field_}: expected one distribution such as {{loguniform: [1.0e-4, 1.0e-2]}} or "
-                f"{{choice: [1, 2]}}; got {raw!r}",
-                where=where,
-            )
-        kind, args = next(iter(raw.items()))
-        if kind not in DISTRIBUTIONS:
-            raise LamboInputError(
-                f"{field_}: unknown distribution {kind!r}; expected one of {', '.join(DISTRIBUTIONS)}",
-                where=where,
-            )
-        if not isinstance(args, list) or not args:
-            raise LamboInputError(f"{field_}.{kind}: expected a non-empty list", where=where)
-        n = DISTRIBUTIONS[kind]
-        if n is not None:
-            if len(args) != n:
-                raise LamboInputError(f"{field_}.{kind}: expected {n} numbers, got {len(args)}", where=where)
-            if not all(_is_number(a) for a in args):
-                raise LamboInputError(f"{field_}.{kind}: expected numbers, got {args!r}", where=where)
-            lo, hi = args[0], args[1]
-            if not lo < hi:
-                raise LamboInputError(f"{field_}.{kind}: lower bound {lo} must be < upper bound {hi}", where=where)
-            if (kind.startswith("log") or kind == "qloguniform") and lo <= 0:
-                raise LamboInputError(f"{field_}.{kind}: bounds must be > 0 on a log scale (got {lo})", where=where)
-            if kind in ("randint", "lograndint") and not all(isinstance(a, int) for a in args):
-                raise LamboInputError(f"{field_}.{kind}: bounds must be integers", where=where)
-            if kind.startswith("q") and not args[2] > 0:
-                raise LamboInputError(f"{field_}.{kind}: quantum must be > 0", where=where)
-        elif kind == "choice" and len({repr(a) for a in args}) != len(args):
-            raise LamboInputError(f"{field_}.choice: repeated values {args!r}", where=where)
-        return cls(name, kind, tuple(args))
-
-    def domain(self) -> Any:
-        from ray import tune
-
-        a = self.args
-        return {
-            "uniform": lambda: tune.uniform(a[0], a[1]),
-            "loguniform": lambda: tune.loguniform(a[0], a[1]),
-            "quniform": lambda: tune.quniform(a[0], a[1], a[2]),
-            "qloguniform": lambda: tune.qloguniform(a[0], a[1], a[2]),
-            "randint": lambda: tune.randint(a[0], a[1]),  # upper bound exclusive (Tune's convention)
-            "lograndint": lambda: tune.lograndint(a[0], a[1]),
-            "choice": lambda: tune.choice(list(a)),
-            "grid": lambda: tune.grid_search(list(a)),
-        }[self.kind]()
-
-    def extremes(self) -> list[Any]:
-        """Values that bound the distribution: every choice, or both ends of a range."""
-        if self.kind in ("choice", "grid"):
-            return list(self.args)
-        if self.kind in ("randint", "lograndint"):
-            return [self.args[0], self.args[1] - 1]
-        return [self.args[0], self.args[1]]
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    type: str = "asha"
-    max_t: int | None = None  # default: fixed.iterations
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-
-    def build(self, max_t: int) -> Any:
-        """The scheduler; metric and mode come from TuneConfig (Tune refuses them in both places)."""
-        if self.type == "fifo":
-            from ray.tune.schedulers import FIFOScheduler
-
-            return FIFOScheduler()
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=max_t,
-            grace_period=self.grace_period,
-            reduction_factor=self.reduction_factor,
-        )
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    type: str = "random"
-    seed: int | None = None
-
-    def build(self, max_concurrent: int | None) -> Any:
-        """The search algorithm; metric and mode come from TuneConfig. Optuna's concurrency is capped by
-        TuneConfig.max_concurrent_trials (a ConcurrencyLimiter), the basic generator's by itself."""
-        if self.type == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            return OptunaSearch(seed=self.seed)
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        return BasicVariantGenerator(random_state=self.seed, max_concurrent=max_concurrent or 0)
-
-
-@dataclass(frozen=True)
-class TrialResources:
-    cpu: float = 1.0
-    gpu: float = 0.0
-
-    @classmethod
-    def parse(cls, raw: Any, field_: str, where: str) -> TrialResources:
-        if not isinstance(raw, dict):
-            raise LamboInputError(f"{field_}: expected a mapping like {{cpu: 1, gpu: 0}}", where=where)
-        unknown = sorted(set(raw) - {"cpu", "gpu"})
-        if unknown:
-            raise LamboInputError(f"{field_}: unknown key(s) {', '.join(unknown)}; expected cpu, gpu", where=where)
-        for k, v in raw.items():
-            if not _is_number(v) or v < 0:
-                raise LamboInputError(f"{field_}.{k}: expected a number >= 0, got {v!r}", where=where)
-        res = cls(**{k: float(v) for k, v in raw.items()})
-        if res.cpu <= 0:
-            raise LamboInputError(f"{field_}.cpu: a trial needs at least some CPU (got {res.cpu})", where=where)
-        return res
+    def __post_init__(self) -> None:
+        for name, low in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                flag = "--" + name.replace("_", "-")
+                raise LamboInputError(f"{flag} must be >= {low} (got {value})", where="tune")
 
 
 # ------------------------------------------------------------------------------------------ spec
@@ -248,6 +117,7 @@ class TuneSpec:
     mode: str = "min"
     num_samples: int = 1
     max_concurrent: int | None = None
+    max_failures: int = DEFAULT_MAX_FAILURES
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: TrialResources = TrialResources()
@@ -279,16 +149,9 @@ class TuneSpec:
         space.update({p.name: p.domain() for p in self.params})
         return space
 
-    def with_overrides(self, *, num_samples: int | None = None, max_concurrent: int | None = None) -> TuneSpec:
-        changes: dict[str, Any] = {}
-        if num_samples is not None:
-            if num_samples < 1:
-                raise LamboInputError(f"--num-samples must be >= 1 (got {num_samples})", where="tune")
-            changes["num_samples"] = num_samples
-        if max_concurrent is not None:
-            if max_concurrent < 1:
-                raise LamboInputError(f"--max-concurrent must be >= 1 (got {max_concurrent})", where="tune")
-            changes["max_concurrent"] = max_concurrent
+    def with_overrides(self, overrides: SweepOverrides) -> TuneSpec:
+        """The spec with the values a command line gave instead of the file's."""
+        changes = {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
 
     def resources_for(self, trial_config: dict[str, Any]) -> TrialResources:
@@ -300,7 +163,7 @@ def load_tune_spec(path: str | Path) -> TuneSpec:
     path = Path(path)
     if not path.is_file():
         raise LamboInputError("tune config not found", where=str(path))
-    text = path.read_text()
+    text = read_text(path)
     return parse_tune_spec(load_yaml(text, str(path)), name=path.stem, where=str(path), source=text)
 
 
@@ -312,6 +175,40 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
         raise LamboInputError(
             f"unknown key(s) {', '.join(unknown)}; expected some of {', '.join(TOP_LEVEL_KEYS)}", where=where
         )
+    params, fixed = _parse_settings(raw, where)
+    mode = raw.get("mode", "min")
+    if mode not in MODES:
+        raise LamboInputError(f"mode: expected min or max, got {mode!r}", where=where)
+    metric = raw.get("metric", "val/gap")
+    if not isinstance(metric, str) or not metric:
+        raise LamboInputError("metric: expected the name of a reported metric such as val/gap", where=where)
+    search, scheduler = _parse_algorithms(raw, params, where)
+    resources, by_scale = _parse_resources(raw, where)
+    spec = TuneSpec(
+        name=name,
+        params=params,
+        fixed=fixed,
+        description=str(raw.get("description", "")).strip(),
+        metric=metric,
+        mode=mode,
+        num_samples=_positive_int(raw, "num_samples", 1, where),
+        max_concurrent=_positive_int(raw, "max_concurrent", None, where),
+        max_failures=_count(raw, "max_failures", DEFAULT_MAX_FAILURES, where),
+        search=search,
+        scheduler=scheduler,
+        resources=resources,
+        resources_by_scale=by_scale,
+        checkpoint_every=_positive_int(raw, "checkpoint_every", 1, where),
+        keep_checkpoints=_positive_int(raw, "keep_checkpoints", 2, where),
+        source=source,
+    )
+    check_space(spec, where)
+    _check_consistency(spec, where)
+    return spec
+
+
+def _parse_settings(raw: dict[str, Any], where: str) -> tuple[tuple[ParamSpec, ...], dict[str, Any]]:
+    """The searched parameters and the fixed settings, each key a PretrainConfig / PolicyConfig field."""
     space = raw.get("param_space")
     if not isinstance(space, dict) or not space:
         raise LamboInputError("param_space: missing or empty (nothing to search)", where=where)
@@ -331,13 +228,12 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
                 f"every `checkpoint_every` iterations); remove it",
                 where=where,
             )
+    return params, dict(fixed)
 
-    mode = raw.get("mode", "min")
-    if mode not in MODES:
-        raise LamboInputError(f"mode: expected min or max, got {mode!r}", where=where)
-    metric = raw.get("metric", "val/gap")
-    if not isinstance(metric, str) or not metric:
-        raise LamboInputError("metric: expected the name of a reported metric such as val/gap", where=where)
+
+def _parse_algorithms(
+    raw: dict[str, Any], params: tuple[ParamSpec, ...], where: str
+) -> tuple[SearchSpec, SchedulerSpec]:
     search = _sub_spec(raw, "search", SearchSpec, where)
     if search.type not in SEARCH_TYPES:
         raise LamboInputError(
@@ -351,6 +247,20 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
             f"scheduler.type: expected one of {', '.join(SCHEDULER_TYPES)}, got {scheduler.type!r}",
             where=where,
         )
+    if scheduler.type == "asha":
+        for key in ("max_t", "grace_period"):
+            v = getattr(scheduler, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise LamboInputError(f"scheduler.{key}: expected an integer >= 1, got {v!r}", where=where)
+        if not (is_number(scheduler.reduction_factor) and scheduler.reduction_factor > 1):
+            raise LamboInputError(
+                f"scheduler.reduction_factor: expected a number > 1, got {scheduler.reduction_factor!r}",
+                where=where,
+            )
+    return search, scheduler
+
+
+def _parse_resources(raw: dict[str, Any], where: str) -> tuple[TrialResources, dict[str, TrialResources]]:
     resources = TrialResources.parse(raw.get("resources", {}), "resources", where)
     by_scale_raw = raw.get("resources_by_scale", {}) or {}
     if not isinstance(by_scale_raw, dict):
@@ -363,35 +273,11 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
                 f"resources_by_scale.{scale}: unknown scale; expected one of {', '.join(SCALES)}", where=where
             )
     by_scale = {str(k): TrialResources.parse(v, f"resources_by_scale.{k}", where) for k, v in by_scale_raw.items()}
+    return resources, by_scale
 
-    spec = TuneSpec(
-        name=name,
-        params=params,
-        fixed=dict(fixed),
-        description=str(raw.get("description", "")).strip(),
-        metric=metric,
-        mode=mode,
-        num_samples=_positive_int(raw, "num_samples", 1, where),
-        max_concurrent=_positive_int(raw, "max_concurrent", None, where),
-        search=search,
-        scheduler=scheduler,
-        resources=resources,
-        resources_by_scale=by_scale,
-        checkpoint_every=_positive_int(raw, "checkpoint_every", 1, where),
-        keep_checkpoints=_positive_int(raw, "keep_checkpoints", 2, where),
-        source=source,
-    )
-    if scheduler.type == "asha":
-        for key in ("max_t", "grace_period"):
-            v = getattr(scheduler, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise LamboInputError(f"scheduler.{key}: expected an integer >= 1, got {v!r}", where=where)
-        if not (_is_number(scheduler.reduction_factor) and scheduler.reduction_factor > 1):
-            raise LamboInputError(
-                f"scheduler.reduction_factor: expected a number > 1, got {scheduler.reduction_factor!r}",
-                where=where,
-            )
-    check_space(spec, where)
+
+def _check_consistency(spec: TuneSpec, where: str) -> None:
+    """Rules that tie the metric, the scheduler and the fixed settings together."""
     if spec.metric.endswith("gap") and spec.trial_defaults().get("val_expert") is None:
         raise LamboInputError(
             f"metric: {spec.metric} is a gap to the expert, but fixed.val_expert is null "
@@ -409,7 +295,6 @@ def parse_tune_spec(raw: Any, *, name: str, where: str, source: str = "") -> Tun
             raise LamboInputError(
                 f"scheduler.grace_period: {spec.scheduler.grace_period} > max_t {spec.max_t}", where=where
             )
-    return spec
 
 
 def check_space(spec: TuneSpec, where: str) -> None:
@@ -477,5 +362,8 @@ def _positive_int(raw: dict[str, Any], key: str, default: int | None, where: str
     return v
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _count(raw: dict[str, Any], key: str, default: int, where: str) -> int:
+    v = raw.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise LamboInputError(f"{key}: expected an integer >= 0, got {v!r}", where=where)
+    return v

@@ -128,20 +128,29 @@ def run_sweep(
             # start-up (seconds each) are paid once per concurrent slot, not once per trial.
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(exp.parent),
-            verbose=verbose,
-            callbacks=list(callbacks),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=spec.keep_checkpoints,
-                checkpoint_score_attribute=spec.metric,
-                checkpoint_score_order=spec.mode,
-            ),
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
+        run_config=run_config(spec, exp, verbose=verbose, callbacks=callbacks),
     )
     return _fit(tuner)
+
+
+def run_config(spec: TuneSpec, exp: Path, *, verbose: int = 1, callbacks: Sequence[Any] = ()) -> Any:
+    """Tune's RunConfig of an experiment: where it lives, its checkpoints, and how often a failed trial is
+    retried (``spec.max_failures``: Tune restarts it from its last checkpoint, so a transient failure
+    such as a lost worker costs at most ``checkpoint_every`` iterations)."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=exp.name,
+        storage_path=str(exp.parent),
+        verbose=verbose,
+        callbacks=list(callbacks),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=spec.keep_checkpoints,
+            checkpoint_score_attribute=spec.metric,
+            checkpoint_score_order=spec.mode,
+        ),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+    )
 
 
 def _fit(tuner: Any) -> Any:
