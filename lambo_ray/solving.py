@@ -44,7 +44,7 @@ METHODS: dict[str, Method] = {
         Method("all_local", "every task on its UE"),
         Method("all_offload", "every task offloaded (seeded random server), equal shares", seeded=True),
         Method("brute_force", "every (M+1)^N assignment (tiny instances only)"),
-        Method("lambo", "the LAMBO policy from --checkpoint (and --decoder)", seeded=True),
+        Method("lambo", "the LAMBO policy from --checkpoint (default: the shipped LAMBO-S) and --decoder", seeded=True),
     )
 }
 
@@ -77,7 +77,9 @@ class SolveOptions:
             if not self.time_budget_ms > 0:
                 raise LamboInputError(f"--time-budget-ms must be > 0 (got {self.time_budget_ms})")
         if self.method == "lambo" and self.checkpoint is None:
-            raise LamboInputError("--method lambo needs --checkpoint DIR (from `lambo pretrain`)")
+            from lambo_ray.policy.checkpoint import default_checkpoint
+
+            object.__setattr__(self, "checkpoint", str(default_checkpoint()))  # the shipped LAMBO-S (frozen)
 
     @property
     def batch(self) -> int:

@@ -18,7 +18,11 @@ REPORT_FLAGS = DataclassFlags(ReportConfig, exclude=("scenario",))
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (report.md, report.json, PNGs)")
-    p.add_argument("--checkpoint", type=Path, help="pretrained LAMBO checkpoint (from `lambo pretrain`)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="pretrained LAMBO checkpoint (from `lambo pretrain`; default: the shipped LAMBO-S)",
+    )
     p.add_argument(
         "--decoders",
         nargs="*",

@@ -52,7 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--time-limit", type=float, default=None, help="seconds per instance (exact, de)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic methods (de, droo, are, lambo, ...)")
-    p.add_argument("--checkpoint", type=Path, help="lambo: pretrained checkpoint directory; droo/are: a saved expert")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="lambo: pretrained checkpoint directory (default: the shipped LAMBO-S); droo/are: a saved expert",
+    )
     p.add_argument("--decoder", type=Path, help="lambo: decoder-only checkpoint (from `lambo finetune`)")
     p.add_argument(
         "--decode",

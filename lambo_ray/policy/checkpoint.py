@@ -94,6 +94,7 @@ def _atomic_dir(target: Path, files: dict[str, bytes]) -> None:
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is read by other users and services
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)

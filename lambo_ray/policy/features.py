@@ -25,7 +25,7 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Instance, check_prompt
 from lambo_ray.mec.packing import Packing, pack_must_offload
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: decode order, reservations, latency-marginal inputs, spare-fraction shares
 PROMPT_IDS: dict[str, int] = {"min_latency": 0, "min_energy": 1}
 
 UE_FEATURES: tuple[str, ...] = (
