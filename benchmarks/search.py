@@ -115,7 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, help="LAMBO policy checkpoint (default: the shipped model)")
     p.add_argument("--count", type=int, default=200, help="held-out paper instances")
     p.add_argument("--feasibility-count", type=int, default=200, help="instances per feasibility set")
-    p.add_argument("--k", type=int, default=16, help="LAMBO best_of_k and search: samples per instance")
+    p.add_argument("--k", type=int, default=8, help="LAMBO best_of_k and search: samples per instance")
     p.add_argument("--search-budget", type=float, default=0.1, help="LAMBO search: polishing seconds per instance")
     p.add_argument("--decode-seed", type=int, default=0, help="seed of LAMBO's sampling and of DE")
     p.add_argument("--exact-time-limit", type=float, default=60.0, help="seconds per exact solve")

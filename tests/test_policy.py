@@ -730,3 +730,16 @@ def test_decisions_match_the_pinned_reference():
     expected = json.loads((data / "decode_pin.json").read_text())
     actual = runpy.run_path(str(data / "make_decode_pin.py"))["pinned_digests"]()
     assert actual == expected
+
+
+def test_greedy_row_of_a_sampled_pass_is_the_greedy_decision(mixed_instances):
+    """search and best_of_k decode the greedy copy inside the sampled batch: it must equal plain greedy."""
+    from lambo_ray.policy.decoding import decode_instances, make_request, sampled_candidates
+
+    pol = make_policy(SCALES["S"], seed=4)
+    req = make_request(mixed_instances, "min_latency", k=3, seed=1)
+    with torch.inference_mode():
+        mixed, plain = sampled_candidates(pol, req), decode_instances(pol, req, "greedy")
+    for cands, g in zip(mixed, plain):
+        assert len(cands) == 4 and np.array_equal(cands[0].target, g.target)
+        np.testing.assert_allclose(cands[0].share, g.share, rtol=1e-6)  # float32 head, other batch size

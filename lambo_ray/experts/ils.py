@@ -6,7 +6,9 @@ the policy's proposals) and behind training labels for cells too large for the e
 
 1. every start is made feasible if needed (:func:`~lambo_ray.experts.heuristics.repair`) and polished by
    best-improvement descent over moves, swaps and ejection chains;
-2. ``kicks`` rounds from the best so far: relocate a few random UEs to random feasible targets, descend
+2. ``min_energy``: the UEs on which the polished results disagree are re-decided exactly by a small
+   MILP (:mod:`lambo_ray.experts.consensus`), the rest fixed;
+3. ``kicks`` rounds from the best so far: relocate a few random UEs to random feasible targets, descend
    again, keep the result if it is better.
 
 Every step stays feasible. Randomness comes only from ``rng``, so the result is deterministic for a
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lambo_ray.experts.consensus import consensus_repair
 from lambo_ray.experts.heuristics import descend, repair
 from lambo_ray.experts.placement import CAP_TOL, Assignment, PlacementTables
 
@@ -54,6 +57,22 @@ class IlsResult:
     budget_hit: bool
 
 
+def _consensus(
+    tables: PlacementTables, best: tuple[float, np.ndarray, str], results: list[np.ndarray], clock: Clock
+) -> tuple[float, np.ndarray, str]:
+    """min_energy: the exact sub-model over the UEs the polished results disagree on (consensus.py)."""
+    if tables.latency or clock.up():
+        return best
+    left = clock.left()
+    target = consensus_repair(tables, best[1], results, 0.05 if left is None else max(min(left, 0.05), 0.005))
+    if target is None:
+        return best
+    a = Assignment(tables, target)
+    if a.feasible and a.cost < best[0] * (1 - 1e-12):
+        return (a.cost, a.target.copy(), "consensus")
+    return best
+
+
 def kick(a: Assignment, rng: np.random.Generator, size: int = KICK_SIZE) -> None:
     """Relocate ``size`` random UEs, each to a random target that keeps the assignment feasible."""
     t = a.tables
@@ -80,19 +99,21 @@ def iterated_local_search(
     feasible. The first start is always polished, even past the budget's end (descent stops at it)."""
     clock = Clock.start(time_budget_s)
     best: tuple[float, np.ndarray, str] | None = None
-    polished = 0
+    results = []
     for label, target in starts:
-        if polished and clock.up():
+        if results and clock.up():
             break
         a = Assignment(tables, target)
         if not a.feasible and not repair(a):
             continue
         descend(a, chains=True, time_limit=clock.left())
-        polished += 1
+        results.append(a.target.copy())
         if best is None or a.cost < best[0]:
             best = (a.cost, a.target.copy(), label)
     if best is None:
         return None
+    polished = len(results)
+    best = _consensus(tables, best, results, clock)
     done = 0
     a = Assignment(tables, best[1])
     while done < kicks and not clock.up():

@@ -230,45 +230,46 @@ def pick_best(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[int,
 
 
 def _augmented_perms(req: DecodeRequest, n_max: int, m_max: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """UE and server permutations of ``k`` copies per instance (copy 0 unpermuted) and their noise seeds,
-    all drawn per instance: independent of the batch."""
-    k = req.k
+    """UE and server permutations of ``k + 1`` copies per instance (copy 0, the greedy one, unpermuted)
+    and their noise seeds, all drawn per instance: independent of the batch."""
+    copies = req.k + 1
     ue_perm, srv_perm, seeds = [], [], []
     for inst in req.instances:
         key = instance_key(inst)
         g = torch.Generator().manual_seed(instance_seed(req.seed, key, "augment"))
-        up = _instance_perms(inst.n_ues, n_max, k, g)
-        sp = _instance_perms(inst.n_servers, m_max, k, g)
-        up[0], sp[0] = torch.arange(n_max), torch.arange(m_max)  # copy 0: original order
+        up = _instance_perms(inst.n_ues, n_max, copies, g)
+        sp = _instance_perms(inst.n_servers, m_max, copies, g)
+        up[0], sp[0] = torch.arange(n_max), torch.arange(m_max)  # copy 0: the decode order itself
         ue_perm.append(up)
         srv_perm.append(sp)
-        seeds += [instance_seed(req.seed, key, "copy", a) for a in range(k)]
+        seeds += [instance_seed(req.seed, key, "copy", a) for a in range(copies)]
     return torch.cat(ue_perm), torch.cat(srv_perm), seeds
 
 
 def sampled_candidates(policy: LamboPolicy, req: DecodeRequest) -> list[list[Candidate]]:
-    """Per instance: the greedy decision followed by ``k`` samples on augmented copies."""
-    greedy_c = decode_instances(policy, req, "greedy")
+    """Per instance: the greedy decision followed by ``k`` samples on augmented copies, all in one pass
+    of the decoder (the greedy copy is a greedy row of the sampled batch)."""
     if req.k < 1:
-        return [[c] for c in greedy_c]
+        return [[c] for c in decode_instances(policy, req, "greedy")]
     out: list[list[Candidate]] = []
-    k, dev = req.k, _device(policy)
-    per_chunk = max(1, MAX_ROWS // k)
+    copies, dev = req.k + 1, _device(policy)
+    per_chunk = max(1, MAX_ROWS // copies)
     for lo in range(0, len(req.instances), per_chunk):
         part = req.part(lo, lo + per_chunk)
         batch = _batch(policy, part)
         enc = policy.encode(batch)
-        rows = torch.arange(batch.batch_size, device=dev).repeat_interleave(k)
+        rows = torch.arange(batch.batch_size, device=dev).repeat_interleave(copies)
         ue_perm, srv_perm, seeds = _augmented_perms(part, batch.n_max, batch.m_max)
         ue_perm, srv_perm = ue_perm.to(dev), srv_perm.to(dev)
-        noise = row_noise(seeds, [inst.n_ues for inst in part.instances for _ in range(k)], batch.n_max)
+        noise = row_noise(seeds, [inst.n_ues for inst in part.instances for _ in range(copies)], batch.n_max)
+        noise.greedy = (torch.arange(len(seeds)) % copies == 0).to(dev)
         pb, pe = permute(batch, enc, rows, ue_perm, srv_perm)
         res = policy.decode(pb, pe, mode="sample", noise=noise)
         t, s = unpermute(pb, res.target, res.share, srv_perm)
         dead = pb.to_instance_order(res.dead_ue)
         for c, inst in enumerate(part.instances):
-            rows_c = slice(c * k, (c + 1) * k)
-            out.append([greedy_c[lo + c], *_unpad([inst] * k, t[rows_c], s[rows_c], dead[rows_c])])
+            rows_c = slice(c * copies, (c + 1) * copies)
+            out.append(_unpad([inst] * copies, t[rows_c], s[rows_c], dead[rows_c]))
     return out
 
 

@@ -129,6 +129,7 @@ class Steps(NamedTuple):
     lat_base: List[Tensor]  # (B,M) (upload + whole-server compute) / local latency
     sqrt_work_ext: List[Tensor]  # (B,M+1) sqrt(work) on each server, slot 0 (local) = 0
     local_lat: List[Tensor]  # (B,1) relative local latency (clamped away from 0)
+    greedy_rows: Tensor  # (B,) bool: rows decided greedily inside a sampled pass
     uniform: List[Tensor]  # sampling noise (empty lists when greedy)
     normal: List[Tensor]
     accept: List[Tensor]
@@ -233,6 +234,7 @@ def decode_loop(
             t = logits.argmax(-1)
         else:
             t = categorical_from_uniform(torch.log_softmax(logits, -1), allowed, steps.uniform[i])
+            t = torch.where(steps.greedy_rows, logits.argmax(-1), t)
         # Share head on the chosen server (server 1's token for "local": its share is 0 anyway).
         t1 = t.unsqueeze(1)
         chosen = torch.gather(srv, 1, (t1 - 1).clamp_min(0).unsqueeze(2).expand(b, 1, d)).squeeze(1)
@@ -242,6 +244,7 @@ def decode_loop(
             u = ab[:, 0] / ab.sum(-1)
         else:
             u = beta_from_noise(ab[:, 0], ab[:, 1], steps.normal[i], steps.accept[i]).float()
+            u = torch.where(steps.greedy_rows, ab[:, 0] / ab.sum(-1), u)
         u = u.clamp(dims.share_eps, 1.0 - dims.share_eps)
         rem_ext.scatter_add_(1, t1, -torch.gather(steps.amin_ext[i], 1, t1))  # the minimum share is held
         st.load_ext.scatter_add_(1, t1, torch.gather(steps.sqrt_work_ext[i], 1, t1))
@@ -349,8 +352,11 @@ def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noi
     amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0))  # (B,N,M+1)
     srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)
     uniform = normal = accept = []
+    greedy_rows = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.amin.device)
     if noise is not None:
         uniform, normal, accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
+        if noise.greedy is not None:
+            greedy_rows = noise.greedy
     return Steps(
         srv_base=list((enc.server[:, None] + enc.pair + dec.dyn.bias).unbind(1)),
         q_base=list((enc.ue + enc.prompt[:, None]).unbind(1)),
@@ -366,6 +372,7 @@ def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noi
         lat_base=list(batch.lat_base.unbind(1)),
         sqrt_work_ext=list(F.pad(batch.sqrt_work, (1, 0)).unbind(1)),
         local_lat=list(batch.local_lat[..., None].clamp_min(1e-9).unbind(1)),
+        greedy_rows=greedy_rows,
         uniform=list(uniform),
         normal=list(normal),
         accept=list(accept),

@@ -36,9 +36,11 @@ class DecodeNoise:
     uniform: torch.Tensor  # (B, N) for the target
     normal: torch.Tensor  # (B, N, 2, GAMMA_TRIES) Marsaglia-Tsang proposals for the two Gammas
     accept: torch.Tensor  # (B, N, 2, GAMMA_TRIES) uniforms of the acceptance tests
+    greedy: torch.Tensor | None = None  # (B,) bool: rows decoded greedily in the same pass (None: none)
 
     def to(self, device: torch.device | str) -> DecodeNoise:
-        return DecodeNoise(self.uniform.to(device), self.normal.to(device), self.accept.to(device))
+        greedy = None if self.greedy is None else self.greedy.to(device)
+        return DecodeNoise(self.uniform.to(device), self.normal.to(device), self.accept.to(device), greedy)
 
 
 def _draw(rows: int, n: int, generator: torch.Generator | None) -> DecodeNoise:

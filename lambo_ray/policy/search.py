@@ -40,7 +40,8 @@ from lambo_ray.policy.decoding import (
 from lambo_ray.policy.model import LamboPolicy
 from lambo_ray.policy.sampling import instance_seed
 
-KICKS = 8  # perturbation rounds after polishing
+KICKS = 2  # perturbation rounds after polishing
+POLISH_TOP = 6  # distinct policy proposals polished, best raw objective first
 
 
 def _starts(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[list[tuple[str, np.ndarray]], float]:
@@ -62,6 +63,7 @@ def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: De
     """Polish the proposals of one instance and perturb the best (module docstring)."""
     tables = build_tables(inst, prompt)
     starts, best_raw = _starts(inst, prompt, cands)
+    starts = starts[:POLISH_TOP]
     if req.heuristic_start:
         starts.append(("heuristic", greedy_assignment(tables)[0].target))
     rng = np.random.default_rng(instance_seed(req.seed, instance_key(inst), "search"))

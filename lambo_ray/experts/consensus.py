@@ -1,0 +1,100 @@
+"""Consensus repair for ``min_energy``: where good decisions agree, fix; where they differ, solve exactly.
+
+``min_energy`` ignores shares, so once the targets of most UEs are fixed, the rest is a small
+generalised assignment problem: binary x_iq for each free UE i and option q (local if it meets the
+deadline, or a server where its deadline can be met), one option per UE, the minimum shares of each
+server's free UEs within what the fixed UEs leave, minimum total energy. HiGHS solves that in
+milliseconds when a few dozen UEs are free. The free UEs are those on which the polished proposals of
+:func:`lambo_ray.experts.ils.iterated_local_search` disagree (the policy's samples are diverse exactly
+where the decision is hard) and the others on the servers those disputes touch, so the exact model works
+where local search's moves stall: on the capacity-bound exchanges of several UEs at once. The result is
+never worse than the best proposal, which stays a feasible point of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lambo_ray.experts.placement import CAP_TOL, PlacementTables
+
+MAX_FREE = 60  # UEs left free at most (the most disputed first): keeps the model a few milliseconds
+
+
+def disputed(targets: Sequence[np.ndarray]) -> np.ndarray:
+    """Indices of the UEs whose target differs between the given assignments, most disputed first."""
+    stack = np.stack(targets)
+    distinct = np.array([len(set(col)) for col in stack.T])
+    idx = np.flatnonzero(distinct > 1)
+    return idx[np.argsort(-distinct[idx], kind="stable")]
+
+
+def free_set(tables: PlacementTables, best: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:
+    """The UEs the sub-model re-decides: the disputed ones, then (an improving exchange usually moves
+    several UEs through the same servers) the others on the servers the disputes touch and the local
+    UEs that could go there; at most ``MAX_FREE``."""
+    first = disputed(targets)
+    if first.size == 0:
+        return first
+    stack = np.stack(targets)[:, first]
+    servers = np.unique(stack[stack > 0]) - 1
+    on = np.flatnonzero(np.isin(best - 1, servers) & (best > 0))
+    reach = np.flatnonzero((best == 0) & np.any(np.isfinite(tables.a_min[:, servers]), axis=1))
+    rest = np.setdiff1d(np.concatenate([on, reach]), first)
+    return np.concatenate([first, rest])[:MAX_FREE]
+
+
+def consensus_repair(
+    tables: PlacementTables, best: np.ndarray, targets: Sequence[np.ndarray], time_limit: float = 0.05
+) -> np.ndarray | None:
+    """A better assignment than ``best`` found by the exact sub-model over the disputed UEs, or None."""
+    import highspy
+
+    if tables.latency or len(targets) < 2:
+        return None
+    free = free_set(tables, best, targets)
+    if free.size < 2:
+        return None
+    fixed = np.setdiff1d(np.arange(tables.n_ues), free)
+    load = np.zeros(tables.n_servers)
+    on = fixed[best[fixed] > 0]
+    np.add.at(load, best[on] - 1, tables.a_min[on, best[on] - 1])
+    room = 1.0 - load
+    cols = [(i, q) for i in free for q in _options(tables, i, room)]
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit))
+    h.setOptionValue("threads", 1)
+    for _ in cols:
+        h.addVar(0.0, 1.0)
+    n = len(cols)
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array([tables.fixed[i, q] for i, q in cols]))
+    h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, highspy.HighsVarType.kInteger))
+    for i in free:
+        idx = np.array([c for c, (r, _) in enumerate(cols) if r == i], dtype=np.int32)
+        h.addRow(1.0, 1.0, idx.size, idx, np.ones(idx.size))
+    for j in range(tables.n_servers):
+        idx = np.array([c for c, (_, q) in enumerate(cols) if q == j + 1], dtype=np.int32)
+        if idx.size:
+            vals = np.array([tables.a_min[cols[c][0], j] for c in idx])
+            h.addRow(-highspy.kHighsInf, room[j] + CAP_TOL, idx.size, idx, vals)
+    start = np.array([1.0 if best[i] == q else 0.0 for i, q in cols])  # the best proposal: a feasible point
+    sol = highspy.HighsSolution()
+    sol.col_value = start.tolist()
+    h.setSolution(sol)
+    h.run()
+    values = np.asarray(h.getSolution().col_value)
+    if values.size != n or h.getInfo().primal_solution_status != 2:
+        return None
+    out = best.copy()
+    for c, (i, q) in enumerate(cols):
+        if values[c] > 0.5:
+            out[i] = q
+    return out
+
+
+def _options(tables: PlacementTables, i: int, room: np.ndarray) -> list[int]:
+    opts = [0] if tables.local_ok[i] else []
+    ok = np.isfinite(tables.a_min[i]) & (tables.a_min[i] <= room + CAP_TOL)
+    return opts + (np.flatnonzero(ok) + 1).tolist()
