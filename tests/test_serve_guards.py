@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,107 @@ def test_expert_checkpoint_saves_are_atomic(method, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["expert.pt"]  # and no temp file is left behind
     loaded = get_expert(method, checkpoint=str(path), seed=1)
     assert loaded.counters["warmup_steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------ catalog calls
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, 0
+
+    def remote(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+class _Catalog:
+    """A stand-in for the catalog deployment handle: ``resolve.remote(id)`` returns an awaitable."""
+
+    def __init__(self, resolve) -> None:
+        self.resolve = _Method(resolve)
+
+
+def test_catalog_calls_time_out_as_503_and_unknown_ids_are_remembered(engine):
+    from lambo_ray.serving.service import PolicyService
+
+    cfg = ServeConfig(checkpoint=engine.cfg.checkpoint, catalog_timeout_s=0.2)
+
+    async def hang(decoder_id):
+        await asyncio.sleep(30)
+
+    async def lost(decoder_id):
+        raise ConnectionError("catalog replica died")
+
+    async def unknown(decoder_id):
+        return None
+
+    async def run(resolve, decoder_id):
+        svc = PolicyService(cfg, _Catalog(resolve), engine=engine)
+        start = time.perf_counter()
+        with pytest.raises(LamboInputError) as err:
+            await svc.entry(decoder_id)
+        return svc, err.value, time.perf_counter() - start
+
+    _, err, wall = asyncio.run(run(hang, "x"))
+    assert err.status == 503 and "did not answer within 0.2 s" in str(err) and wall < 2.0
+    _, err, _ = asyncio.run(run(lost, "x"))
+    assert err.status == 503 and "unavailable" in str(err)
+
+    async def twice():
+        svc, err, _ = await run(unknown, "ghost")
+        assert err.status == 404
+        with pytest.raises(LamboInputError):
+            await svc.entry("ghost")
+        assert (await svc.entry(None)).id == "default"  # the default never asks the catalog
+        return svc._catalog.resolve.calls
+
+    assert asyncio.run(twice()) == 1
+
+
+# ------------------------------------------------------------------------------------------ cluster files
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _yaml(rel: str):
+    import yaml
+
+    return yaml.safe_load((ROOT / rel).read_text())
+
+
+def test_cluster_files_use_token_auth_and_keep_admin_listeners_off_public_interfaces():
+    cluster = _yaml("cluster/kuberay/raycluster.yaml")["spec"]
+    job = _yaml("cluster/kuberay/rayjob-pretrain.yaml")["spec"]
+    service = _yaml("cluster/kuberay/rayservice.yaml")["spec"]
+    for spec in (cluster, job["rayClusterSpec"], service["rayClusterConfig"]):
+        assert spec["authOptions"]["mode"] == "token"
+    for spec in (cluster, job["rayClusterSpec"]):
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert job["submissionMode"] == "SidecarMode"  # the submitter reaches the dashboard on the pod's loopback
+    assert job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"] == "Never"
+    launcher = _yaml("cluster/aws.yaml")
+    head, workers = launcher["head_start_ray_commands"][-1], launcher["worker_start_ray_commands"][-1]
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "RAY_AUTH_MODE=token" in workers
+    local = (ROOT / "cluster" / "local.sh").read_text()
+    assert "export RAY_AUTH_MODE=token" in local and "0.0.0.0" not in local
+    assert _yaml("serve/config.yaml")["http_options"]["host"] == "127.0.0.1"
+
+
+def test_rayservice_pods_get_the_proxy_callback_admin_secret_and_network_policy():
+    import yaml
+
+    from lambo_ray.serving.proxy import PROXY_CALLBACK
+
+    service = _yaml("cluster/kuberay/rayservice.yaml")["spec"]
+    policy = _yaml("cluster/kuberay/policies/networkpolicy.yaml")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    groups = [service["rayClusterConfig"]["headGroupSpec"], *service["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]["value"] == PROXY_CALLBACK
+            assert env["LAMBO_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "lambo-admin"
+    serve_cfg = yaml.safe_load(service["serveConfigV2"])
+    assert serve_cfg["http_options"]["request_timeout_s"] == serve_cfg["applications"][0]["args"]["request_timeout_s"]
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert 8000 in ports and 6379 not in ports  # GCS only from the cluster's own pods (the rule without ports)
