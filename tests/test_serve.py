@@ -381,7 +381,7 @@ def test_failing_decoder_fails_only_its_callers(client, served, local, instances
             _check_result(r.json(), inst, local.decide("default", inst, "min_latency"))
 
 
-def test_stochastic_decode_is_reproducible(client, local, instances):
+def test_stochastic_and_search_decodes_are_reproducible(client, local, instances):
     inst = instances[0]
     body = {
         "instance": instance_to_dict(inst),
@@ -398,6 +398,14 @@ def test_stochastic_decode_is_reproducible(client, local, instances):
     assert refined.status_code == 200, refined.text
     assert refined.json()["decision"]["stats"]["decode"] == "refine"
     _check_result(refined.json(), inst, local.decide("default", inst, "min_latency", mode="refine", k=1, seed=3))
+    small = instances[1]  # search with a budget it does not exhaust: deterministic for the seed
+    body = {"instance": instance_to_dict(small), "prompt": "min_energy", "decode": "search", "k": 2, "seed": 3}
+    searched = client.post("/v1/decide", json={**body, "time_budget_ms": 2000})
+    assert searched.status_code == 200, searched.text
+    stats = searched.json()["decision"]["stats"]
+    assert stats["decode"] == "search" and stats["budget_hit"] is False
+    want = local.decide("default", small, "min_energy", mode="search", k=2, seed=3, time_budget_s=2.0)
+    _check_result(searched.json(), small, want)
 
 
 def test_decoders_listing_and_health_show_no_server_paths(client, served, setup):

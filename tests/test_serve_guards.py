@@ -508,3 +508,17 @@ def test_rayservice_pods_get_the_proxy_callback_admin_secret_and_network_policy(
     assert serve_cfg["http_options"]["request_timeout_s"] == serve_cfg["applications"][0]["args"]["request_timeout_s"]
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
     assert 8000 in ports and 6379 not in ports  # GCS only from the cluster's own pods (the rule without ports)
+
+
+def test_time_budget_is_bounded_per_request(inst):
+    doc = instance_to_dict(inst)
+    cfg = ServeConfig(checkpoint="x", max_time_budget_ms=1000, default_time_budget_ms=250)
+    body = {"instances": [doc] * 8, "prompt": "min_latency", "decode": "search"}
+    req = api.parse_decide_batch(_body(body), cfg)
+    assert req.options.time_budget_s == pytest.approx(0.125)  # the default shrinks to fit 8 instances
+    status, message = _status(api.parse_decide_batch, _body({**body, "time_budget_ms": 200}), cfg)
+    assert status == 413 and "8 instances x 200 ms" in message
+    ok = api.parse_decide_batch(_body({**body, "time_budget_ms": 100}), cfg)
+    assert ok.options.time_budget_s == pytest.approx(0.1)
+    greedy = api.parse_decide_batch(_body({**body, "decode": "greedy"}), cfg)
+    assert greedy.options.time_budget_s is None

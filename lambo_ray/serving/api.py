@@ -40,7 +40,9 @@ class _Envelope(BaseModel):
         default=0, ge=0, lt=2**63, description="seed of stochastic decode modes (same seed, same decision)"
     )
     time_budget_ms: float | int | None = Field(
-        default=None, description="time budget of refine / search decoding in ms (bounded by the server)"
+        default=None,
+        description="local-search time per instance of refine / search decoding in ms; a request's instances "
+        "together are bounded by the server's max_time_budget_ms",
     )
 
 
@@ -150,21 +152,25 @@ def _envelope(doc: Any, model: type[_Envelope]) -> _Envelope:
         raise LamboInputError(describe(err), where="body") from None
 
 
-def _time_budget(env: _Envelope, decode: str, cfg: ServeConfig) -> float | None:
+def _time_budget(env: _Envelope, decode: str, cfg: ServeConfig, count: int) -> float | None:
+    """Seconds of local search per instance. The request's instances together may spend at most
+    ``max_time_budget_ms``: an explicit budget beyond that is refused (413), the default one shrinks."""
     budget = env.time_budget_ms
     if budget is None:
-        return cfg.default_time_budget_ms / 1e3 if decode in BUDGETED_MODES else None
+        if decode not in BUDGETED_MODES:
+            return None
+        return min(cfg.default_time_budget_ms, cfg.max_time_budget_ms / count) / 1e3
     if not math.isfinite(budget) or budget <= 0:
         raise LamboInputError(f"time_budget_ms={budget} must be a positive number of ms", where="time_budget_ms")
-    if budget > cfg.max_time_budget_ms:
+    if budget * count > cfg.max_time_budget_ms:
+        spent = f"{count} instances x {budget:g} ms" if count > 1 else f"time_budget_ms={budget:g}"
         raise limits.too_large(
-            f"time_budget_ms={budget:g} exceeds the limit max_time_budget_ms={cfg.max_time_budget_ms:g}",
-            "time_budget_ms",
+            f"{spent} exceed the limit max_time_budget_ms={cfg.max_time_budget_ms:g}", "time_budget_ms"
         )
     return float(budget) / 1e3
 
 
-def _options(env: _Envelope, cfg: ServeConfig) -> DecodeOptions:
+def _options(env: _Envelope, cfg: ServeConfig, count: int = 1) -> DecodeOptions:
     prompt = check_prompt(env.prompt)
     decode = env.decode if env.decode is not None else cfg.default_decode
     modes = decode_modes()
@@ -177,7 +183,7 @@ def _options(env: _Envelope, cfg: ServeConfig) -> DecodeOptions:
         raise limits.too_large(f"k={k} exceeds the limit max_k={cfg.max_k}", "k")
     if env.decoder is not None and not env.decoder:
         raise LamboInputError("empty decoder id", where="decoder")
-    return DecodeOptions(prompt, env.decoder, decode, k, env.seed, _time_budget(env, decode, cfg))
+    return DecodeOptions(prompt, env.decoder, decode, k, env.seed, _time_budget(env, decode, cfg, count))
 
 
 def _instance(doc: Any, where: str) -> Instance:
@@ -203,7 +209,7 @@ def parse_decide_batch(body: bytes, cfg: ServeConfig) -> DecideRequest:
             f"{len(env.instances)} instances exceed the limit max_batch_instances={cfg.max_batch_instances}",
             "instances",
         )
-    options = _options(env, cfg)
+    options = _options(env, cfg, len(env.instances))
     where = [f"instances[{i}]" for i in range(len(env.instances))]
     limits.check_request_sizes(env.instances, cfg, where)
     return DecideRequest([_instance(doc, w) for doc, w in zip(env.instances, where)], options)
