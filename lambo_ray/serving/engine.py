@@ -16,7 +16,7 @@ Failure isolation. A group whose policy call raises is retried item by item, so 
 the policy fails only its own caller; an unexpected error becomes a :class:`ItemError` with status 500
 and no traceback in the answer (the traceback goes to the replica's log).
 
-The engine is synchronous and not thread-safe by design: a replica calls it from its one policy thread
+The engine is synchronous and not thread-safe by design: a replica calls it from its event loop thread
 only, which serialises decoder loads with decisions.
 """
 
