@@ -681,3 +681,13 @@ def test_replica_lost_mid_request_is_a_json_503_and_serve_recovers(served, insta
     r = httpx.post(url + "/v1/decide", json={"instance": instance_to_dict(inst), "prompt": "min_latency"}, timeout=60)
     assert r.status_code == 200, r.text
     _check_result(r.json(), inst, local.decide("default", inst, "min_latency"))
+
+
+def test_cli_serve_without_checkpoint_uses_the_shipped_policy_or_says_what_is_missing(capsys):
+    from lambo_ray.cli import main
+    from lambo_ray.policy import checkpoint
+
+    if hasattr(checkpoint, "default_checkpoint"):
+        pytest.skip("this build ships a default policy: `lambo serve` without --checkpoint serves it")
+    assert main(["serve"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
