@@ -4,6 +4,7 @@ frozen-encoder training, and a short end-to-end fine-tune on a tiny drifted cell
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches, replay_split
-from lambo_ray.alef.expert_pool import ExpertPool, LabellingError, LabelWorker, LabelWorkerConfig
+from lambo_ray.alef.expert_pool import ExpertPool, Label, LabellingError, LabelWorker, LabelWorkerConfig, Skipped
 from lambo_ray.alef.finetune import (
     AlefConfig,
     decide,
@@ -160,19 +161,21 @@ class _Stub(Expert):
         )
 
 
-def test_worker_falls_back_to_de_and_records_source_and_gap(small_instances):
+def test_worker_falls_back_and_records_source_and_gap(small_instances):
     inst, prompt = small_instances[0], "min_energy"
     de = get_expert("de", init="seeded").solve(inst, prompt, 5.0)
+    ls = get_expert("local_search").solve(inst, prompt, 5.0)
     all_local = evaluate(inst, np.zeros(inst.n_ues, int), np.zeros(inst.n_ues)).objective(prompt)
     assert de.objective < all_local  # the scripted incumbent is beatable, so DE must win below
-    worker = LabelWorker(LabelWorkerConfig())
+    worker = LabelWorker(LabelWorkerConfig(fallbacks=("de",)))
     lb = 0.9 * de.objective
 
     worker.primary = _Stub("time_limit", lower_bound=lb)
     lab = worker.label(7, inst, prompt, 5.0)
-    assert (lab.instance_id, lab.source) == (7, "de")
+    assert (lab.instance_id, lab.source, lab.exact_status) == (7, "de", "time_limit")
     assert lab.objective == pytest.approx(de.objective, rel=1e-12)
     assert lab.gap == pytest.approx((de.objective - lb) / de.objective)
+    assert lab.lower_bound == pytest.approx(lb)
 
     worker.primary = _Stub("crash")
     lab = worker.label(8, inst, prompt, 5.0)
@@ -182,10 +185,22 @@ def test_worker_falls_back_to_de_and_records_source_and_gap(small_instances):
     lab = worker.label(9, inst, prompt, 5.0)
     assert lab.source == "exact" and lab.objective == pytest.approx(all_local)
 
+    # An incumbent certified within accept_gap is kept as is: no fallback runs (a crashing one would show).
+    worker._fallbacks = {"de": _Stub("crash")}
+    worker.primary = _Stub("time_limit", lower_bound=all_local * (1 - 1e-4))
+    lab = worker.label(10, inst, prompt, 5.0)
+    assert lab.source == "exact_time_limit" and lab.gap == pytest.approx(1e-4, rel=1e-6)
+
     worker.primary = _Stub("crash")
-    worker._fallback = _Stub("crash")
-    with pytest.raises(LabellingError, match="both failed"):
-        worker.label(10, inst, prompt, 5.0)
+    with pytest.raises(LabellingError, match="every fallback failed"):
+        worker.label(11, inst, prompt, 5.0)
+
+    # The default chain tries local search and DE and keeps the better label.
+    chain = LabelWorker(LabelWorkerConfig())
+    chain.primary = _Stub("time_limit", lower_bound=lb)
+    lab = chain.label(12, inst, prompt, 5.0)
+    assert lab.objective == pytest.approx(min(de.objective, ls.objective), rel=1e-12)
+    assert lab.source == ("local_search" if ls.objective <= de.objective else "de")
 
 
 def test_pool_labels_equal_direct_exact_solves(pool, small_instances):
@@ -225,6 +240,66 @@ def test_pool_rejects_bad_requests(pool):
         pool.label(generate_many(TINY, 2, seed=1), "min_energy", ids=[3, 3])
     with pytest.raises(LamboInputError, match="prompt"):
         pool.label(generate_many(TINY, 2, seed=1), "min_cost")
+
+
+def scripted_worker(marker: str) -> LabelWorkerConfig:
+    """Actors whose expert hangs (sleeps for an hour, like a HiGHS solve that never checks its limit)
+    on 7-UE instances always, on 6-UE ones only the first time (``marker`` file: shared by every
+    actor), and answers 5-UE ones at once with all-local. Defined in a function, so cloudpickle ships
+    the class itself to the actors (they cannot import this test module)."""
+    import os as _os
+    import time as _time
+
+    class Scripted(Expert):
+        name = "scripted"
+
+        def _solve(self, inst, prompt, time_limit):
+            first = not _os.path.exists(marker)
+            if inst.n_ues == 7 or (inst.n_ues == 6 and first):
+                open(marker, "w").close()
+                _time.sleep(3600)
+            zeros = np.zeros(inst.n_ues)
+            return zeros.astype(np.int64), zeros, {"status": "optimal", "proven_optimal": True, "gap": 0.0}
+
+    return LabelWorkerConfig(primary_factory=Scripted, fallbacks=())
+
+
+def test_pool_kills_an_actor_that_misses_its_deadline_and_retries_or_skips(ray_session, tmp_path):
+    """Expert time limit 1 s, grace 1 s: a hanging solve is killed after 2 s. The 6-UE instance is
+    labelled by a replacement actor; the 7-UE one hangs on every actor and is skipped after 2 attempts
+    and reported; the 5-UE one is labelled; nothing raises and nothing waits on a hung actor."""
+    insts = [generate_many(TINY.replace(n_ues=n), 1, seed=n)[0] for n in (6, 7, 5)]
+    with ExpertPool(
+        1,
+        time_limit=1.0,
+        worker=scripted_worker(str(tmp_path / "hung")),
+        max_attempts=2,
+        cpus_per_actor=0.5,
+        grace_s=1.0,
+    ) as pool:
+        t0 = time.monotonic()
+        first_pid = pool.warm_up()[0]
+        startup = time.monotonic() - t0
+        assert pool.deadline_s == pytest.approx(2.0)
+        t0 = time.monotonic()
+        out = pool.label(insts, "min_energy", ids=[60, 70, 50])
+        wall = time.monotonic() - t0
+        stats = pool.stats
+    hung_once, hung, fast = out
+    assert isinstance(hung_once, Label) and hung_once.attempt == 2 and hung_once.worker_pid != first_pid
+    assert isinstance(hung, Skipped) and hung.attempts == 2 and "deadline" in hung.reason
+    assert isinstance(fast, Label) and fast.source == "exact" and fast.instance_id == 50
+    assert (stats.timeouts, stats.retries, stats.skipped, stats.labelled) == (3, 2, 1, 2)
+    assert stats.actors_replaced == 3 and stats.skips[0]["instance_id"] == 70
+    # Three missed 2 s deadlines and three fresh actors (each started about as fast as the first one).
+    assert wall < 3 * 2.0 + 3 * (startup + 10.0), (wall, startup)
+
+
+def test_pool_places_actors_by_free_cpus(pool, ray_session):
+    free = ray_session.available_resources().get("CPU", 0.0)
+    assert free < ray_session.cluster_resources()["CPU"]  # the module's pool holds some
+    with pytest.raises(LamboInputError, match="are free"):
+        ExpertPool(1, cpus_per_actor=free + 0.25)
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -320,7 +395,7 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
 def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
     """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate's gaps are the
     greedy gaps to the labels recomputed with the evaluator."""
-    import lambo_ray.alef.finetune as ft
+    import lambo_ray.alef.rounds as rounds
 
     policy = tiny_policy(5)
     before = [p.detach().clone() for p in policy.decoder_parameters()]
@@ -331,7 +406,7 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
                 p.add_(torch.randn_like(p) * 5.0)
         return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
 
-    monkeypatch.setattr(ft, "train_decoder", wreck)
+    monkeypatch.setattr(rounds, "train_decoder", wreck)
     cfg = AlefConfig(
         drift="outage",
         prompts=("min_energy",),

@@ -6,9 +6,15 @@
 Loads the pretrained policy (``DIR`` or ``DIR/policy``), starts a pool of expert actors on the
 cluster (or an embedded local Ray), runs :func:`lambo_ray.alef.finetune.run_alef` and writes
 ``--out`` as a decoder-only checkpoint (``decoder.pt`` + ``decoder.json``, loadable on top of the
-same encoder with ``load_decoder`` / ``lambo solve --decoder`` / Serve) plus ``metrics.json``.
-The output directory appears complete or not at all: it is assembled in a temporary sibling and
-renamed into place; an existing one is only replaced with ``--overwrite``.
+same encoder with ``load_decoder`` / ``lambo solve --decoder`` / Serve) plus ``metrics.json`` and
+``labels.jsonl`` (every expert label of the run with its instance and provenance). The output
+directory appears complete or not at all: it is assembled in a temporary sibling and renamed into
+place; an existing one is only replaced with ``--overwrite``.
+
+While it runs, ``--state-dir`` (default ``OUT.partial``) holds a journal of every label bought and
+the state after the last completed round. After a crash, the same command with ``--resume``
+continues from there without buying any label again; the directory is removed once ``--out`` is
+written.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from lambo_ray.mec.instance import PROMPTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from lambo_ray.alef.finetune import AlefConfig
+    from lambo_ray.alef.config import AlefConfig
+    from lambo_ray.alef.query import query_strategies
 
     d = AlefConfig.__dataclass_fields__
     p.add_argument("--checkpoint", type=Path, required=True, help="pretrained policy (DIR or DIR/policy)")
@@ -42,13 +49,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d["pool_size"].default,
         help="unlabelled drifted instances decided online per round",
     )
-    p.add_argument("--query", default=d["query"].default, help="query strategy: entropy or random")
+    p.add_argument("--query", default=d["query"].default, help=f"query strategy: {', '.join(query_strategies())}")
+    p.add_argument(
+        "--query-samples",
+        type=int,
+        default=d["query_samples"].default,
+        help="gain query: sampled decodes per arriving instance",
+    )
     p.add_argument("--experts", type=int, default=d["experts"].default, help="expert actors (1 CPU each)")
     p.add_argument(
         "--time-limit",
         type=float,
         default=d["label_time_limit"].default,
-        help="seconds per label for exact (and again for the DE fallback)",
+        help="seconds per label for exact, and again for each fallback",
+    )
+    p.add_argument(
+        "--fallbacks",
+        nargs="+",
+        default=list(d["label_fallbacks"].default),
+        help="experts tried when exact proves nothing within the time limit (best feasible label wins)",
+    )
+    p.add_argument(
+        "--label-grace",
+        type=float,
+        default=d["label_grace_s"].default,
+        help="seconds past the time limits after which an expert actor is killed and replaced",
+    )
+    p.add_argument(
+        "--label-attempts",
+        type=int,
+        default=d["label_attempts"].default,
+        help="actors tried per instance before it is skipped (and reported)",
     )
     p.add_argument(
         "--prompt",
@@ -71,7 +102,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share-weight", type=float, default=d["share_weight"].default)
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--decoder-id", default=None, help="id of the new decoder (default: DRIFT-QUERY)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out directory (and discard the state an interrupted run left)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its state directory")
+    p.add_argument("--state-dir", type=Path, default=None, help="run state while it runs (default: OUT.partial)")
     p.add_argument(
         "--no-gate",
         action="store_true",
@@ -85,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from lambo_ray.alef.finetune import AlefConfig
+    from lambo_ray.alef.config import AlefConfig
     from lambo_ray.alef.query import query_strategies
 
     if args.drift not in DRIFTS:
@@ -109,8 +146,12 @@ def config_from_args(args: argparse.Namespace):
         budget=args.budget,
         budget_per_round=args.budget_per_round,
         query=args.query,
+        query_samples=args.query_samples,
         experts=args.experts,
         label_time_limit=args.time_limit,
+        label_fallbacks=tuple(args.fallbacks),
+        label_grace_s=args.label_grace,
+        label_attempts=args.label_attempts,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -125,9 +166,41 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_fallbacks(names: list[str]) -> None:
+    from lambo_ray.experts import available_methods
+
+    unknown = [n for n in names if n not in available_methods()]
+    if unknown:
+        raise LamboInputError(
+            f"unknown fallback expert(s) {', '.join(unknown)}; expected some of {', '.join(available_methods())}",
+            where="fallbacks",
+        )
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    return args.state_dir if args.state_dir is not None else args.out.parent / f"{args.out.name}.partial"
+
+
+def _check_paths(out: Path, state: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse anything that would lose a finished output or an interrupted run's labels by accident."""
+    from lambo_ray.mec.io import recover_dir
+
+    recover_dir(state / "round")
+    has_state = state.exists() and any(state.iterdir())
+    if resume:
+        if not has_state:
+            what = "the run already finished" if out.exists() else "no interrupted run"
+            raise LamboInputError(f"nothing to resume ({what})", where=str(state))
+        return
+    if has_state and not overwrite:
+        raise LamboInputError(
+            "an interrupted run left its labels here; pass --resume to continue it (or --overwrite to discard them)",
+            where=str(state),
+        )
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise LamboInputError("output exists; pass --overwrite to replace it", where=str(out))
+    if has_state:  # --overwrite: start afresh
+        shutil.rmtree(state)
 
 
 def publish(stage: Path, out: Path) -> None:
@@ -142,21 +215,16 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     cfg = config_from_args(args)
+    _check_fallbacks(list(cfg.label_fallbacks))
     out: Path = args.out
-    _check_out(out, args.overwrite)
+    state_dir = state_dir_of(args)
+    _check_paths(out, state_dir, args.overwrite, args.resume)
     decoder_id = args.decoder_id or f"{cfg.drift}-{cfg.query}"
 
-    from lambo_ray.alef.expert_pool import ExpertPool
+    from lambo_ray.alef.config import make_pool
     from lambo_ray.alef.finetune import run_alef
-    from lambo_ray.mec.io import write_json
-    from lambo_ray.policy.checkpoint import (
-        DECODER_ID_RE,
-        load_policy,
-        policy_fingerprint,
-        resolve_policy_dir,
-        save_decoder,
-    )
-    from lambo_ray.results import print_table, run_metadata
+    from lambo_ray.alef.store import RunStore
+    from lambo_ray.policy.checkpoint import DECODER_ID_RE, load_policy, policy_fingerprint, resolve_policy_dir
 
     if not DECODER_ID_RE.match(decoder_id):
         raise LamboInputError(f"decoder id {decoder_id!r} must match {DECODER_ID_RE.pattern}", where="decoder-id")
@@ -166,40 +234,51 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray()
     start = time.perf_counter()
-    with ExpertPool(cfg.experts, time_limit=cfg.label_time_limit) as pool:
-        result = run_alef(policy, cfg, pool, log=lambda s: print(f"[alef] {s}", flush=True))
+    with make_pool(cfg) as pool:
+        result = run_alef(policy, cfg, pool, log=lambda s: print(f"[alef] {s}", flush=True), store=RunStore(state_dir))
     if policy_fingerprint(policy) != base_fp:  # the frozen encoder moved: a bug, never ship such a decoder
         raise RuntimeError("encoder weights changed during decoder-only fine-tuning")
+    write_output(args, cfg, result, policy, policy_dir, decoder_id, time.perf_counter() - start)
+    shutil.rmtree(state_dir, ignore_errors=True)  # every label is in OUT/labels.jsonl now
+    print_summary(cfg, result)
+    print(f"decoder {decoder_id!r} written to {out} (metrics.json and labels.jsonl alongside)")
+    return 0
+
+
+def write_output(args, cfg, result, policy, policy_dir: Path, decoder_id: str, total_s: float) -> None:
+    """Decoder checkpoint + metrics.json + labels.jsonl, staged and renamed into ``args.out`` at once."""
+    from lambo_ray.mec.io import write_json, write_jsonl
+    from lambo_ray.policy.checkpoint import policy_fingerprint, save_decoder
+    from lambo_ray.results import run_metadata
 
     metrics: dict[str, Any] = {
         **run_metadata(),
         "checkpoint": str(policy_dir),
-        "base_fingerprint": base_fp,
+        "base_fingerprint": policy_fingerprint(policy),
         "decoder_id": decoder_id,
         **result.to_dict(),
-        "total_s": time.perf_counter() - start,
+        "total_s": total_s,
     }
     summary = {
         "drift": cfg.drift,
         "query": cfg.query,
         "labels_used": result.labels_used,
+        "skipped": result.skipped,
         "gap_before": result.before["drifted"]["gap"],
         "gap_after": result.after["drifted"]["gap"],
         "undrifted_gap_before": result.before["undrifted"]["gap"],
         "undrifted_gap_after": result.after["undrifted"]["gap"],
     }
-
+    out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     stage_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
     try:
         stage = stage_root / "out"
         save_decoder(
-            stage,
-            policy,
-            decoder_id,
-            meta={"alef": summary, "config": result.config, "checkpoint": str(policy_dir)},
+            stage, policy, decoder_id, meta={"alef": summary, "config": result.config, "checkpoint": str(policy_dir)}
         )
         write_json(stage / "metrics.json", metrics)
+        write_jsonl(stage / "labels.jsonl", result.label_records())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)  # mkdtemp made it private; a checkpoint is meant to be shared
@@ -207,27 +286,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
 
+
+def print_summary(cfg, result) -> None:
+    from lambo_ray.results import print_table
+
     rows = [
         {
             "round": 0,
             "labels": 0,
+            "skipped": 0,
             "drifted_gap": result.before["drifted"]["gap"],
             "drifted_feasible": result.before["drifted"]["feasible"],
             "undrifted_gap": result.before["undrifted"]["gap"],
             "loss": None,
+            "kept": None,
         }
     ]
     rows += [
         {
             "round": r.round,
             "labels": r.labels_used,
+            "skipped": r.skipped,
             "drifted_gap": r.drifted["gap"],
             "drifted_feasible": r.drifted["feasible"],
             "undrifted_gap": r.undrifted["gap"],
             "loss": r.train["loss"],
+            "kept": r.accepted,
         }
         for r in result.rounds
     ]
     print_table(rows, title=f"ALEF {cfg.drift} ({cfg.query} query, {result.labels_used} labels)")
-    print(f"decoder {decoder_id!r} written to {out} (metrics.json alongside)")
-    return 0
