@@ -28,6 +28,7 @@ from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
+from lambo_ray.mec.io import instance_from_dict
 from lambo_ray.mec.scenario import ScenarioConfig
 
 TINY = ScenarioConfig(n_ues=6, n_servers=2, capacities_cps=(1.5e10, 3e10))
@@ -430,6 +431,111 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     assert not all(torch.equal(a, b) for a, b in zip(policy2.decoder_parameters(), before))
 
 
+# ---------------------------------------------------------------------------- crash and resume
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashingPool:
+    """The module's pool, except that labelling call number ``call`` raises after ``after`` outcomes
+    (call 1 labels the references, call r + 1 round r): a crash in the middle of a round."""
+
+    def __init__(self, pool: ExpertPool, call: int, after: int) -> None:
+        self.pool, self.call, self.after, self.calls = pool, call, after, 0
+
+    @property
+    def stats(self):
+        return self.pool.stats
+
+    def label_iter(self, instances, prompts, ids):
+        import contextlib
+
+        self.calls += 1
+        with contextlib.closing(self.pool.label_iter(instances, prompts, ids)) as outcomes:
+            for n, o in enumerate(outcomes):
+                if self.calls == self.call and n == self.after:
+                    raise SimulatedCrash("killed mid-round")
+                yield o
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # expert time differs run to run
+
+
+def test_resume_after_a_crash_mid_round_3_buys_no_label_twice_and_ends_like_an_uninterrupted_run(pool, tmp_path):
+    from lambo_ray.alef.store import RunStore
+
+    cfg = AlefConfig(
+        drift="load",
+        prompts=("min_latency", "min_energy"),
+        rounds=3,
+        pool_size=8,
+        budget=12,
+        query="random",  # its RNG state must survive the crash too
+        experts=2,
+        epochs=2,
+        batch_size=4,
+        n_replay=2,
+        n_heldout=4,
+        scenario=TINY,
+        seed=5,
+    )
+    whole = run_alef(tiny_policy(6), cfg, pool, store=RunStore(tmp_path / "whole"))
+    assert [r.labels_this_round for r in whole.rounds] == [4, 4, 4]
+
+    store = RunStore(tmp_path / "crashed")
+    with pytest.raises(SimulatedCrash):
+        run_alef(tiny_policy(6), cfg, CrashingPool(pool, call=4, after=2), store=store)
+    assert store.load_round().state["completed_rounds"] == 2
+    assert len(RunStore(store.dir).journal) == 10 + 4 + 4 + 2  # references, rounds 1-2, half of round 3
+
+    bought_before = pool.stats.labelled
+    policy = tiny_policy(6)
+    resumed = run_alef(policy, cfg, pool, store=RunStore(store.dir))
+    assert resumed.resumed_after_round == 2 and len(resumed.rounds) == 3
+    assert pool.stats.labelled - bought_before == 2  # only the round-3 labels the crash had not recorded
+    assert resumed.rounds[2].labels_cached == 2 and resumed.pool_stats["from_journal"] == 10 + 2
+    assert _comparable(resumed.label_records()) == _comparable(whole.label_records())
+    assert [o.instance_id for o in resumed.online] == [o.instance_id for o in whole.online]
+    assert resumed.after == whole.after
+    reference = tiny_policy(6)
+    run_alef(reference, cfg, pool, store=RunStore(tmp_path / "whole"))  # a finished store: nothing to do
+    assert all(
+        torch.equal(a, b) for a, b in zip(policy.decoder.state_dict().values(), reference.decoder.state_dict().values())
+    )
+
+    with pytest.raises(LamboInputError, match="budget 12"):
+        run_alef(tiny_policy(6), dataclasses.replace(cfg, budget=8), pool, store=RunStore(store.dir))
+    with pytest.raises(LamboInputError, match="another policy"):
+        run_alef(tiny_policy(7), cfg, pool, store=RunStore(store.dir))
+
+
+def test_label_journal_survives_a_torn_last_line_and_rejects_a_corrupt_one(tmp_path, small_instances):
+    from lambo_ray.alef.store import LabelJournal
+
+    path = tmp_path / "journal.jsonl"
+    j = LabelJournal(path)
+    a, b = small_instances[:2]
+    lab = Label(
+        3, "min_energy", np.zeros(a.n_ues, np.int64), np.zeros(a.n_ues), 1.5, "exact", 0.0, 1.5, "optimal", 0.1, 1
+    )
+    j.record(a, lab)
+    j.record(b, Skipped(4, "min_latency", "no label within its 2 s deadline", 3))
+    with open(path, "a") as fh:
+        fh.write('{"key": [5, "min_en')  # the process died mid-append
+    again = LabelJournal(path)
+    assert len(again) == 2 and path.read_text().endswith("\n")
+    got = again.get(3, "min_energy", a)
+    assert isinstance(got, Label) and got.objective == 1.5 and np.array_equal(got.target, lab.target)
+    assert isinstance(again.get(4, "min_latency", b), Skipped)
+    assert again.get(3, "min_energy", b) is None and again.get(3, "min_latency", a) is None  # other instance / prompt
+    path.write_text("not json\n" + path.read_text())
+    with pytest.raises(LamboInputError, match="journal.jsonl:1"):
+        LabelJournal(path)
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 
@@ -474,8 +580,95 @@ def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels_used"] == 4 and metrics["config"]["drift"] == "load"
     assert set(metrics["before"]) == {"drifted", "undrifted"} and "git_revision" in metrics
+    # Every label of the run, with its instance and provenance; the run state is gone once out/ exists.
+    records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    roles = [r["role"] for r in records]
+    assert roles.count("query") == 4 and roles.count("heldout") == 4 and roles.count("replay") == 2
+    for r in records:
+        inst = instance_from_dict(r["instance"])
+        assert evaluate(inst, np.array(r["target"]), np.array(r["share"])).objective(r["prompt"]) == pytest.approx(
+            r["objective"], rel=1e-12
+        )
+        assert r["source"] == "exact" and r["status"] == "optimal" and r["gap"] <= 1e-4
+    assert not (tmp_path / "dec.partial").exists()
 
     # An existing output is never touched without --overwrite.
     before = (out / "decoder.pt").read_bytes()
     assert main(common + ["--drift", "load", "--budget", "4", *tiny]) == 2
     assert (out / "decoder.pt").read_bytes() == before
+
+
+def test_cli_finetune_refuses_to_lose_an_interrupted_runs_labels(tmp_path, capsys):
+    from lambo_ray.cli import main
+
+    out, state = tmp_path / "dec", tmp_path / "dec.partial"
+    cmd = ["finetune", "--checkpoint", str(tmp_path / "pre"), "--out", str(out), "--drift", "load"]
+    assert main(cmd + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    state.mkdir()
+    (state / "journal.jsonl").write_text("{}\n")
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (state / "journal.jsonl").read_text() == "{}\n"  # untouched
+
+
+@pytest.mark.slow
+def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(pool, tmp_path):
+    """`lambo finetune` as users run it (its own embedded Ray in a subprocess), SIGKILLed once round 2
+    is saved; the same command with --resume finishes with the labels, metrics and decoder of an
+    uninterrupted run, and buys only the labels the killed run had not recorded."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lambo_ray.cli import main
+    from lambo_ray.policy.checkpoint import save_policy
+
+    save_policy(tmp_path / "pre" / "policy", tiny_policy(5))
+    args = ["--checkpoint", str(tmp_path / "pre"), "--drift", "load", "--budget", "24", "--rounds", "6"]
+    args += ["--experts", "1", "--n-ues", "6", "--n-servers", "2", "--pool-size", "8", "--heldout", "4"]
+    args += ["--n-replay", "2", "--epochs", "2", "--query", "random"]
+    assert main(["finetune", *args, "--out", str(tmp_path / "whole")]) == 0
+
+    out, state = tmp_path / "dec", tmp_path / "dec.partial"
+    cmd = [sys.executable, "-m", "lambo_ray.cli", "finetune", *args, "--out", str(out)]
+    env = dict(os.environ, RAY_ADDRESS="local", RAY_DISABLE_USAGE_STATS="1")  # a fresh embedded Ray
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads((state / "round" / "state.json").read_text())["completed_rounds"] >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started (its process group)
+        proc.communicate(timeout=60)
+    assert not out.exists()
+    killed_after = json.loads((state / "round" / "state.json").read_text())["completed_rounds"]
+    journal = len((state / "journal.jsonl").read_text().splitlines())
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed after round {killed_after}" in resumed.stdout
+    assert not state.exists()
+
+    def labels(d):
+        return _comparable([json.loads(line) for line in (d / "labels.jsonl").read_text().splitlines()])
+
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert labels(out) == labels(tmp_path / "whole") and len(labels(out)) == 10 + 24
+    assert metrics["after"] == whole["after"] and metrics["labels_used"] == 24
+    # Bought after the kill: every label of the run except those restored with the rounds or in the journal.
+    restored = 4 * killed_after
+    assert metrics["pool_stats"]["labelled"] == 10 + 24 - journal
+    assert metrics["pool_stats"]["from_journal"] == journal - restored
+    assert (out / "decoder.pt").read_bytes() == (tmp_path / "whole" / "decoder.pt").read_bytes()

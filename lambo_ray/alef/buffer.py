@@ -41,8 +41,8 @@ class Example:
         return cls(
             inst,
             lab.prompt,
-            lab.target,
-            lab.share,
+            np.array(lab.target, dtype=np.int64),  # a copy: labels from Ray's object store are read-only
+            np.array(lab.share, dtype=np.float64),
             lab.source,
             lab.objective,
             lab.exact_status,
