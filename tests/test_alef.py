@@ -107,6 +107,56 @@ def test_entropy_query_on_policy_decisions_matches_single_instance_decodes():
     assert set(select(scores, 3).tolist()) == set(np.argsort(-alone)[:3].tolist())
 
 
+def test_gain_query_scores_the_sampled_improvement_and_breaks_ties_by_entropy():
+    ent = np.array([[0.1, 0.1], [0.9, 0.9], [0.5, 0.5], [0.2, 0.2], [0.3, 0.3]])
+    mask = np.ones_like(ent, bool)
+    greedy = np.array([10.0, 10.0, 8.0, np.nan, 10.0])  # instance 3: greedy infeasible
+    sampled = np.array([9.0, 10.0, 7.6, 12.0, 10.0])
+    q = QueryInput(ent, np.zeros_like(ent), mask, greedy, sampled)
+    scores = get_query("gain", samples=4)(q, np.random.default_rng(0))
+    np.testing.assert_allclose(scores[[0, 2, 3]], [0.1, 0.05, 1.0], atol=1e-5)
+    # infeasible greedy first, then by gain; equal (zero) gains ordered by entropy: 1 (0.9) before 4 (0.3)
+    assert select(scores, 5).tolist() == [3, 0, 2, 1, 4]
+    assert get_query("gain", samples=4).samples == 4 and get_query("entropy").samples == 0
+    with pytest.raises(ValueError, match="sampled objectives"):
+        get_query("gain")(QueryInput(ent, np.zeros_like(ent), mask), np.random.default_rng(0))
+
+
+def test_online_decide_with_samples_reports_greedy_and_best_of_k_objectives():
+    """The gain query's inputs: greedy objectives recomputed with the evaluator, and the best-of-k
+    objective of the policy's own decode (which contains greedy, so it is never worse)."""
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    policy = tiny_policy(8)
+    insts = generate_many(TINY, 6, seed=21)
+    prompts = ["min_latency", "min_energy"] * 3
+    d = decide(policy, insts, prompts, samples=6, seed=3)
+    q = d.query_input
+    for k, (inst, p) in enumerate(zip(insts, prompts)):
+        ev = evaluate(inst, d.targets[k], d.shares[k])
+        assert (
+            q.greedy_objective[k] == pytest.approx(ev.objective(p)) if ev.feasible else np.isnan(q.greedy_objective[k])
+        )
+    best = policy_decide(policy, insts, prompts, mode="best_of_k", k=6, seed=3)
+    np.testing.assert_allclose(q.sampled_objective, [b.objective for b in best], rtol=1e-12)
+    assert np.all(q.sampled_objective <= q.greedy_objective * (1 + 1e-12))
+    assert (q.sampled_objective < q.greedy_objective * (1 - 1e-9)).any()  # sampling finds better decisions here
+
+
+def test_gate_diagnosis_names_the_cause():
+    from lambo_ray.alef.gate import LabelledFit, diagnose
+
+    def fit(gap=0.02, infeasible=0, loss=1.0, tf=0.8, agree=0.7):
+        return LabelledFit(gap, gap, gap, infeasible, loss, loss, 0.0, tf, agree)
+
+    base = fit()
+    assert diagnose(base, fit(gap=0.01)) == ""
+    assert diagnose(base, fit(gap=0.03, infeasible=1)) == "infeasible"
+    assert diagnose(base, fit(gap=0.03, loss=1.1)) == "not_fitted"
+    assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.65)) == "exposure_bias"
+    assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.8)) == "objective_mismatch"
+
+
 def test_label_budget_splits_total_over_rounds():
     b = LabelBudget(total=10, rounds=3)
     spent = []
@@ -397,6 +447,7 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate's gaps are the
     greedy gaps to the labels recomputed with the evaluator."""
     import lambo_ray.alef.rounds as rounds
+    from lambo_ray.policy.decoding import decide as policy_decide
 
     policy = tiny_policy(5)
     before = [p.detach().clone() for p in policy.decoder_parameters()]
@@ -423,6 +474,19 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     res = run_alef(policy, cfg, pool)
     m = res.rounds[0]
     assert not m.accepted and m.gate_gap_after > m.gate_gap_before
+    # The gate's record, recomputed independently: greedy gap and imitation loss of the base decoder
+    # on the round's labels + replay (infeasible = 100%).
+    examples = res.buffer + res.reference_examples["replay"]
+    assert (m.gate["n_drifted"], m.gate["n_replay"]) == (len(res.buffer), 4) and len(res.buffer) == 8
+    base = tiny_policy(5)
+    gaps = []
+    for e, dec in zip(examples, policy_decide(base, [e.instance for e in examples], [e.prompt for e in examples])):
+        gaps.append(dec.objective / e.objective - 1 if dec.stats["feasible"] else 1.0)
+    assert m.gate["before"]["gap"] == pytest.approx(np.mean(gaps), rel=1e-9)
+    with torch.no_grad():
+        il = imitation_losses(base, examples)
+    assert m.gate["before"]["loss"] == pytest.approx(float(il.target_ce + il.share_nll), rel=1e-5)
+    assert m.gate["after"]["loss"] > m.gate["before"]["loss"] and m.gate["diagnosis"] in ("infeasible", "not_fitted")
     assert all(torch.equal(a, b) for a, b in zip(policy.decoder_parameters(), before))
     assert res.after["drifted"]["gap"] == pytest.approx(res.before["drifted"]["gap"])
     # without the gate the wrecked decoder is kept
