@@ -254,6 +254,22 @@ def test_worker_falls_back_and_records_source_and_gap(small_instances):
     assert lab.source == ("local_search" if ls.objective <= de.objective else "de")
 
 
+def test_time_limited_min_latency_label_keeps_a_certified_gap_and_beats_local_search(paper_instances):
+    """Exact min_latency at N = 50 needs seconds; with 0.3 s it stops on its incumbent. The label is the
+    best of that incumbent, local search and DE, with its gap certified against exact's lower bound."""
+    inst = paper_instances[0]
+    lab = LabelWorker(LabelWorkerConfig()).label(0, inst, "min_latency", 0.3)
+    ls = get_expert("local_search").solve(inst, "min_latency")
+    assert lab.exact_status == "time_limit" and lab.source != "exact"
+    assert lab.objective <= ls.objective * (1 + 1e-12)
+    assert evaluate(inst, lab.target, lab.share).objective("min_latency") == pytest.approx(lab.objective, rel=1e-12)
+    if lab.lower_bound is not None:  # HiGHS had a bound when time ran out
+        assert lab.lower_bound <= lab.objective
+        assert lab.gap == pytest.approx((lab.objective - lab.lower_bound) / lab.objective)
+    else:
+        assert lab.gap is None
+
+
 def test_pool_labels_equal_direct_exact_solves(pool, small_instances):
     exact = get_expert("exact")
     prompts = ["min_latency", "min_energy"] * 3

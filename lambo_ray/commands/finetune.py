@@ -56,31 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d["query_samples"].default,
         help="gain query: sampled decodes per arriving instance",
     )
-    p.add_argument("--experts", type=int, default=d["experts"].default, help="expert actors (1 CPU each)")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=d["label_time_limit"].default,
-        help="seconds per label for exact, and again for each fallback",
-    )
-    p.add_argument(
-        "--fallbacks",
-        nargs="+",
-        default=list(d["label_fallbacks"].default),
-        help="experts tried when exact proves nothing within the time limit (best feasible label wins)",
-    )
-    p.add_argument(
-        "--label-grace",
-        type=float,
-        default=d["label_grace_s"].default,
-        help="seconds past the time limits after which an expert actor is killed and replaced",
-    )
-    p.add_argument(
-        "--label-attempts",
-        type=int,
-        default=d["label_attempts"].default,
-        help="actors tried per instance before it is skipped (and reported)",
-    )
+    add_label_arguments(p)
     p.add_argument(
         "--prompt",
         nargs="+",
@@ -119,6 +95,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:  # an unknown drift is reported in one line by config_from_args
         if action.dest == "drift":
             action.choices, action.help = None, f"drift scenario: {', '.join(DRIFTS)} (required)"
+
+
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """The expert pool's flags: how many actors, how long a label may take, what to fall back on."""
+    from lambo_ray.alef.config import AlefConfig
+
+    d = AlefConfig.__dataclass_fields__
+    p.add_argument("--experts", type=int, default=d["experts"].default, help="expert actors (1 CPU each)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=d["label_time_limit"].default,
+        help="seconds per label for exact, and again for each fallback",
+    )
+    p.add_argument(
+        "--fallbacks",
+        nargs="+",
+        default=list(d["label_fallbacks"].default),
+        help="experts tried when exact proves nothing within the time limit (best feasible label wins)",
+    )
+    p.add_argument(
+        "--label-grace",
+        type=float,
+        default=d["label_grace_s"].default,
+        help="seconds past the time limits after which an expert actor is killed and replaced",
+    )
+    p.add_argument(
+        "--label-attempts",
+        type=int,
+        default=d["label_attempts"].default,
+        help="actors tried per instance before it is skipped (and reported)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):

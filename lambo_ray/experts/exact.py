@@ -1,4 +1,4 @@
-"""The exact expert: Pyomo models solved by HiGHS, with a certified optimality gap (SPEC section 1).
+"""The exact expert: Pyomo models solved by HiGHS, with a certified optimality gap.
 
 * ``min_energy`` is a MILP (a generalised assignment problem with the minimum shares a_min_ij as
   weights): UE energy is linear in the assignment, and an assignment is feasible iff the minimum
@@ -342,7 +342,7 @@ class ExactSolver:
         Valid because sum_i c_i x_ij^2 / a_ij >= S_j^2 / A_j (Cauchy-Schwarz) and S^2 / A is jointly
         convex, so its tangent plane at (s0, 1) under-estimates it. Per-pair cuts bound each UE's
         term separately and only learn how the server is shared from the points they were cut at;
-        this one carries the sqrt(c)-proportional sharing of SPEC section 1 for every subset of UEs
+        this one carries the sqrt(c)-proportional sharing (optimal when no deadline binds) for every subset of UEs
         at once, which closes most of the gap in the first rounds when few deadlines bind.
         """
         s0 = float(s0)
