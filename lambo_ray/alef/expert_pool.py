@@ -246,7 +246,9 @@ class ExpertPool:
 
         starting = self._starting()
         refs = list(job.in_flight) + list(starting)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=self._wait_s(job)) if refs else ([], [])
+        if not refs:  # every actor idle yet work queued: dispatch would have used them
+            raise AssertionError("expert pool stalled: queued instances but no busy, starting or idle actor")
+        ready, _ = ray.wait(refs, num_returns=1, timeout=self._wait_s(job))
         out: list[Outcome] = []
         for ref in ready:
             if ref in job.in_flight:
