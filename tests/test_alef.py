@@ -155,6 +155,9 @@ def test_gate_diagnosis_names_the_cause():
     assert diagnose(base, fit(gap=0.03, loss=1.1)) == "not_fitted"
     assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.65)) == "exposure_bias"
     assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.8)) == "objective_mismatch"
+    share_only = fit(gap=0.03, tf=0.9, agree=0.65)
+    share_only.loss, share_only.target_ce = 0.5, 0.99  # the loss fell, the targets' part by 1 % only
+    assert diagnose(base, share_only) == "targets_not_fitted"
 
 
 def test_label_budget_splits_total_over_rounds():

@@ -10,6 +10,9 @@ A rolled-back round records enough to tell the usual causes apart (:func:`diagno
 * ``infeasible``: the update made some greedy decisions infeasible (each counts as a 100 % gap);
 * ``not_fitted``: the imitation loss on the labelled data did not fall: the update did not fit the
   labels (learning rate, epochs, or labels that contradict each other);
+* ``targets_not_fitted``: the loss fell through the share term only (target cross-entropy down by
+  less than 2 %): the share head's negative log-density is unbounded below and its gradients can
+  dominate the clipped update, while the targets decide the objective (all of it for ``min_energy``);
 * ``exposure_bias``: teacher-forced accuracy rose (the decoder predicts the expert's next choice
   given the expert's earlier ones) but greedy agreement with the expert did not: at decode time the
   decoder conditions on its own earlier decisions, and the errors compound;
@@ -99,6 +102,10 @@ def labelled_fit(
     )
 
 
+# Relative fall of the target cross-entropy below which an update counts as not fitting the targets.
+TARGET_FIT = 0.02
+
+
 def diagnose(before: LabelledFit, after: LabelledFit) -> str:
     """The most likely reason greedy decisions got worse (module docstring); "" if they did not."""
     if not after.gap > before.gap:
@@ -107,6 +114,8 @@ def diagnose(before: LabelledFit, after: LabelledFit) -> str:
         return "infeasible"
     if not after.loss < before.loss:
         return "not_fitted"
+    if not after.target_ce < before.target_ce * (1 - TARGET_FIT):
+        return "targets_not_fitted"
     if after.tf_accuracy > before.tf_accuracy and not after.greedy_agreement > before.greedy_agreement:
         return "exposure_bias"
     return "objective_mismatch"
