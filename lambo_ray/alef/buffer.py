@@ -27,7 +27,7 @@ class Example:
     prompt: str
     target: np.ndarray  # (N,) 0 = local, j = server j
     share: np.ndarray  # (N,) 0 where local
-    source: str  # which expert produced the label ("exact", "exact_time_limit", "local_search", "de")
+    source: str  # which expert produced the label (a LabelSource: "exact", "exact_time_limit", "ils", ...)
     objective: float
     status: str = ""  # what the exact expert reported ("optimal", "time_limit", ...)
     gap: float | None = None  # certified relative gap of the label; None when unknown

@@ -30,7 +30,7 @@ class AlefConfig:
     query_samples: int = 8  # gain query: sampled decodes per instance (best-of-k against greedy)
     experts: int = 2  # expert actors (one CPU each)
     label_time_limit: float = 10.0  # seconds per instance for exact, and again for each fallback
-    label_fallbacks: tuple[str, ...] = ("local_search", "de")  # when exact proves nothing in time
+    label_fallbacks: tuple[str, ...] = ("ils", "local_search", "de")  # when exact proves nothing in time
     label_accept_gap: float = 1e-3  # an exact incumbent certified within this gap needs no fallback
     label_grace_s: float = 10.0  # deadline = time limit x experts per label + grace; then kill + retry
     label_attempts: int = 3  # actors tried per instance before it is skipped (and reported)

@@ -21,7 +21,7 @@ from lambo_ray.mec.instance import Decision
 # "exact": proven optimal (certified gap <= the expert's tolerance); "exact_time_limit": exact's
 # incumbent when it stopped before proving optimality (its exact_status says why: time limit, round
 # limit, stall); otherwise the name of the fallback expert whose decision was better.
-LabelSource = Literal["exact", "exact_time_limit", "local_search", "de"]
+LabelSource = Literal["exact", "exact_time_limit", "ils", "local_search", "de"]
 
 
 class LabellingError(RuntimeError):

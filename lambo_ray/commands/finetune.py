@@ -175,12 +175,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _check_fallbacks(names: list[str]) -> None:
-    from lambo_ray.experts import available_methods
+    from lambo_ray.alef.worker import fallback_names
 
-    unknown = [n for n in names if n not in available_methods()]
+    unknown = [n for n in names if n not in fallback_names()]
     if unknown:
         raise LamboInputError(
-            f"unknown fallback expert(s) {', '.join(unknown)}; expected some of {', '.join(available_methods())}",
+            f"unknown fallback expert(s) {', '.join(unknown)}; expected some of {', '.join(fallback_names())}",
             where="fallbacks",
         )
 
