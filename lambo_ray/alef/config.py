@@ -19,44 +19,83 @@ from lambo_ray.mec.scenario import ScenarioConfig
 class AlefConfig:
     """Every hyperparameter of one ALEF run (logged with its metrics, so a run is reproducible)."""
 
-    drift: str = "outage"  # a drift scenario (lambo_ray.mec.drift.DRIFTS)
-    prompts: tuple[str, ...] = ("min_latency", "min_energy")  # arrivals cycle through these
-    rounds: int = 4
-    pool_size: int = 64  # unlabelled drifted instances decided online per round
-    budget: int = 200  # expert labels in total over all rounds
-    budget_per_round: int | None = None  # default: budget spread evenly over the rounds
-    query: str = "entropy"  # query strategy (lambo_ray.alef.query): entropy | random | gain
-    query_share_weight: float = 0.0  # entropy query: weight of the share head's entropy
-    query_samples: int = 8  # gain query: sampled decodes per instance (best-of-k against greedy)
-    experts: int = 2  # expert actors (one CPU each)
-    label_time_limit: float = 10.0  # seconds per instance for exact, and again for each fallback
-    label_fallbacks: tuple[str, ...] = ("ils", "local_search", "de")  # when exact proves nothing in time
-    label_accept_gap: float = 1e-3  # an exact incumbent certified within this gap needs no fallback
-    label_grace_s: float = 10.0  # deadline = time limit x experts per label + grace; then kill + retry
-    label_attempts: int = 3  # actors tried per instance before it is skipped (and reported)
+    drift: str = field(default="outage", metadata={"help": "the named drift to adapt to", "choices": tuple(DRIFTS)})
+    prompts: tuple[str, ...] = field(
+        default=("min_latency", "min_energy"),
+        metadata={"help": "prompts of the arriving instances (they cycle)", "choices": ("min_latency", "min_energy")},
+    )
+    rounds: int = field(default=4, metadata={"help": "query-label-train rounds"})
+    pool_size: int = field(default=64, metadata={"help": "unlabelled drifted instances decided online per round"})
+    budget: int = field(default=200, metadata={"help": "expert labels in total over all rounds"})
+    budget_per_round: int | None = field(
+        default=None, metadata={"help": "labels per round (default: the budget spread evenly over the rounds)"}
+    )
+    query: str = field(
+        default="entropy",
+        metadata={"help": "query strategy: which arrivals get an expert label (entropy, gain, random)"},
+    )
+    query_share_weight: float = field(
+        default=0.0, metadata={"help": "entropy query: weight of the share head's entropy"}
+    )
+    query_samples: int = field(
+        default=8, metadata={"help": "gain query: sampled decodes per arriving instance (best of k against greedy)"}
+    )
+    experts: int = field(default=2, metadata={"help": "expert actors (one CPU each)"})
+    label_time_limit: float = field(
+        default=10.0, metadata={"help": "seconds per label for exact, and again for each fallback"}
+    )
+    label_fallbacks: tuple[str, ...] = field(
+        default=("ils", "local_search", "de"),
+        metadata={"help": "experts tried when exact proves nothing within the time limit (best feasible label wins)"},
+    )
+    label_accept_gap: float = field(
+        default=1e-3, metadata={"help": "an exact incumbent certified within this relative gap needs no fallback"}
+    )
+    label_grace_s: float = field(
+        default=10.0,
+        metadata={"help": "seconds past the time limits after which an expert actor is killed and replaced"},
+    )
+    label_attempts: int = field(
+        default=3, metadata={"help": "actors tried per instance before it is skipped (and reported)"}
+    )
     # Passes over the labelled drifted buffer after each round. A few gentle Adam steps on a policy
     # shaped by RL made things worse (outage, 96 labels: gap 7.6% -> 9.0% at lr 3e-4 x 8 epochs);
     # training to convergence on the labels cut it to 3.4% and also lowered the undrifted gap
     # (1.5% -> 1.1%) with lr 1e-3 x 20 epochs.
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    replay_fraction: float = 0.25  # share of each minibatch drawn from the pre-drift replay set
+    epochs: int = field(default=20, metadata={"help": "passes over the labelled data after each round"})
+    batch_size: int = field(default=16, metadata={"help": "labelled instances per gradient step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the decoder"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay of the decoder"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    replay_fraction: float = field(
+        default=0.25, metadata={"help": "share of each minibatch drawn from the pre-drift replay set"}
+    )
     # Keep a round's decoder update only if greedy decoding on the labelled data (drifted buffer +
     # replay) does not get worse: imitation loss can fall while greedy decisions get worse (exposure
     # bias), and a fine-tuning run must never ship a decoder worse than the one it started from on
     # the data it has. The held-out sets stay untouched by this choice.
-    gate: bool = True
-    gate_tolerance: float = 0.0  # accepted if gap_after <= gap_before + tolerance (absolute)
-    n_replay: int = 32  # undrifted instances labelled once at the start (replay)
-    n_heldout: int = 32  # held-out drifted instances (gap), and as many undrifted ones (forgetting)
-    target_weight: float = 1.0  # lambda_target: cross-entropy of the expert's targets
-    share_weight: float = 1.0  # lambda_share: negative log-likelihood of the expert's shares (as the warm start)
-    series_dt_s: float = 30.0  # mobility: seconds between arrivals of the cell's time series
-    seed: int = 0
-    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)  # the undrifted (pretraining) regime
+    gate: bool = field(
+        default=True,
+        metadata={"help": "keep a round's update only if greedy decisions on the labelled data did not get worse"},
+    )
+    gate_tolerance: float = field(
+        default=0.0, metadata={"help": "the gate accepts gap_after <= gap_before + this (absolute)"}
+    )
+    n_replay: int = field(default=32, metadata={"help": "undrifted instances labelled once at the start (replay)"})
+    n_heldout: int = field(
+        default=32, metadata={"help": "held-out drifted instances (gap), and as many undrifted ones (forgetting)"}
+    )
+    target_weight: float = field(default=1.0, metadata={"help": "weight of the cross-entropy of the expert's targets"})
+    share_weight: float = field(
+        default=1.0, metadata={"help": "weight of the negative log-likelihood of the expert's shares"}
+    )
+    series_dt_s: float = field(
+        default=30.0, metadata={"help": "mobility drift: seconds between arrivals of the cell's time series"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the arrivals, the reference sets and training"})
+    scenario: ScenarioConfig = field(
+        default_factory=ScenarioConfig, metadata={"help": "the undrifted (pretraining) regime"}
+    )
 
     def __post_init__(self) -> None:
         from lambo_ray.alef.query import query_strategies
