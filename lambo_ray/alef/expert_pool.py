@@ -107,7 +107,8 @@ class ExpertPool:
             raise LamboInputError("max_attempts must be >= 1, grace_s >= 0, start_timeout_s > 0", where="experts")
         if not ray.is_initialized():
             raise RuntimeError("ExpertPool needs a running Ray (lambo_ray.commands.common.init_ray)")
-        need, free = n_actors * cpus_per_actor, ray.available_resources().get("CPU", 0.0)
+        need = n_actors * cpus_per_actor
+        free = _free_cpus(need, wait_s=min(start_timeout_s, 30.0))
         if need > free:
             # Each actor reserves its CPUs: more than are free would wait to be placed, maybe forever.
             total = ray.cluster_resources().get("CPU", 0.0)
@@ -316,3 +317,18 @@ class ExpertPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _free_cpus(need: float, wait_s: float) -> float:
+    """Free CPUs of the cluster, waiting up to ``wait_s`` for ``need`` of them: actors of a job that just
+    ended (a pretraining run's env runners, say) release theirs a moment after they are stopped."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= need or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.5)
