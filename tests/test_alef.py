@@ -374,7 +374,7 @@ def test_pool_places_actors_by_free_cpus(pool, ray_session):
     free = ray_session.available_resources().get("CPU", 0.0)
     assert free < ray_session.cluster_resources()["CPU"]  # the module's pool holds some
     with pytest.raises(LamboInputError, match="are free"):
-        ExpertPool(1, cpus_per_actor=free + 0.25)
+        ExpertPool(1, cpus_per_actor=free + 0.25, start_timeout_s=0.5)
 
 
 # ------------------------------------------------------------------------------ fine-tuning
