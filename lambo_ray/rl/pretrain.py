@@ -47,46 +47,56 @@ from lambo_ray.rl.warm_start import label_config, supervised_warm_start
 MODULE_ID = "default_policy"
 
 
+SAMPLE_TIMEOUT_S = 1800.0  # one env runner's share of a batch of 200-UE cells can take minutes on a busy CPU
+RESTART_DELAY_S = 2.0  # pause of a failing env runner before Ray restarts it (RLlib's default: 60 s)
+
+
 def build_algo_config(cfg: PretrainConfig) -> Any:
-    """The PPOConfig of a run: our env, RLModule, learner and connector piece (see notes/RLLIB.md)."""
+    """The RLlib config of a run: our env, RLModule, learner (and its connector piece), the learners as
+    resources (K remote data-parallel learners, or one in the driver with K = 0; GPUs for learners
+    only), and the overlapped training step of :class:`lambo_ray.rl.algorithm.AcrlPPO`."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+    from lambo_ray.rl.algorithm import AcrlPPO
     from lambo_ray.rl.env import MecEnv
     from lambo_ray.rl.learner import AcrlLearner, AddRewardParts
     from lambo_ray.rl.module import LamboRLModule, module_model_config
 
-    return (
-        PPOConfig()
+    batch_per_learner, minibatch_per_learner = cfg.learner_batch_sizes()
+    config = (
+        PPOConfig(algo_class=AcrlPPO)
         .environment(
             MecEnv, env_config=cfg.env_config().to_dict(), normalize_actions=False, clip_actions=False
-        )  # the module already emits valid actions (P1)
-        .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner)
+        )  # the module already emits valid actions; RLlib would otherwise rescale the shares from [-1, 1]
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            num_gpus_per_env_runner=0,  # sampling decodes small batches: a GPU would sit idle there
+            sample_timeout_s=SAMPLE_TIMEOUT_S,
+        )
         .learners(
-            num_learners=0,  # local learner in the driver (P4: a learner actor hangs on 2 CPUs)
+            num_learners=cfg.num_learners,
+            num_gpus_per_learner=cfg.num_gpus_per_learner,
+            num_cpus_per_learner=cfg.num_cpus_per_learner,
             learner_class=AcrlLearner,
             learner_connector=lambda obs_space, act_space: AddRewardParts(),
-            learner_config_dict={
-                "critic": cfg.critic,
-                "ratio": cfg.ratio,
-                "share_credit": cfg.share_credit,
-                "entropy_bonus": cfg.entropy_bonus,
-                "entropy_coeff_target": cfg.entropy_coeff_target,
-                "entropy_coeff_share": cfg.entropy_coeff_share,
-            },
+            learner_config_dict=learner_settings(cfg),
         )
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 module_class=LamboRLModule,
-                model_config=module_model_config(cfg.policy_config(), critic_heads(cfg.critic)),
+                model_config=module_model_config(
+                    cfg.policy_config(), critic_heads(cfg.critic), cfg.trim_padding, cfg.chunk_rows, cfg.precision
+                ),
             )
         )
         .training(
             lr=cfg.lr,
             gamma=0.0,
             lambda_=1.0,
-            train_batch_size_per_learner=cfg.train_batch_size,
-            minibatch_size=cfg.minibatch_size,
+            train_batch_size_per_learner=batch_per_learner,
+            minibatch_size=minibatch_per_learner,
             num_epochs=cfg.num_epochs,
             entropy_coeff=0.0,
             use_kl_loss=False,
@@ -95,13 +105,33 @@ def build_algo_config(cfg: PretrainConfig) -> Any:
             vf_loss_coeff=cfg.vf_loss_coeff,
             grad_clip=cfg.grad_clip,
         )
+        .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=RESTART_DELAY_S)
         .debugging(seed=cfg.seed)
     )
+    if cfg.precision == "fp16":
+        import torch
+
+        config.experimental(_torch_grad_scaler_class=torch.amp.GradScaler)
+    # Our connectors hold no state (no observation filters), and syncing it after every step would wait for
+    # the sample request that overlapping leaves in flight.
+    config._dont_auto_sync_env_runner_states = bool(cfg.overlap)
+    return config
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
+def learner_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The learner's ``learner_config_dict`` (read by AcrlLearner and AcrlPPO)."""
+    return {
+        "critic": cfg.critic,
+        "ratio": cfg.ratio,
+        "share_credit": cfg.share_credit,
+        "entropy_bonus": cfg.entropy_bonus,
+        "entropy_coeff_target": cfg.entropy_coeff_target,
+        "entropy_coeff_share": cfg.entropy_coeff_share,
+        "baseline": cfg.baseline,
+        "overlap": cfg.overlap,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +337,7 @@ class Pretrainer:
             "approx_kl_per_ue",
             "clip_fraction",
             "total_loss",
+            "group_singletons",
         ):
             if key in learner:
                 m[f"train/{key}"] = float(np.asarray(learner[key]))
@@ -314,10 +345,8 @@ class Pretrainer:
             key = f"batch_reward_mean/{p}"
             if key in learner:
                 m[f"train/{key}"] = float(np.asarray(learner[key]))
-        timers = res.get("timers", {})
-        for key in ("env_runner_sampling_timer", "learner_update_timer"):
-            if key in timers:
-                m[f"timers/{key}"] = float(timers[key])
+        m.update(iteration_timers(res))
+        m.update(fault_tolerance_metrics(res))
         if self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.iterations:
             t1 = time.perf_counter()
             m.update(validate(self.policy(), self.vset, self.cfg.prompts))
@@ -391,7 +420,9 @@ class Pretrainer:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out / TB_DIR))
+            # On resume, drop what a killed run logged after its last checkpoint: those iterations are redone.
+            purge = self.iteration + 1 if self.iteration > 0 else None
+            self._writer = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
             self._writer.add_text("config", json.dumps(self.cfg.to_dict(), indent=1), 0)
         for k, v in metrics.items():
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -409,6 +440,25 @@ class Pretrainer:
         self.algo.stop()
 
 
+def iteration_timers(res: dict[str, Any]) -> dict[str, float]:
+    """This iteration's sampling wait and learner update (AcrlPPO's timers; RLlib's own are smoothed)."""
+    from lambo_ray.rl.algorithm import LEARN_TIMER, SAMPLE_WAIT_TIMER
+
+    timers = res.get("timers", {})
+    return {f"timers/{k}": float(timers[k]) for k in (SAMPLE_WAIT_TIMER, LEARN_TIMER) if k in timers}
+
+
+def fault_tolerance_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """Env-runner restarts so far and healthy env runners now (RLlib's fault-tolerance stats)."""
+    ft = res.get("fault_tolerance", {})
+    out = {}
+    if "num_remote_worker_restarts" in ft:
+        out["ft/env_runner_restarts"] = float(ft["num_remote_worker_restarts"])
+    if "num_healthy_workers" in ft:
+        out["ft/healthy_env_runners"] = float(ft["num_healthy_workers"])
+    return out
+
+
 def progress_line(m: dict[str, Any], cfg: PretrainConfig) -> str:
     parts = [f"iter {m.get('iteration', '-')}/{cfg.iterations} {m.get('phase', '')}".rstrip()]
     if "time_s" in m:
@@ -417,6 +467,8 @@ def progress_line(m: dict[str, Any], cfg: PretrainConfig) -> str:
         parts.append(f"reward {m['train/batch_reward_mean']:+.4f}")
     if "train/entropy_target" in m:
         parts.append(f"H(t) {m['train/entropy_target']:.3f}")
+    if m.get("ft/env_runner_restarts"):
+        parts.append(f"env-runner restarts {m['ft/env_runner_restarts']:.0f}")
     for p in cfg.prompts:
         if f"val/{p}/objective" in m:
             s = f"{p} {m[f'val/{p}/objective']:.4g}"
