@@ -184,3 +184,128 @@ def test_batch_sizes_are_split_over_learners():
     assert algo_cfg.num_learners == 2 and algo_cfg.num_gpus_per_learner == 1
     assert algo_cfg.num_gpus_per_env_runner == 0 and algo_cfg._torch_grad_scaler_class is torch.amp.GradScaler
     assert algo_cfg.train_batch_size_per_learner == 32 and algo_cfg.total_train_batch_size == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding trim (no Ray): the trimmed, size-chunked forward passes equal the padded ones
+# ----------------------------------------------------------------------------------------------
+MIXED = {"n_ues": [4, 30], "n_servers": [2, 5], "paper_prob": 0.0, "base": SMALL}
+
+
+def mixed_module(trim_padding: bool, chunk_rows: int):
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from lambo_ray.policy import SCALES
+    from lambo_ray.rl.module import LamboRLModule, module_model_config
+
+    env = MecEnv({"scenario_dist": MIXED, "n_max": 40, "m_max": 6, "seed": 2})
+    torch.manual_seed(0)
+    spec = RLModuleSpec(
+        module_class=LamboRLModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=module_model_config(SCALES["S"], 2, trim_padding, chunk_rows),
+    )
+    return env, spec.build()
+
+
+def test_trimmed_chunked_forward_passes_equal_the_padded_ones():
+    from ray.rllib.core.columns import Columns
+
+    env, padded = mixed_module(False, 0)
+    obs = [env.reset(seed=s)[0] for s in range(24)]
+    sizes = [int(o["ue_mask"].sum()) for o in obs]
+    assert max(sizes) < 40 and min(sizes) < 15  # cells of several sizes, all smaller than the padding
+    batch = {Columns.OBS: {k: torch.from_numpy(np.stack([o[k] for o in obs])) for k in obs[0]}}
+    ref_greedy = padded.forward_inference(batch)[Columns.ACTIONS]
+    sampled = padded.forward_exploration(batch)
+    train_batch = {**batch, Columns.ACTIONS: sampled[Columns.ACTIONS], "u": sampled["u"]}
+    ref_train = padded.forward_train(train_batch)
+    for trim_padding, rows in ((True, 0), (True, 5), (True, 64)):
+        _, module = mixed_module(trim_padding, rows)
+        module.set_state(padded.get_state())
+        greedy = module.forward_inference(batch)[Columns.ACTIONS]
+        assert greedy["target"].shape == (24, 40)
+        torch.testing.assert_close(greedy["target"], ref_greedy["target"], rtol=0, atol=0)
+        torch.testing.assert_close(greedy["share"], ref_greedy["share"], rtol=0, atol=1e-6)
+        train = module.forward_train(train_batch)
+        for key in ("logp_target", "logp_share", "entropy_target", "entropy_share", "vf"):
+            torch.testing.assert_close(train[key], ref_train[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(module.compute_values(batch), padded.compute_values(batch), rtol=0, atol=1e-5)
+        # Sampling in chunks returns the action shape, padding as the padded pass leaves it.
+        out = module.forward_exploration(batch)
+        real = train_batch[Columns.OBS]["ue_mask"] > 0.5
+        assert out[Columns.ACTIONS]["target"].shape == (24, 40)
+        assert int(out[Columns.ACTIONS]["target"][~real].abs().sum()) == 0
+        assert torch.all(out["u"][~real] == 0.5)
+        own = module.forward_train({**batch, Columns.ACTIONS: out[Columns.ACTIONS], "u": out["u"]})
+        logp = (own["logp_target"] + own["logp_share"]).sum(-1)
+        torch.testing.assert_close(logp, out[Columns.ACTION_LOGP], rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Group baseline (no Ray)
+# ----------------------------------------------------------------------------------------------
+def test_env_repeats_each_instance_group_size_times():
+    env = MecEnv({"scenario": SMALL, "n_max": 10, "m_max": 3, "instances_per_episode": 6, "group_size": 3})
+    obs, _ = env.reset(seed=4)
+    action = {"target": np.zeros(10, dtype=np.int64), "share": np.zeros(10, dtype=np.float32)}
+    seen = []
+    for k in range(6):
+        inst = env.instance
+        nxt, reward, _, trunc, info = env.step(action)
+        seen.append((id(inst), info["group_id"], reward))
+        assert trunc == (k == 5)
+        if k % 3 != 2:  # the same instance, observation and group id again
+            assert env.instance is inst
+            for key in obs:
+                np.testing.assert_array_equal(nxt[key], obs[key])
+        obs = nxt
+    assert seen[0][:2] == seen[1][:2] == seen[2][:2] and seen[3][:2] == seen[4][:2] == seen[5][:2]
+    assert seen[0][1] != seen[3][1] and seen[0][0] != seen[3][0]
+    assert seen[0][2] == seen[1][2]  # same instance, same (all-local) decision: same reward
+    with pytest.raises(LamboInputError, match="group_size"):
+        MecEnv({"scenario": SMALL, "n_max": 10, "m_max": 3, "instances_per_episode": 6, "group_size": 4})
+
+
+def test_group_means_and_group_advantages():
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.evaluation.postprocessing import Postprocessing
+
+    from lambo_ray.rl.learner import GROUP, R_OFF, OneStepAdvantages, group_means
+
+    rng = np.random.default_rng(0)
+    group = np.array([7, 7, 7, 9, 9, 9, 5, 3, 3, 0])  # group 5 has one row; the last row is a bootstrap row
+    mask = np.array([True] * 9 + [False])
+    reward, r_off = rng.normal(size=10), rng.normal(size=10)
+    targets = torch.tensor(np.stack([r_off, reward - r_off], -1))
+    mean, has_peer = group_means(targets, torch.tensor(group), torch.tensor(mask))
+    for i in range(9):
+        members = (group == group[i]) & mask
+        np.testing.assert_allclose(mean[i].numpy(), targets.numpy()[members].mean(0))
+    assert has_peer.tolist() == [True] * 6 + [False, True, True, False]
+
+    class Critic:  # values the connector must ignore with the group baseline
+        def unwrapped(self):
+            return self
+
+        def compute_head_values(self, batch):
+            return torch.full((10, 2), 123.0, dtype=torch.float64)
+
+    batch = {
+        "p": {
+            Columns.LOSS_MASK: torch.tensor(mask),
+            Columns.REWARDS: torch.tensor(reward),
+            R_OFF: torch.tensor(r_off),
+            GROUP: torch.tensor(group),
+            "feasible": torch.ones(10),
+            Columns.OBS: {"prompt": torch.zeros(10, dtype=torch.long)},
+        }
+    }
+    out = OneStepAdvantages(baseline="group")(rl_module={"p": Critic()}, batch=batch, episodes=[])["p"]
+    adv = out[Postprocessing.ADVANTAGES].numpy()
+    raw = np.where(has_peer.numpy()[:, None], targets.numpy() - mean.numpy(), 0.0)
+    want = (raw - raw[mask].mean(0)) / raw[mask].std(0, ddof=1)
+    np.testing.assert_allclose(adv[mask], want[mask], atol=1e-9)
+    assert adv[6].tolist() == pytest.approx(want[6].tolist())  # the lone row: raw advantage 0, standardised
+    np.testing.assert_allclose(out[Postprocessing.VALUE_TARGETS].numpy()[mask], targets.numpy()[mask])
