@@ -16,9 +16,10 @@ their clipping stay correct; only the trust region starts one update away (APPO 
 the same kind of lag). Without env-runner actors (``num_env_runners=0``) sampling runs in the driver and
 the step is PPO's own (sample, update, sync), as it is with ``overlap=False``.
 
-Fault tolerance is RLlib's: an env runner that dies is marked unhealthy when its request fails (here or
-in PPO's sampling), the batch is topped up from the healthy ones, and Ray restarts the actor, which
-``Algorithm.restore_env_runners`` brings back at the next iteration with the current weights.
+Fault tolerance is RLlib's: an env runner that dies is marked unhealthy when its request fails, the
+batch is topped up from the healthy ones, and Ray restarts the actor (``max_restarts``), which
+``Algorithm.restore_env_runners`` brings back with the current weights. When *no* env runner is left, the
+step waits for the restart and samples again, so that every iteration still trains on a full batch.
 
 Every iteration logs ``timers/lambo_sample_wait_s`` (time the driver waited for samples) and
 ``timers/lambo_learn_s`` (the learner update), so the split is visible with and without overlap.
@@ -41,6 +42,7 @@ from ray.rllib.utils.metrics import (
 )
 
 SAMPLE_TAG = "lambo_next_batch"
+RESTART_WAIT_S = 300.0  # an actor restart re-creates the env runner: seconds, minutes on a crowded node
 SAMPLE_WAIT_TIMER, LEARN_TIMER = "lambo_sample_wait_s", "lambo_learn_s"
 
 
@@ -64,9 +66,11 @@ class AcrlPPO(PPO):
         overlap = self._overlap()
         t0 = time.perf_counter()
         episodes, runner_metrics = self._collect()
+        if not episodes and self.env_runner_group.num_remote_env_runners() > 0:
+            episodes, runner_metrics = self._collect_after_restart()
         self.metrics.log_value((TIMERS, SAMPLE_WAIT_TIMER), time.perf_counter() - t0, window=1)
         if not episodes:
-            return  # every env runner failed: Algorithm.restore_env_runners brings them back next time
+            return  # still none: Algorithm.train() tries restoring them again next iteration
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         if overlap:
             self._sync_weights()
@@ -107,6 +111,19 @@ class AcrlPPO(PPO):
             episodes.extend(more)
             metrics.extend(more_metrics)
         return episodes, metrics
+
+    def _collect_after_restart(self) -> tuple[list, list]:
+        """Every env runner failed: wait (up to RESTART_WAIT_S) for Ray to restart them, bring them back with
+        the current weights and sample again, so that an iteration still trains on a full batch."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            self.restore_env_runners(self.env_runner_group)
+            if self.env_runner_group.num_healthy_remote_env_runners() > 0:
+                episodes, metrics = self._collect()
+                if episodes:
+                    return episodes, metrics
+            time.sleep(1.0)
+        return [], []
 
     def _launch_sampling(self) -> None:
         sent = self.env_runner_group.foreach_env_runner_async(_sample_with_metrics, tag=SAMPLE_TAG)
