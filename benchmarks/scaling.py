@@ -107,7 +107,7 @@ def module_costs(scale: str, rows: int, repeats: int) -> list[dict[str, Any]]:
     for trim in (True, False):
         module = _module(scale, env, trim, 16)
         explore = {Columns.OBS: {k: v[:32] for k, v in batch[Columns.OBS].items()}}
-        decode_s = _best_of(lambda: module.forward_exploration(explore), repeats) / 32  # noqa: B023
+        decode_s = _best_of(lambda: module.forward_exploration(explore), repeats) / min(32, rows)  # noqa: B023
         sampled = module.forward_exploration(batch)
         train_batch = {**batch, Columns.ACTIONS: sampled[Columns.ACTIONS], "u": sampled["u"]}
 
@@ -271,7 +271,7 @@ def main() -> None:
     torch.set_num_threads(1)
     start, load_before = time.perf_counter(), os.getloadavg()
 
-    components = [*module_costs("S", args.component_rows, 2), *module_costs("M", args.component_rows // 4, 1)]
+    components = [*module_costs("S", args.component_rows, 2), *module_costs("M", args.component_rows // 2, 1)]
     env_ms = 1000 * env_step_cost(50 if args.quick else 200)
     print_table(components, title=f"Per-instance costs, one thread (env step: {env_ms:.2f} ms)")
 

@@ -355,15 +355,21 @@ class Pretrainer:
         self._log(m, step=self.iteration)
         return m
 
-    def run(self) -> list[dict[str, Any]]:
-        """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
-        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``."""
+    def start(self) -> list[dict[str, Any]]:
+        """Before the first iteration: validate the untrained policy, then the warm start (if asked and not
+        done); a no-op for a resumed run."""
         if self.iteration == 0 and not self.history:
             init = {"iteration": 0, "phase": "init", **validate(self.policy(), self.vset, self.cfg.prompts)}
             self.history.append(jsonable(init))
             self._log(init, step=0)
         if self.iteration == 0:
             self.warm_start()
+        return self.history
+
+    def run(self) -> list[dict[str, Any]]:
+        """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
+        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``."""
+        self.start()
         while self.iteration < self.cfg.iterations:
             self.train_iteration()
             if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration == self.cfg.iterations:

@@ -311,6 +311,7 @@ def check_space(spec: TuneSpec, where: str) -> None:
     base = spec.trial_defaults()
     for values in points:
         trial = dict(base, **dict(zip((p.name for p in spec.params), values)))
+        trial.update(spec.resources_for(trial).learner_settings())  # what the trial will run with
         try:
             cfg = pretrain_config_from_trial(trial)
             cfg.policy_config()
