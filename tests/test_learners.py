@@ -309,3 +309,31 @@ def test_group_means_and_group_advantages():
     np.testing.assert_allclose(adv[mask], want[mask], atol=1e-9)
     assert adv[6].tolist() == pytest.approx(want[6].tolist())  # the lone row: raw advantage 0, standardised
     np.testing.assert_allclose(out[Postprocessing.VALUE_TARGETS].numpy()[mask], targets.numpy()[mask])
+
+
+# ----------------------------------------------------------------------------------------------
+# Cluster recipes (no Ray): their `lambo pretrain` commands parse into valid configs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,learners,gpus", [("rayjob-pretrain.yaml", 1, 1.0), ("rayjob-pretrain-l.yaml", 4, 1.0)])
+def test_cluster_recipes_run_valid_pretrain_commands(name, learners, gpus):
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from lambo_ray.cli import build_parser
+    from lambo_ray.commands.pretrain import config_from_args
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / name).read_text())
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["lambo", "pretrain"]
+    cfg = config_from_args(build_parser("pretrain").parse_args(argv[1:]))
+    assert cfg.num_learners == learners and cfg.num_gpus_per_learner == gpus and cfg.precision == "bf16"
+    groups = {g["groupName"]: g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu_pods = groups["gpu"]["replicas"]
+    per_pod = int(groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu_pods * per_pod >= cfg.num_learners * cfg.num_gpus_per_learner  # every learner gets its GPU
+    cpu = groups["cpu"]
+    cpus = cpu["replicas"] * int(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert cpus >= cfg.num_env_runners  # one CPU per env runner
+    assert groups["gpu"]["rayStartParams"].get("num-cpus") == "0" and cfg.num_cpus_per_learner == 0
