@@ -47,7 +47,7 @@ Settings come from ``config.learners(learner_config_dict=...)``: ``critic`` ("tw
 "single_head"), ``ratio`` ("per_ue" | "joint"), ``share_credit`` ("total" | "alloc"), ``entropy_bonus``
 (bool), ``entropy_coeff_target``, ``entropy_coeff_share`` and ``baseline`` ("critic" | "group").
 Mixed precision is the RLModule's (its encoder runs under autocast); fp16's loss scaling is RLlib's
-gradient scaler, configured by :func:`lambo_ray.rl.pretrain.build_algo_config`.
+gradient scaler, configured by :func:`lambo_ray.rl.algo_config.build_algo_config`.
 """
 
 from __future__ import annotations

@@ -3,11 +3,19 @@
 :class:`Pretrainer` reads like the algorithm (hyperparameters: :class:`lambo_ray.rl.config.PretrainConfig`):
 
     (optional) supervised warm start on expert labels          -> :mod:`lambo_ray.rl.warm_start`
-    repeat:  env runners sample K-instance episodes (both prompts mixed)
-             learner: one-step advantages per critic head, PPO-clipped ACRL loss   -> algo.train()
+    repeat:  env runners sample K-instance episodes (both prompts mixed), the next batch while the
+             learners train on this one                                   -> :mod:`lambo_ray.rl.algorithm`
+             learner(s): one-step advantages per critic head (or per group), PPO-clipped ACRL loss
+                                                                          -> :mod:`lambo_ray.rl.learner`
              validation: greedy decisions on a fixed seeded set, mean objective and gap to the exact
              expert per prompt                                                     -> :func:`validate`
              atomic checkpoint into the run directory                             -> :mod:`lambo_ray.rl.run_dir`
+
+Learners are resources: ``num_learners = 0`` keeps one learner in the driver; K >= 1 learner actors
+(``num_cpus_per_learner`` / ``num_gpus_per_learner`` each) train data-parallel, each on 1/K of the batch,
+gradients all-reduced (gloo on CPU, NCCL on GPU). A run killed at any point resumes with ``resume=True``
+from its last checkpoint at the iteration after it; an env runner that dies is restarted by Ray and
+brought back by RLlib, and the iteration still trains on a full batch.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ from lambo_ray.mec.evaluator import relative_gap
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.io import jsonable, swap_in_dir, write_json
 from lambo_ray.policy import LamboPolicy
+from lambo_ray.rl.algo_config import MODULE_ID, build_algo_config
 from lambo_ray.rl.config import PretrainConfig
 from lambo_ray.rl.labels import build_labels, training_instance
-from lambo_ray.rl.learner import critic_heads
 from lambo_ray.rl.run_dir import (
     LABELS_FILE,
     POLICY_DIR,
@@ -43,93 +51,6 @@ from lambo_ray.rl.run_dir import (
     check_run_dir,
 )
 from lambo_ray.rl.warm_start import label_config, supervised_warm_start
-
-MODULE_ID = "default_policy"
-
-
-SAMPLE_TIMEOUT_S = 1800.0  # one env runner's share of a batch of 200-UE cells can take minutes on a busy CPU
-RESTART_DELAY_S = 2.0  # pause of a failing env runner before Ray restarts it (RLlib's default: 60 s)
-
-
-def build_algo_config(cfg: PretrainConfig) -> Any:
-    """The RLlib config of a run: our env, RLModule, learner (and its connector piece), the learners as
-    resources (K remote data-parallel learners, or one in the driver with K = 0; GPUs for learners
-    only), and the overlapped training step of :class:`lambo_ray.rl.algorithm.AcrlPPO`."""
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from lambo_ray.rl.algorithm import AcrlPPO
-    from lambo_ray.rl.env import MecEnv
-    from lambo_ray.rl.learner import AcrlLearner, AddRewardParts
-    from lambo_ray.rl.module import LamboRLModule, module_model_config
-
-    batch_per_learner, minibatch_per_learner = cfg.learner_batch_sizes()
-    config = (
-        PPOConfig(algo_class=AcrlPPO)
-        .environment(
-            MecEnv, env_config=cfg.env_config().to_dict(), normalize_actions=False, clip_actions=False
-        )  # the module already emits valid actions; RLlib would otherwise rescale the shares from [-1, 1]
-        .env_runners(
-            num_env_runners=cfg.num_env_runners,
-            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
-            num_gpus_per_env_runner=0,  # sampling decodes small batches: a GPU would sit idle there
-            sample_timeout_s=SAMPLE_TIMEOUT_S,
-        )
-        .learners(
-            num_learners=cfg.num_learners,
-            num_gpus_per_learner=cfg.num_gpus_per_learner,
-            num_cpus_per_learner=cfg.num_cpus_per_learner,
-            learner_class=AcrlLearner,
-            learner_connector=lambda obs_space, act_space: AddRewardParts(),
-            learner_config_dict=learner_settings(cfg),
-        )
-        .rl_module(
-            rl_module_spec=RLModuleSpec(
-                module_class=LamboRLModule,
-                model_config=module_model_config(
-                    cfg.policy_config(), critic_heads(cfg.critic), cfg.trim_padding, cfg.chunk_rows, cfg.precision
-                ),
-            )
-        )
-        .training(
-            lr=cfg.lr,
-            gamma=0.0,
-            lambda_=1.0,
-            train_batch_size_per_learner=batch_per_learner,
-            minibatch_size=minibatch_per_learner,
-            num_epochs=cfg.num_epochs,
-            entropy_coeff=0.0,
-            use_kl_loss=False,
-            clip_param=cfg.clip_param,
-            vf_clip_param=10.0,
-            vf_loss_coeff=cfg.vf_loss_coeff,
-            grad_clip=cfg.grad_clip,
-        )
-        .fault_tolerance(restart_failed_env_runners=True, delay_between_env_runner_restarts_s=RESTART_DELAY_S)
-        .debugging(seed=cfg.seed)
-    )
-    if cfg.precision == "fp16":
-        import torch
-
-        config.experimental(_torch_grad_scaler_class=torch.amp.GradScaler)
-    # Our connectors hold no state (no observation filters), and syncing it after every step would wait for
-    # the sample request that overlapping leaves in flight.
-    config._dont_auto_sync_env_runner_states = bool(cfg.overlap)
-    return config
-
-
-def learner_settings(cfg: PretrainConfig) -> dict[str, Any]:
-    """The learner's ``learner_config_dict`` (read by AcrlLearner and AcrlPPO)."""
-    return {
-        "critic": cfg.critic,
-        "ratio": cfg.ratio,
-        "share_credit": cfg.share_credit,
-        "entropy_bonus": cfg.entropy_bonus,
-        "entropy_coeff_target": cfg.entropy_coeff_target,
-        "entropy_coeff_share": cfg.entropy_coeff_share,
-        "baseline": cfg.baseline,
-        "overlap": cfg.overlap,
-    }
 
 
 # ----------------------------------------------------------------------------------------------
