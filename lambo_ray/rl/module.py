@@ -150,6 +150,10 @@ class LamboRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         pb = self.policy_batch(batch)
         actions = batch[Columns.ACTIONS]
         target, share, u = actions["target"].long(), actions["share"].double(), batch.get(BETA_U)
+        # RLlib's bootstrap row (masked out of the loss) pairs the episode's last observation with a copy
+        # of the previous step's action, which belongs to another cell and may name a server this one
+        # lacks: send such targets local, so a chunk cut to its own servers can still index them.
+        target = torch.where(target <= pb.server_mask.sum(1, keepdim=True), target, 0)
 
         def chunk(sub: PolicyBatch, idx: torch.Tensor) -> dict[str, torch.Tensor]:
             n = sub.n_max
