@@ -17,6 +17,7 @@ Three measurements in one run (so the ratios between them share one machine stat
 
     python benchmarks/scaling.py                          # full (~20-30 min on a busy 2-core machine)
     python benchmarks/scaling.py --quick                  # smoke run
+    python benchmarks/scaling.py --tables benchmarks/results/scaling.json   # the README tables from a result
 """
 
 from __future__ import annotations
@@ -252,6 +253,23 @@ def memory_budget(minibatch: int) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+GRID_COLUMNS = ["env_runners", "learners", "step", "instances_per_s", "speedup_vs_padded_sequential"]
+GRID_COLUMNS += ["speedup_vs_sequential_1_0", "sample_wait_s", "learn_s"]
+
+
+def print_tables(path: Path) -> None:
+    """The README's tables (Markdown) from a result file, so the README shows exactly what was measured."""
+    import json
+
+    from lambo_ray.results import markdown_table
+
+    doc = json.loads(path.read_text())
+    print(markdown_table(doc["rows"], GRID_COLUMNS))
+    print(markdown_table(doc["components"]))
+    print(f"env step: {doc['env_step_ms']:.2f} ms per instance\n")
+    print(markdown_table(doc["memory"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling.json"))
@@ -264,7 +282,11 @@ def main() -> None:
     p.add_argument("--instances-per-episode", type=int, default=64)
     p.add_argument("--component-rows", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+    p.add_argument("--tables", type=Path, help="only print the README tables of this result file")
     args = p.parse_args()
+    if args.tables:
+        print_tables(args.tables)
+        return
     if args.quick:
         args.iterations, args.train_batch_size, args.minibatch_size, args.component_rows = 1, 64, 32, 16
         args.envs, args.instances_per_episode = 8, 8
