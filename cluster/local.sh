@@ -5,7 +5,7 @@
 #   cluster/local.sh python -c "import ray; ray.init(); print(len(ray.nodes()))"
 #   LAMBO_PORT_BASE=7400 cluster/local.sh lambo tune --config tune_configs/small.yaml ...
 #
-# Why it looks the way it does (see /work/shared/notes/RLLIB.md section 7):
+# Why it looks the way it does:
 # * Each node is a `ray start --block` process in the background. Killing that one process makes Ray
 #   tear down exactly the raylet/GCS/dashboard it spawned, so the exit trap stops what this script
 #   started and nothing else. `ray stop` is never used: it kills every Ray process of the user,
