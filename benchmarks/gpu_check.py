@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 
 from lambo_ray.results import print_table, write_results
+from lambo_ray.rl.config import PretrainConfig
+
+GROUP_SIZE = PretrainConfig.__dataclass_fields__["group_size"].default  # steps per env replica and iteration
 
 
 def learner_device_info(trainer: Any) -> dict[str, Any]:
@@ -43,18 +46,16 @@ def learner_device_info(trainer: Any) -> dict[str, Any]:
             info["total_gb"] = torch.cuda.get_device_properties(learner._device).total_memory / 1e9
         return info
 
-    return trainer.algo.learner_group.foreach_learner(probe)[0].get()
+    return next(iter(trainer.algo.learner_group.foreach_learner(probe))).get()
 
 
 def check_config(args: argparse.Namespace, runners: int) -> Any:
-    from lambo_ray.rl.config import PretrainConfig
-
     return PretrainConfig(
         scale=args.scale,
         scenario_dist={},
         iterations=10_000,
         num_env_runners=runners,
-        num_envs_per_env_runner=args.envs,
+        num_envs_per_env_runner=args.envs or max(1, args.train_batch_size // (runners * GROUP_SIZE)),
         instances_per_episode=64,
         train_batch_size=args.train_batch_size,
         minibatch_size=args.minibatch_size,
@@ -103,7 +104,7 @@ def main() -> int:
     p.add_argument("--train-batch-size", type=int, default=512)
     p.add_argument("--minibatch-size", type=int, default=64, help="M at N=200: ~0.17 GB of fp32 activations per row")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--envs", type=int, default=32, help="env replicas per env runner")
+    p.add_argument("--envs", type=int, default=None, help="env replicas per env runner (default: one group each)")
     p.add_argument("--learner-cpus", type=float, default=2.0)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting iterations after this")
     p.add_argument("--cpu-dry-run", action="store_true", help="no GPU: a CPU learner runs the same path")
@@ -118,7 +119,8 @@ def main() -> int:
     if args.precision == "fp16" and args.cpu_dry_run:
         args.precision = "bf16"
     cpus = os.cpu_count() or 2
-    runners = max(1, min(8, cpus - 1 - int(args.learner_cpus)))
+    free = max(1, min(8, cpus - 1 - int(args.learner_cpus)))
+    runners = 1 << (free.bit_length() - 1)  # 1, 2, 4 or 8: the batch splits evenly over the env replicas
     torch.set_num_threads(1)
     start = time.perf_counter()
     ray.init(num_cpus=max(cpus, runners + int(args.learner_cpus) + 1), include_dashboard=False, log_to_driver=False)

@@ -148,6 +148,7 @@ def grid_config(args: argparse.Namespace, runners: int, learners: int, overlap: 
         num_learners=learners,
         overlap=overlap,
         trim_padding=trim,
+        baseline="critic",  # as measured in benchmarks/results/scaling.json: one rollout per instance
         val_size=1,
         val_expert=None,
         eval_every=10_000,

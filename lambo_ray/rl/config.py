@@ -49,10 +49,10 @@ class PretrainConfig:
         },
     )
     baseline: str = field(
-        default="critic",
+        default="group",  # measured better: benchmarks/results/acrl_baselines*.json
         metadata={
-            "help": "advantage baseline: critic (the two-headed critic's values) or group (the mean reward of "
-            "group_size rollouts of the same instance, POMO/GRPO style)",
+            "help": "advantage baseline: group (the mean reward of group_size rollouts of the same instance, "
+            "POMO/GRPO style) or critic (the two-headed critic's values, ablation)",
             "choices": ("critic", "group"),
         },
     )

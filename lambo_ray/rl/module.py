@@ -42,7 +42,6 @@ from lambo_ray.rl.trim import run_chunked
 
 # Extra per-step model outputs stored by RLlib in the episodes (the behaviour policy's parts).
 LOGP_TARGET, LOGP_SHARE, BETA_U = "logp_target", "logp_share", "u"
-MASKS = ("ue_mask", "server_mask")  # Encoded fields that are not activations
 
 
 class Critic(nn.Module):
@@ -179,8 +178,14 @@ class LamboRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             return self.policy.encode(pb)
         with torch.autocast(device_type=pb.ue.device.type, dtype=self.train_dtype):
             enc = self.policy.encode(pb)
+        low = (torch.bfloat16, torch.float16)
         return dataclasses.replace(
-            enc, **{f.name: getattr(enc, f.name).float() for f in dataclasses.fields(enc) if f.name not in MASKS}
+            enc,
+            **{
+                f.name: getattr(enc, f.name).float()
+                for f in dataclasses.fields(enc)
+                if torch.is_tensor(getattr(enc, f.name)) and getattr(enc, f.name).dtype in low
+            },
         )
 
     def _values(self, enc: Encoded, pb: PolicyBatch) -> torch.Tensor:

@@ -25,24 +25,34 @@ import torch.nn.functional as F
 
 from lambo_ray.policy import PolicyBatch
 
+# Which axes of each PolicyBatch field are UEs / servers (axis 1 = UEs for all but the server fields).
+UE_FIELDS = frozenset({"ue", "local_lat", "local_ok", "ue_mask", "order"})
+PAIR_FIELDS = frozenset({"pair", "amin", "reserve", "lat_base", "sqrt_work"})  # (B, N, M, ...)
+SERVER_FIELDS = frozenset({"server", "server_mask"})
+OTHER_FIELDS = frozenset({"prompt"})
+
 
 def trim(pb: PolicyBatch) -> PolicyBatch:
-    """``pb`` cut to the largest real N and M among its rows (at least 1 of each)."""
+    """``pb`` cut to the largest real N and M among its rows (at least 1 of each). Decode positions
+    past a row's N hold padding (``order`` maps them to themselves), so cutting keeps every row whole."""
     n = max(1, int(pb.ue_mask.sum(1).max()))
     m = max(1, int(pb.server_mask.sum(1).max()))
     if n == pb.n_max and m == pb.m_max:
         return pb
-    return PolicyBatch(
-        ue=pb.ue[:, :n],
-        server=pb.server[:, :m],
-        pair=pb.pair[:, :n, :m],
-        amin=pb.amin[:, :n, :m],
-        reserve=pb.reserve[:, :n, :m],
-        local_ok=pb.local_ok[:, :n],
-        ue_mask=pb.ue_mask[:, :n],
-        server_mask=pb.server_mask[:, :m],
-        prompt=pb.prompt,
-    )
+    out = {}
+    for f in fields(pb):
+        x = getattr(pb, f.name)
+        if f.name in UE_FIELDS:
+            out[f.name] = x[:, :n]
+        elif f.name in PAIR_FIELDS:
+            out[f.name] = x[:, :n, :m]
+        elif f.name in SERVER_FIELDS:
+            out[f.name] = x[:, :m]
+        elif f.name in OTHER_FIELDS:
+            out[f.name] = x
+        else:  # a new field must be classified above, or trimming would silently misalign it
+            raise KeyError(f"trim: PolicyBatch field {f.name!r} has no known UE/server axes")
+    return PolicyBatch(**out)
 
 
 def size_chunks(pb: PolicyBatch, rows: int) -> list[torch.Tensor]:
