@@ -342,11 +342,17 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "critic,ratio,credit",
-    [("two_head", "per_ue", "total"), ("single_head", "joint", "total"), ("two_head", "per_ue", "alloc")],
+    "critic,ratio,credit,baseline",
+    [
+        ("two_head", "per_ue", "total", "group"),
+        ("two_head", "per_ue", "total", "critic"),
+        ("single_head", "joint", "total", "group"),
+        ("two_head", "per_ue", "alloc", "critic"),
+    ],
 )
-def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit):
-    """The distributed path: 2 env-runner actors x 8 envs, learner in the driver; and the ablations."""
+def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit, baseline):
+    """The distributed path: 2 env-runner actors x 8 envs sampling while the driver's learner trains
+    (overlap), and the ablations."""
     from lambo_ray.rl.pretrain import Pretrainer
 
     trainer = Pretrainer(
@@ -356,6 +362,7 @@ def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, r
             critic=critic,
             ratio=ratio,
             share_credit=credit,
+            baseline=baseline,
             entropy_bonus=critic == "two_head",
         ),
         tmp_path / "run",
