@@ -190,40 +190,33 @@ def run_grid_point(args: argparse.Namespace, point: tuple, root: Path) -> dict[s
 # ----------------------------------------------------------------------------------------------
 def activation_bytes(scale: str, rows: int, n: int, m: int) -> int:
     """Bytes of the activations autograd saves in the learner's forward pass (encoder + teacher forcing)
-    of ``rows`` cells of n UEs x m servers, counted on the meta device. Saved weights (a linear layer
-    keeps its weight for the backward pass) are not activations and are left out; a tensor saved by two
-    operations counts twice, so this is an upper bound."""
-    from lambo_ray.policy import SCALES, LamboPolicy, PolicyBatch
-    from lambo_ray.policy.features import PAIR_DIM, SERVER_DIM, UE_DIM
+    of ``rows`` cells of n UEs x m servers, counted on the meta device (the features of a real generated
+    cell, moved there). Saved weights (a linear layer keeps its weight for the backward pass) are not
+    activations and are left out; a tensor saved by two operations counts twice, so this is an upper
+    bound."""
+    from lambo_ray.mec.generator import generate
+    from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
+    from lambo_ray.policy import SCALES, LamboPolicy, featurize
 
+    cell = ScenarioConfig(n_ues=n, n_servers=m, capacities_cps=default_capacities(m))
+    pb = featurize([generate(cell, np.random.default_rng(0))] * rows, "min_energy").to("meta")
     with torch.device("meta"):
         policy = LamboPolicy(SCALES[scale])
-        z = torch.zeros
-        pb = PolicyBatch(
-            ue=z(rows, n, UE_DIM),
-            server=z(rows, m, SERVER_DIM),
-            pair=z(rows, n, m, PAIR_DIM),
-            amin=z(rows, n, m, dtype=torch.float64),
-            reserve=z(rows, n, m, dtype=torch.float64),
-            local_ok=torch.ones(rows, n, dtype=torch.bool),
-            ue_mask=torch.ones(rows, n, dtype=torch.bool),
-            server_mask=torch.ones(rows, m, dtype=torch.bool),
-            prompt=z(rows, dtype=torch.long),
-        )
-        total = [0]
-        params = {id(q) for q in policy.parameters()}
+        target = torch.zeros(rows, n, dtype=torch.long)
+        share = torch.zeros(rows, n, dtype=torch.float64)
+    total = [0]
+    params = {id(q) for q in policy.parameters()}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            base = t
-            while base._base is not None:
-                base = base._base
-            if id(base) not in params and id(t) not in params:
-                total[0] += t.numel() * t.element_size()
-            return t
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t
+        while base._base is not None:
+            base = base._base
+        if id(base) not in params and id(t) not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            enc = policy.encode(pb)
-            policy.teacher_forced(pb, enc, z(rows, n, dtype=torch.long), z(rows, n, dtype=torch.float64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        policy.teacher_forced(pb, policy.encode(pb), target, share)
     return total[0]
 
 
@@ -294,6 +287,8 @@ def main() -> None:
     torch.set_num_threads(1)
     start, load_before = time.perf_counter(), os.getloadavg()
 
+    memory = memory_budget(args.minibatch_size)
+    print_table(memory, title="Training memory budget (fp32)")
     components = [*module_costs("S", args.component_rows, 2), *module_costs("M", args.component_rows // 2, 1)]
     env_ms = 1000 * env_step_cost(50 if args.quick else 200)
     print_table(components, title=f"Per-instance costs, one thread (env step: {env_ms:.2f} ms)")
@@ -313,8 +308,6 @@ def main() -> None:
         row["speedup_vs_padded_sequential"] = row["instances_per_s"] / base
         row["speedup_vs_sequential_1_0"] = row["instances_per_s"] / seq
     print_table(grid, title="LAMBO-S iterations on the default distribution")
-    memory = memory_budget(args.minibatch_size)
-    print_table(memory, title="Training memory budget (fp32)")
     write_results(
         args.out,
         grid,

@@ -346,3 +346,18 @@ def test_cluster_recipes_run_valid_pretrain_commands(name, learners, gpus):
     cpus = cpu["replicas"] * int(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert cpus >= cfg.num_env_runners  # one CPU per env runner
     assert groups["gpu"]["rayStartParams"].get("num-cpus") == "0" and cfg.num_cpus_per_learner == 0
+
+
+def test_memory_budget_of_the_scaling_benchmark_counts_activations_without_allocating():
+    """benchmarks/scaling.py measures L's activations on the meta device: they grow with the cell and the
+    model, and L is counted without allocating its 4 GB of weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("scaling_benchmark", path)
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    small, large = scaling.activation_bytes("S", 1, 20, 3), scaling.activation_bytes("S", 1, 60, 6)
+    assert 0 < small < large and scaling.activation_bytes("S", 2, 20, 3) == 2 * small
+    assert scaling.activation_bytes("L", 1, 20, 3) > 20 * small
