@@ -1,19 +1,21 @@
-"""ALEF benchmark: decoder fine-tuning under every drift scenario, entropy query vs random query.
+"""ALEF benchmark: decoder fine-tuning under every drift and both prompts, query strategies compared at
+equal labels over several seeds.
 
-Per drift: greedy gap to the expert on held-out drifted instances before fine-tuning, after
-fine-tuning with the entropy query and with the random query at the same label budget, labels
-used, the gap on held-out *undrifted* instances before/after (forgetting), and the wall time of
-the entropy run with 1 and with 2 expert actors (same seeds, so both runs give the same decoder
-whenever no label hits the time limit: the benchmark reports whether they did; with time-limited
-labels, which of exact's incumbent and DE wins can depend on timing). Reference labels (held-out
-sets, replay set) are labelled once per drift and shared by all runs of that drift. Prints a table,
-writes benchmarks/results/alef.json.
+For every drift x prompt x seed: the reference sets (held-out drifted and undrifted instances, the
+pre-drift replay set) are labelled once and shared by the runs of every query strategy, each of which
+starts from the same pretrained weights and buys the same number of labels. Per drift x prompt x
+strategy the table shows mean and 95 % confidence interval (Student t over seeds) of the greedy gap
+to the expert on held-out drifted instances before and after fine-tuning, the undrifted gap before
+and after (forgetting), labels spent, skipped labels and how many rounds the gate kept. Per drift x
+prompt, every strategy is compared with ``random`` on the same seeds (paired difference of the gap
+after). Prints the tables and writes the JSON (command, git revision, machine, date, every run).
 
-    python benchmarks/alef.py --checkpoint runs/pretrain            # full (paper scenario)
-    python benchmarks/alef.py --quick                                # untrained S policy, tiny cells
+    python benchmarks/alef.py --checkpoint runs/pretrain            # full: paper scenario
+    python benchmarks/alef.py --quick                                # smoke: tiny cells, a few minutes
 
-Cost of the full run on 2 cores: dominated by exact ``min_latency`` labels at N = 50 (seconds
-each, capped by ``--time-limit``); about (2 n_heldout + n_replay + 4 budget) labels per drift.
+``--quick`` writes ``runs/benchmarks/alef_quick.json`` (not the committed results file). Cost of the
+full run on 2 cores: dominated by exact ``min_latency`` labels at N = 50 (seconds each, capped by
+``--time-limit``): about (2 heldout + replay) labels per drift x prompt x seed plus budget per run.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from lambo_ray.alef.expert_pool import ExpertPool
-from lambo_ray.alef.finetune import AlefConfig, AlefResult, References, prepare_references, run_alef
+from lambo_ray.alef.config import AlefConfig, make_pool
+from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
+from lambo_ray.alef.query import query_strategies
 from lambo_ray.mec.drift import DRIFTS
+from lambo_ray.mec.instance import PROMPTS
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.results import print_table, write_results
 from lambo_ray.runtime import init_ray
+
+FULL_OUT = Path("benchmarks/results/alef.json")
+QUICK_OUT = Path("runs/benchmarks/alef_quick.json")  # smoke numbers never overwrite the committed ones
 
 
 def load_base_policy(checkpoint: Path | None, seed: int) -> tuple[torch.nn.Module, str]:
@@ -64,124 +74,195 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         )
     return AlefConfig(
         drift="outage",
-        prompts=tuple(args.prompts),
+        prompts=("min_energy",),
         query="entropy",
-        experts=2,
+        experts=args.experts,
         label_time_limit=args.time_limit,
         lr=args.lr,
-        seed=args.seed,
+        query_samples=args.query_samples,
         scenario=scenario,
         **sizes,
     )
 
 
-def fine_tune(base: torch.nn.Module, cfg: AlefConfig, pool: ExpertPool, refs: References) -> AlefResult:
-    policy = copy.deepcopy(base)  # every run starts from the same pretrained weights
-    start = time.perf_counter()
-    res = run_alef(policy, cfg, pool, references=refs)
-    res.wall_s = time.perf_counter() - start
-    return res
-
-
-def summarise(drift: str, refs: References, runs: dict[str, AlefResult], actors: list[int]) -> dict[str, Any]:
-    main_n = max(actors)
-    ent, rnd = runs[f"entropy@{main_n}"], runs[f"random@{main_n}"]
-    row: dict[str, Any] = {
+def run_row(drift: str, prompt: str, seed: int, query: str, res: AlefResult) -> dict[str, Any]:
+    """One fine-tuning run, flattened."""
+    sources: Counter[str] = Counter()
+    diagnoses: Counter[str] = Counter()
+    for r in res.rounds:
+        sources.update(r.label_sources)
+        if not r.accepted:
+            diagnoses[r.gate.get("diagnosis") or "?"] += 1
+    return {
         "drift": drift,
-        "gap_before": ent.before["drifted"]["gap"],
-        "gap_entropy": ent.after["drifted"]["gap"],
-        "gap_random": rnd.after["drifted"]["gap"],
-        "feasible_before": ent.before["drifted"]["feasible"],
-        "feasible_entropy": ent.after["drifted"]["feasible"],
-        "feasible_random": rnd.after["drifted"]["feasible"],
-        "labels_entropy": ent.labels_used,
-        "labels_random": rnd.labels_used,
-        "undrifted_gap_before": ent.before["undrifted"]["gap"],
-        "undrifted_gap_entropy": ent.after["undrifted"]["gap"],
-        "undrifted_gap_random": rnd.after["undrifted"]["gap"],
-        "reference_label_s": refs.label_s,
-        "reference_sources": refs.sources(),
-        "query_sources": {
-            k: sum(r.label_sources.get(k, 0) for r in ent.rounds) for k in ("exact", "exact_time_limit", "de")
-        },
+        "prompt": prompt,
+        "seed": seed,
+        "query": query,
+        "gap_before": res.before["drifted"]["gap"],
+        "gap_after": res.after["drifted"]["gap"],
+        "feasible_before": res.before["drifted"]["feasible"],
+        "feasible_after": res.after["drifted"]["feasible"],
+        "undrifted_gap_before": res.before["undrifted"]["gap"],
+        "undrifted_gap_after": res.after["undrifted"]["gap"],
+        "labels": res.labels_used,
+        "skipped": res.skipped,
+        "rounds_kept": sum(r.accepted for r in res.rounds),
+        "rounds": len(res.rounds),
+        "label_sources": dict(sources),
+        "rollback_diagnoses": dict(diagnoses),
+        "wall_s": res.wall_s,
     }
-    for n in sorted(set(actors)):
-        r = runs[f"entropy@{n}"]
-        row[f"wall_s_{n}_actors"] = r.wall_s
-        row[f"label_s_{n}_actors"] = sum(x.label_s for x in r.rounds)
-        if n != main_n:
-            # Same seeds and deterministic labels: any number of actors must train the same decoder.
-            row[f"same_result_{n}_vs_{main_n}"] = r.after == ent.after
-    return row
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % Student-t interval (NaN values dropped; 0 width for one value)."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), 0.0
+    return float(x.mean()), float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def summarise(runs: list[dict[str, Any]], queries: list[str]) -> list[dict[str, Any]]:
+    """Per drift x prompt x query: means and CIs over seeds, and the paired comparison with random."""
+    rows = []
+    for drift, prompt in dict.fromkeys((r["drift"], r["prompt"]) for r in runs):
+        group = [r for r in runs if (r["drift"], r["prompt"]) == (drift, prompt)]
+        rnd = {r["seed"]: r["gap_after"] for r in group if r["query"] == "random"}
+        for q in queries:
+            mine = [r for r in group if r["query"] == q]
+            row: dict[str, Any] = {"drift": drift, "prompt": prompt, "query": q, "seeds": len(mine)}
+            for key in ("gap_before", "gap_after", "undrifted_gap_before", "undrifted_gap_after"):
+                row[key], row[f"{key}_ci"] = mean_ci([r[key] for r in mine])
+            # The gap is a mean over feasible decisions only: read it next to the feasibility rate.
+            row["feasible_before"] = float(np.mean([r["feasible_before"] for r in mine]))
+            row["feasible_after"] = float(np.mean([r["feasible_after"] for r in mine]))
+            row["labels"] = float(np.mean([r["labels"] for r in mine]))
+            row["skipped"] = sum(r["skipped"] for r in mine)
+            row["rounds_kept"] = f"{sum(r['rounds_kept'] for r in mine)}/{sum(r['rounds'] for r in mine)}"
+            row["within_1_5x_undrifted"] = bool(row["gap_after"] <= 1.5 * row["undrifted_gap_before"])
+            if q != "random" and rnd:
+                diff = [rnd[r["seed"]] - r["gap_after"] for r in mine if r["seed"] in rnd]
+                row["gain_vs_random"], row["gain_vs_random_ci"] = mean_ci(diff)
+                row["beats_random"] = bool(row["gain_vs_random"] > 0)
+            rows.append(row)
+    return rows
+
+
+def wins(rows: list[dict[str, Any]], queries: list[str]) -> dict[str, dict[str, str]]:
+    """Per prompt and strategy: on how many drifts it beat random (mean paired gain > 0)."""
+    out: dict[str, dict[str, str]] = {}
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        out[prompt] = {}
+        for q in (q for q in queries if q != "random"):
+            mine = [r for r in rows if r["prompt"] == prompt and r["query"] == q and "beats_random" in r]
+            out[prompt][q] = f"{sum(r['beats_random'] for r in mine)}/{len(mine)}"
+    return out
+
+
+def run_all(args: argparse.Namespace, base: torch.nn.Module, cfg0: AlefConfig) -> tuple[list[dict], dict]:
+    runs: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    with make_pool(cfg0) as pool:
+        pool.warm_up()
+        for drift in args.drifts:
+            for prompt in args.prompts:
+                for seed in args.seeds:
+                    cfg = dataclasses.replace(cfg0, drift=drift, prompts=(prompt,), seed=seed)
+                    refs = prepare_references(cfg, pool)
+                    for q in args.queries:
+                        res = run_alef(copy.deepcopy(base), dataclasses.replace(cfg, query=q), pool, references=refs)
+                        row = run_row(drift, prompt, seed, q, res)
+                        row["reference_skipped"] = refs.skipped
+                        runs.append(row)
+                        details[f"{drift}/{prompt}/{seed}/{q}"] = res.to_dict() | {"reference_sources": refs.sources()}
+                        print(
+                            f"  {drift:9s} {prompt:11s} seed {seed} {q:7s}: gap {row['gap_before']:.4f} -> "
+                            f"{row['gap_after']:.4f}, {row['labels']} labels ({row['skipped']} skipped), "
+                            f"kept {row['rounds_kept']}/{row['rounds']}, {row['wall_s']:.1f} s",
+                            flush=True,
+                        )
+        details["pool_stats"] = dataclasses.asdict(pool.stats)
+    return runs, details
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="pretrained policy (DIR or DIR/policy); default: untrained S")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny cells and budgets (minutes on 2 cores)")
+    p.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
+    p.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (0 1 with --quick)")
+    p.add_argument("--queries", nargs="+", default=["entropy", "random", "gain"], choices=query_strategies())
+    p.add_argument("--budget", type=int, default=192, help="labels per run (every strategy gets the same)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--pool-size", type=int, default=96)
+    p.add_argument("--heldout", type=int, default=32)
+    p.add_argument("--n-replay", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
+    p.add_argument("--lr", type=float, default=AlefConfig.lr)
+    p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then each fallback)")
+    p.add_argument("--experts", type=int, default=2, help="expert actors")
+    p.add_argument("--out", type=Path, default=None, help=f"default: {FULL_OUT} ({QUICK_OUT} with --quick)")
+    args = p.parse_args(argv)
+    if "random" not in args.queries:
+        p.error("--queries must include random (every strategy is compared with it)")
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.quick else [0, 1, 2]
+    if args.quick and args.time_limit == 10.0:
+        args.time_limit = 1.0  # density's 80-UE min_latency labels: time-limited, with provenance
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="pretrained policy (DIR or DIR/policy); default: untrained S")
-    p.add_argument("--quick", action="store_true", help="tiny cells and budgets (minutes on 2 cores)")
-    p.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
-    p.add_argument("--prompts", nargs="+", default=["min_latency", "min_energy"])
-    p.add_argument("--budget", type=int, default=96)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pool-size", type=int, default=48)
-    p.add_argument("--heldout", type=int, default=24)
-    p.add_argument("--n-replay", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
-    p.add_argument("--lr", type=float, default=AlefConfig.lr)
-    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then DE)")
-    p.add_argument("--actors", nargs="+", type=int, default=[2, 1], help="expert actor counts to time")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/alef.json"))
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
     torch.set_num_threads(1)
-
-    base, source = load_base_policy(args.checkpoint, args.seed)
+    base, source = load_base_policy(args.checkpoint, 0)
     cfg0 = base_config(args)
     init_ray()
-    configs = {d: dataclasses.replace(cfg0, drift=d) for d in args.drifts}
-    refs: dict[str, References] = {}
-    runs: dict[str, dict[str, AlefResult]] = {d: {} for d in args.drifts}
-    main_actors = max(args.actors)
-    for n_actors in sorted(set(args.actors), reverse=True):
-        with ExpertPool(n_actors, time_limit=cfg0.label_time_limit) as pool:
-            pool.warm_up()
-            for drift, cfg in configs.items():
-                cfg = dataclasses.replace(cfg, experts=n_actors)
-                if drift not in refs:
-                    refs[drift] = prepare_references(cfg, pool)
-                queries = ("entropy", "random") if n_actors == main_actors else ("entropy",)
-                for q in queries:
-                    res = fine_tune(base, dataclasses.replace(cfg, query=q), pool, refs[drift])
-                    runs[drift][f"{q}@{n_actors}"] = res
-                    print(
-                        f"  {drift:9s} {q:7s} {n_actors} actor(s): gap {res.before['drifted']['gap']:.4f} -> "
-                        f"{res.after['drifted']['gap']:.4f}, {res.labels_used} labels, {res.wall_s:.1f} s",
-                        flush=True,
-                    )
-    rows = [summarise(d, refs[d], runs[d], args.actors) for d in args.drifts]
+    start = time.perf_counter()
+    runs, details = run_all(args, base, cfg0)
+    rows = summarise(runs, args.queries)
     columns = [
         "drift",
+        "prompt",
+        "query",
         "gap_before",
-        "gap_entropy",
-        "gap_random",
-        "labels_entropy",
+        "gap_after",
+        "gap_after_ci",
+        "feasible_after",
         "undrifted_gap_before",
-        "undrifted_gap_entropy",
-        "undrifted_gap_random",
-        *[f"wall_s_{n}_actors" for n in sorted(set(args.actors))],
-        *[f"same_result_{n}_vs_{main_actors}" for n in sorted(set(args.actors)) if n != main_actors],
+        "undrifted_gap_after",
+        "labels",
+        "skipped",
+        "rounds_kept",
+        "gain_vs_random",
+        "gain_vs_random_ci",
+        "within_1_5x_undrifted",
     ]
-    print_table(rows, columns, title=f"ALEF on {source}: greedy gap to the expert before / after fine-tuning")
+    title = f"ALEF on {source}: greedy gap to the expert, mean over seeds {args.seeds} (95% CI half-widths)"
+    print_table(rows, columns, title=title)
+    w = wins(rows, args.queries)
+    print(f"drifts where a strategy beat random (per prompt): {w}")
     write_results(
-        args.out,
+        out,
         rows,
         policy=source,
         config=cfg0.to_dict(),
         quick=args.quick,
-        actors=args.actors,
-        runs={d: {k: r.to_dict() for k, r in rs.items()} for d, rs in runs.items()},
+        seeds=args.seeds,
+        queries=args.queries,
+        wins_vs_random=w,
+        runs=runs,
+        details=details,
+        total_s=time.perf_counter() - start,
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -501,7 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", nargs="+", default=list(PROMPTS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"some of {', '.join(METHODS)}")
     p.add_argument("--k", type=int, default=16, help="LAMBO best_of_k and search: samples per instance")
-    p.add_argument("--search-budget", type=float, default=0.5, help="LAMBO search: polishing seconds per instance")
+    p.add_argument("--search-budget", type=float, default=0.4, help="LAMBO search: polishing seconds per instance")
     p.add_argument("--decode-seed", type=int, default=0, help="seed of LAMBO's sampling and of DE")
     p.add_argument("--exact-time-limit", type=float, default=60.0, help="seconds per exact solve")
     p.add_argument("--cache", type=Path, default=Path("benchmarks/cache/references.jsonl"), help="exact references")

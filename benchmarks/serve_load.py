@@ -5,16 +5,19 @@ for each, runs a separate client process (httpx + asyncio, a bounded number of r
 concurrency levels against:
 
 * ``/v1/echo``         the bare Serve HTTP path with the same body (the yardstick, measured in the same run),
-* ``/v1/decide``       one instance per request (greedy), with cross-caller batching on or off,
+* ``/v1/decide``       one instance per request, greedy, with cross-caller batching on or off,
+* ``/v1/decide``       the same with the strongest decode mode (``search``; ``refine`` where the policy
+                       has no ``search``), reported beside greedy,
 * ``/v1/decide_batch`` ``--batch`` instances per request (the bulk path).
 
-Configurations: batched x1 replica, unbatched x1, batched x2 replicas. ``ratio_to_echo`` is the
-requests/s of a row over the echo requests/s at the same concurrency in the same configuration, so it
-factors out what the machine (2 shared cores here) does to every request. Prints a table and writes
-``benchmarks/results/serve_load.json``.
+Configurations: batched x1 replica, unbatched x1, batched x2 replicas. ``ratio_to_echo`` is the requests/s
+of a row over the echo requests/s at the same concurrency in the same configuration, so it factors out
+what the machine (2 shared cores here) does to every request. Prints a table and writes
+``benchmarks/results/serve_load.json``; ``--markdown`` prints the README table from such a file.
 
     python benchmarks/serve_load.py                      # untrained S checkpoint, made on the fly
     python benchmarks/serve_load.py --checkpoint runs/pretrain_S --requests 160
+    python benchmarks/serve_load.py --markdown benchmarks/results/serve_load.json
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ CONFIGS = [  # (label, ServeConfig overrides)
     ("batched x1", {"batching": True, "policy_replicas": 1}),
     ("unbatched x1", {"batching": False, "policy_replicas": 1}),
     ("batched x2", {"batching": True, "policy_replicas": 2}),
+]
+COLUMNS = [
+    "config",
+    "endpoint",
+    "decode",
+    "concurrency",
+    "requests",
+    "errors",
+    "req_per_s",
+    "instances_per_s",
+    "p50_ms",
+    "p99_ms",
+    "ratio_to_echo",
+    "mean_policy_batch",
 ]
 
 
@@ -87,26 +104,29 @@ async def _load(url: str, path: str, bodies: list[bytes], concurrency: int, requ
     }
 
 
-def client_main(args: argparse.Namespace) -> None:
+def _bodies(plan: dict[str, Any], step: dict[str, Any]) -> list[bytes]:
+    docs = [json.loads(line) for line in Path(plan["instances"]).read_text().splitlines() if line.strip()]
+    opts = {"prompt": plan["prompt"], "decode": step["decode"], **step.get("options", {})}
+    if step["endpoint"] == "/v1/decide_batch":
+        batch = plan["batch"]
+        groups = [[docs[(i + j) % len(docs)] for j in range(batch)] for i in range(0, len(docs), batch)]
+        return [json.dumps({"instances": g, **opts}).encode() for g in groups]
+    return [json.dumps({"instance": d, **opts}).encode() for d in docs]
+
+
+def client_main() -> None:
     """Run the plan given as JSON on stdin; print one JSON list of measurements."""
     plan = json.loads(sys.stdin.read())
-    docs = [json.loads(line) for line in Path(plan["instances"]).read_text().splitlines() if line.strip()]
-    prompt = plan["prompt"]
-    single = [json.dumps({"instance": d, "prompt": prompt}).encode() for d in docs]
-    batch = plan["batch"]
-    batches = [
-        json.dumps({"instances": [docs[(i + j) % len(docs)] for j in range(batch)], "prompt": prompt}).encode()
-        for i in range(0, len(docs), batch)
-    ]
     out = []
     for step in plan["steps"]:
-        bodies = batches if step["endpoint"] == "/v1/decide_batch" else single
-        res = asyncio.run(_load(plan["url"], step["endpoint"], bodies, step["concurrency"], step["requests"]))
+        res = asyncio.run(
+            _load(plan["url"], step["endpoint"], _bodies(plan, step), step["concurrency"], step["requests"])
+        )
         out.append({**step, **res})
         print(
-            f"  {step['endpoint']:<17} c={step['concurrency']:<3} {res['rps']:8.1f} req/s  "
+            f"  {step['endpoint']:<17} {step['decode']:<7} c={step['concurrency']:<3} {res['rps']:8.1f} req/s  "
             f"p50 {res['p50_ms'] or float('nan'):7.1f} ms  p99 {res['p99_ms'] or float('nan'):7.1f} ms  "
-            f"errors {res['errors']}",
+            f"errors {res['errors']}" + (f" ({res['first_error'][:120]})" if res["errors"] else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -132,39 +152,120 @@ def _untrained_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def _plan(args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
+def strongest_mode() -> str:
+    from lambo_ray.policy.decoding import available_strategies
+
+    return "search" if "search" in available_strategies() else "refine"
+
+
+def _plan(args: argparse.Namespace, label: str, strong: str) -> list[dict[str, Any]]:
+    first = label == CONFIGS[0][0]
+    strong_opts = {"k": args.search_k, "time_budget_ms": args.search_budget_ms}
     steps = []
     for c in args.concurrency:
         n = max(args.requests, 4 * c)
-        steps.append({"endpoint": "/v1/echo", "concurrency": c, "requests": n})
-        steps.append({"endpoint": "/v1/decide", "concurrency": c, "requests": n})
-    if label == CONFIGS[0][0]:  # the bulk path does not depend on cross-caller batching
-        for c in args.batch_concurrency:
+        steps.append({"endpoint": "/v1/echo", "decode": "-", "concurrency": c, "requests": n})
+        steps.append({"endpoint": "/v1/decide", "decode": "greedy", "concurrency": c, "requests": n})
+        if first:  # the strongest mode beside greedy, once (it does not depend on the configuration)
             steps.append(
-                {
-                    "endpoint": "/v1/decide_batch",
-                    "concurrency": c,
-                    "requests": max(args.requests // args.batch, 2 * c),
-                }
+                {"endpoint": "/v1/decide", "decode": strong, "concurrency": c, "requests": n, "options": strong_opts}
             )
+    if label != CONFIGS[1][0]:  # the bulk path does not use cross-caller batching
+        for c in args.batch_concurrency:
+            n = max(args.batch_requests, 2 * c)
+            steps.append({"endpoint": "/v1/decide_batch", "decode": "greedy", "concurrency": c, "requests": n})
     return steps
 
 
-def main() -> None:
+def _rows(label: str, measured: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    echo = {m["concurrency"]: m["rps"] for m in measured if m["endpoint"] == "/v1/echo"}
+    rows = []
+    for m in measured:
+        per_request = batch if m["endpoint"] == "/v1/decide_batch" else 1
+        rows.append(
+            {
+                "config": label,
+                "endpoint": m["endpoint"],
+                "decode": m["decode"],
+                "concurrency": m["concurrency"],
+                "requests": m["ok"],
+                "errors": m["errors"],
+                "req_per_s": m["rps"],
+                "instances_per_s": m["rps"] * per_request,
+                "p50_ms": m["p50_ms"],
+                "p99_ms": m["p99_ms"],
+                "ratio_to_echo": (m["rps"] / echo[m["concurrency"]]) if m["concurrency"] in echo else None,
+                "mean_policy_batch": m["mean_policy_batch"],
+            }
+        )
+    return rows
+
+
+def _run_config(label: str, overrides: dict[str, Any], plan: dict[str, Any], checkpoint: Path) -> list[dict]:
+    from ray import serve
+
+    from lambo_ray.serving.app import build_app
+    from lambo_ray.serving.config import ServeConfig
+
+    cfg = ServeConfig.from_dict({"checkpoint": str(checkpoint), **overrides})
+    start = time.perf_counter()
+    serve.run(build_app(cfg), name="serve_load", route_prefix="/", blocking=False)
+    print(f"{label}: deployed in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--client"],
+            input=json.dumps(plan),
+            text=True,
+            capture_output=True,
+            timeout=1800,
+        )
+    finally:
+        serve.delete("serve_load")
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"client failed ({proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_markdown(path: Path) -> None:
+    """The README table (and its provenance line) from a results JSON written by this script."""
+    from lambo_ray.results import markdown_table
+
+    doc = json.loads(path.read_text())
+    print(
+        f"`{doc['command']}` at {doc['git_revision']} on {doc['machine']}, {doc['date'][:10]}; N = {doc['n_ues']}, "
+        f"{doc['prompt']}, strongest mode `{doc['strong_mode']}` (k = {doc['search_k']}, budget "
+        f"{doc['search_budget_ms']:g} ms), /v1/decide_batch carries {doc['batch']} instances per request; "
+        f"load average at start {doc['load_average_at_start'][0]}.\n"
+    )
+    print(markdown_table(doc["rows"], COLUMNS))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, help="policy checkpoint (default: an untrained S policy)")
     p.add_argument("--n-ues", type=int, default=50)
     p.add_argument("--prompt", default="min_latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--batch-concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch-concurrency", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--requests", type=int, default=96, help="requests per (endpoint, concurrency) point")
-    p.add_argument("--batch", type=int, default=16, help="instances per /v1/decide_batch request")
+    p.add_argument("--batch", type=int, default=64, help="instances per /v1/decide_batch request")
+    p.add_argument("--batch-requests", type=int, default=12, help="requests per /v1/decide_batch point")
+    p.add_argument("--search-k", type=int, default=8, help="k of the strongest decode mode")
+    p.add_argument("--search-budget-ms", type=float, default=100.0, help="time budget of the strongest mode")
     p.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], help="subset of the configurations")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    p.add_argument("--markdown", type=Path, help="print the README table of this results file and exit")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.client:
-        return client_main(args)
+        return client_main()
+    if args.markdown:
+        return print_markdown(args.markdown)
 
     import torch
     from ray import serve
@@ -174,94 +275,49 @@ def main() -> None:
     from lambo_ray.mec.scenario import ScenarioConfig
     from lambo_ray.results import print_table, write_results
     from lambo_ray.runtime import init_ray
-    from lambo_ray.serving.app import build_app
-    from lambo_ray.serving.config import ServeConfig
+    from lambo_ray.serving.proxy import PROXY_ENV, start_serve
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
     checkpoint = args.checkpoint or _untrained_checkpoint(tmp / "ckpt")
     instances_file = tmp / "instances.jsonl"
     write_instances(instances_file, generate_many(ScenarioConfig(n_ues=args.n_ues), 64, seed=4242))
+    strong = strongest_mode()
 
     load_at_start = os.getloadavg()
+    os.environ.update(PROXY_ENV)
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port, request_timeout_s=120.0)
     rows: list[dict[str, Any]] = []
     try:
         for label, overrides in CONFIGS:
             if label not in args.configs:
                 continue
-            cfg = ServeConfig.from_dict({"checkpoint": str(checkpoint), **overrides})
-            start = time.perf_counter()
-            serve.run(build_app(cfg), name="serve_load", route_prefix="/", blocking=False)
-            print(f"{label}: deployed in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             plan = {
-                "url": url,
+                "url": f"http://127.0.0.1:{port}",
                 "instances": str(instances_file),
                 "prompt": args.prompt,
                 "batch": args.batch,
-                "steps": _plan(args, label),
+                "steps": _plan(args, label, strong),
             }
-            proc = subprocess.run(
-                [sys.executable, __file__, "--client"],
-                input=json.dumps(plan),
-                text=True,
-                capture_output=True,
-                timeout=1800,
-            )
-            sys.stderr.write(proc.stderr)
-            if proc.returncode != 0:
-                raise SystemExit(f"client failed ({proc.returncode})")
-            measured = json.loads(proc.stdout.strip().splitlines()[-1])
-            echo = {m["concurrency"]: m["rps"] for m in measured if m["endpoint"] == "/v1/echo"}
-            for m in measured:
-                per_request = args.batch if m["endpoint"] == "/v1/decide_batch" else 1
-                rows.append(
-                    {
-                        "config": label,
-                        "endpoint": m["endpoint"],
-                        "concurrency": m["concurrency"],
-                        "requests": m["ok"],
-                        "errors": m["errors"],
-                        "req_per_s": m["rps"],
-                        "instances_per_s": m["rps"] * per_request,
-                        "p50_ms": m["p50_ms"],
-                        "p99_ms": m["p99_ms"],
-                        "ratio_to_echo": (m["rps"] / echo[m["concurrency"]]) if m["concurrency"] in echo else None,
-                        "mean_policy_batch": m["mean_policy_batch"],
-                    }
-                )
-            serve.delete("serve_load")
+            rows += _rows(label, _run_config(label, overrides, plan, checkpoint), args.batch)
     finally:
         serve.shutdown()
-    cols = [
-        "config",
-        "endpoint",
-        "concurrency",
-        "requests",
-        "errors",
-        "req_per_s",
-        "instances_per_s",
-        "p50_ms",
-        "p99_ms",
-        "ratio_to_echo",
-        "mean_policy_batch",
-    ]
-    print_table(rows, cols, title=f"Serve load, N={args.n_ues}, {args.prompt}, greedy, checkpoint {checkpoint}")
-    load = os.getloadavg()
+    print_table(rows, COLUMNS, title=f"Serve load, N={args.n_ues}, {args.prompt}, checkpoint {checkpoint}")
     write_results(
         args.out,
         rows,
         n_ues=args.n_ues,
         prompt=args.prompt,
-        decode="greedy",
+        strong_mode=strong,
+        search_k=args.search_k,
+        search_budget_ms=args.search_budget_ms,
         batch=args.batch,
-        checkpoint=str(checkpoint),
+        checkpoint=str(checkpoint) if args.checkpoint else "untrained S (made on the fly)",
         untrained=args.checkpoint is None,
         load_average_at_start=[round(x, 2) for x in load_at_start],
-        load_average_at_end=[round(x, 2) for x in load],
+        load_average_at_end=[round(x, 2) for x in os.getloadavg()],
         note="ratio_to_echo = req/s over /v1/echo req/s at the same concurrency in the same deployment; "
         "decide_batch ratio is per request (it carries `batch` instances)",
     )

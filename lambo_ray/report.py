@@ -35,8 +35,10 @@ PROMPT_METRIC = {
 }
 
 
-# What the report can run: every solving method, and the policy with best-of-k or refine decoding.
-REPORT_METHODS: tuple[str, ...] = (*METHODS, "lambo_best_of_k", "lambo_refine")
+# What the report can run: every solving method, the policy with other decode modes, and the shipped
+# LAMBO-S (greedy) beside a freshly trained policy.
+LAMBO_DECODES = {"lambo": "greedy", "lambo_best_of_k": "best_of_k", "lambo_refine": "refine", "lambo_search": "search"}
+REPORT_METHODS: tuple[str, ...] = (*METHODS, "lambo_best_of_k", "lambo_refine", "lambo_search", "lambo_shipped")
 SECTIONS: tuple[str, ...] = ("comparison", "drift", "scaling")
 
 
@@ -58,6 +60,8 @@ class ReportConfig:
             "exact",
             "lambo",
             "lambo_best_of_k",
+            "lambo_search",
+            "lambo_shipped",
             "local_search",
             "greedy",
             "de",
@@ -106,14 +110,14 @@ def run_method(
     decoder: Path | None = None,
 ) -> list[Decision]:
     if method.startswith("lambo"):
-        mode = "best_of_k" if method == "lambo_best_of_k" else ("refine" if method == "lambo_refine" else "greedy")
+        shipped = method == "lambo_shipped"
         return solve_all(
             "lambo",
             instances,
             prompt,
-            checkpoint=policy.checkpoint,  # None: the shipped LAMBO-S
-            decoder=decoder,
-            decode=mode,
+            checkpoint=None if shipped else policy.checkpoint,  # None: the shipped LAMBO-S
+            decoder=None if shipped else decoder,
+            decode=LAMBO_DECODES.get(method, "greedy"),
             k=cfg.best_of_k,
             progress=False,
         )

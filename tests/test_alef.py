@@ -4,6 +4,7 @@ frozen-encoder training, and a short end-to-end fine-tune on a tiny drifted cell
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches, replay_split
-from lambo_ray.alef.expert_pool import ExpertPool, LabellingError, LabelWorker, LabelWorkerConfig
+from lambo_ray.alef.expert_pool import ExpertPool, Label, LabellingError, LabelWorker, LabelWorkerConfig, Skipped
 from lambo_ray.alef.finetune import (
     AlefConfig,
     decide,
@@ -27,6 +28,7 @@ from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
+from lambo_ray.mec.io import instance_from_dict
 from lambo_ray.mec.scenario import ScenarioConfig
 
 TINY = ScenarioConfig(n_ues=6, n_servers=2, capacities_cps=(1.5e10, 3e10))
@@ -105,6 +107,59 @@ def test_entropy_query_on_policy_decisions_matches_single_instance_decodes():
     assert set(select(scores, 3).tolist()) == set(np.argsort(-alone)[:3].tolist())
 
 
+def test_gain_query_scores_the_sampled_improvement_and_breaks_ties_by_entropy():
+    ent = np.array([[0.1, 0.1], [0.9, 0.9], [0.5, 0.5], [0.2, 0.2], [0.3, 0.3]])
+    mask = np.ones_like(ent, bool)
+    greedy = np.array([10.0, 10.0, 8.0, np.nan, 10.0])  # instance 3: greedy infeasible
+    sampled = np.array([9.0, 10.0, 7.6, 12.0, 10.0])
+    q = QueryInput(ent, np.zeros_like(ent), mask, greedy, sampled)
+    scores = get_query("gain", samples=4)(q, np.random.default_rng(0))
+    np.testing.assert_allclose(scores[[0, 2, 3]], [0.1, 0.05, 1.0], atol=1e-5)
+    # infeasible greedy first, then by gain; equal (zero) gains ordered by entropy: 1 (0.9) before 4 (0.3)
+    assert select(scores, 5).tolist() == [3, 0, 2, 1, 4]
+    assert get_query("gain", samples=4).samples == 4 and get_query("entropy").samples == 0
+    with pytest.raises(ValueError, match="sampled objectives"):
+        get_query("gain")(QueryInput(ent, np.zeros_like(ent), mask), np.random.default_rng(0))
+
+
+def test_online_decide_with_samples_reports_greedy_and_best_of_k_objectives():
+    """The gain query's inputs: greedy objectives recomputed with the evaluator, and the best-of-k
+    objective of the policy's own decode (which contains greedy, so it is never worse)."""
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    policy = tiny_policy(8)
+    insts = generate_many(TINY, 6, seed=21)
+    prompts = ["min_latency", "min_energy"] * 3
+    d = decide(policy, insts, prompts, samples=6, seed=3)
+    q = d.query_input
+    for k, (inst, p) in enumerate(zip(insts, prompts)):
+        ev = evaluate(inst, d.targets[k], d.shares[k])
+        assert (
+            q.greedy_objective[k] == pytest.approx(ev.objective(p)) if ev.feasible else np.isnan(q.greedy_objective[k])
+        )
+    best = policy_decide(policy, insts, prompts, mode="best_of_k", k=6, seed=3)
+    np.testing.assert_allclose(q.sampled_objective, [b.objective for b in best], rtol=1e-12)
+    assert np.all(q.sampled_objective <= q.greedy_objective * (1 + 1e-12))
+    assert (q.sampled_objective < q.greedy_objective * (1 - 1e-9)).any()  # sampling finds better decisions here
+
+
+def test_gate_diagnosis_names_the_cause():
+    from lambo_ray.alef.gate import LabelledFit, diagnose
+
+    def fit(gap=0.02, infeasible=0, loss=1.0, tf=0.8, agree=0.7):
+        return LabelledFit(gap, gap, gap, infeasible, loss, loss, 0.0, tf, agree)
+
+    base = fit()
+    assert diagnose(base, fit(gap=0.01)) == ""
+    assert diagnose(base, fit(gap=0.03, infeasible=1)) == "infeasible"
+    assert diagnose(base, fit(gap=0.03, loss=1.1)) == "not_fitted"
+    assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.65)) == "exposure_bias"
+    assert diagnose(base, fit(gap=0.03, loss=0.5, tf=0.9, agree=0.8)) == "objective_mismatch"
+    share_only = fit(gap=0.03, tf=0.9, agree=0.65)
+    share_only.loss, share_only.target_ce = 0.5, 0.99  # the loss fell, the targets' part by 1 % only
+    assert diagnose(base, share_only) == "targets_not_fitted"
+
+
 def test_label_budget_splits_total_over_rounds():
     b = LabelBudget(total=10, rounds=3)
     spent = []
@@ -160,19 +215,21 @@ class _Stub(Expert):
         )
 
 
-def test_worker_falls_back_to_de_and_records_source_and_gap(small_instances):
+def test_worker_falls_back_and_records_source_and_gap(small_instances):
     inst, prompt = small_instances[0], "min_energy"
     de = get_expert("de", init="seeded").solve(inst, prompt, 5.0)
+    ls = get_expert("local_search").solve(inst, prompt, 5.0)
     all_local = evaluate(inst, np.zeros(inst.n_ues, int), np.zeros(inst.n_ues)).objective(prompt)
     assert de.objective < all_local  # the scripted incumbent is beatable, so DE must win below
-    worker = LabelWorker(LabelWorkerConfig())
+    worker = LabelWorker(LabelWorkerConfig(fallbacks=("de",)))
     lb = 0.9 * de.objective
 
     worker.primary = _Stub("time_limit", lower_bound=lb)
     lab = worker.label(7, inst, prompt, 5.0)
-    assert (lab.instance_id, lab.source) == (7, "de")
+    assert (lab.instance_id, lab.source, lab.exact_status) == (7, "de", "time_limit")
     assert lab.objective == pytest.approx(de.objective, rel=1e-12)
     assert lab.gap == pytest.approx((de.objective - lb) / de.objective)
+    assert lab.lower_bound == pytest.approx(lb)
 
     worker.primary = _Stub("crash")
     lab = worker.label(8, inst, prompt, 5.0)
@@ -182,10 +239,43 @@ def test_worker_falls_back_to_de_and_records_source_and_gap(small_instances):
     lab = worker.label(9, inst, prompt, 5.0)
     assert lab.source == "exact" and lab.objective == pytest.approx(all_local)
 
+    # An incumbent certified within accept_gap is kept as is: no fallback runs (a crashing one would show).
+    worker._fallbacks = {"de": _Stub("crash")}
+    worker.primary = _Stub("time_limit", lower_bound=all_local * (1 - 1e-4))
+    lab = worker.label(10, inst, prompt, 5.0)
+    assert lab.source == "exact_time_limit" and lab.gap == pytest.approx(1e-4, rel=1e-6)
+
     worker.primary = _Stub("crash")
-    worker._fallback = _Stub("crash")
-    with pytest.raises(LabellingError, match="both failed"):
-        worker.label(10, inst, prompt, 5.0)
+    with pytest.raises(LabellingError, match="every fallback failed"):
+        worker.label(11, inst, prompt, 5.0)
+
+    # The default chain tries iterated local search, local search and DE and keeps the best label.
+    from lambo_ray.alef.worker import IteratedLocalSearch
+
+    ils = IteratedLocalSearch().solve(inst, prompt, 5.0)
+    chain = LabelWorker(LabelWorkerConfig())
+    chain.primary = _Stub("time_limit", lower_bound=lb)
+    lab = chain.label(12, inst, prompt, 5.0)
+    found = {"ils": ils.objective, "local_search": ls.objective, "de": de.objective}
+    assert lab.objective == pytest.approx(min(found.values()), rel=1e-12)
+    assert lab.source == min(found, key=found.get)  # the first of equals wins: dict order is the chain's
+
+
+def test_time_limited_min_latency_label_keeps_a_certified_gap_and_beats_local_search(paper_instances):
+    """Exact min_latency at N = 50 needs seconds; with 0.3 s it stops on its incumbent. The label is the
+    best of that incumbent, iterated local search, local search and DE, with its gap certified against
+    exact's lower bound."""
+    inst = paper_instances[0]
+    lab = LabelWorker(LabelWorkerConfig()).label(0, inst, "min_latency", 0.3)
+    ls = get_expert("local_search").solve(inst, "min_latency")
+    assert lab.exact_status == "time_limit" and lab.source != "exact"
+    assert lab.objective <= ls.objective * (1 + 1e-12)
+    assert evaluate(inst, lab.target, lab.share).objective("min_latency") == pytest.approx(lab.objective, rel=1e-12)
+    if lab.lower_bound is not None:  # HiGHS had a bound when time ran out
+        assert lab.lower_bound <= lab.objective
+        assert lab.gap == pytest.approx((lab.objective - lab.lower_bound) / lab.objective)
+    else:
+        assert lab.gap is None
 
 
 def test_pool_labels_equal_direct_exact_solves(pool, small_instances):
@@ -225,6 +315,66 @@ def test_pool_rejects_bad_requests(pool):
         pool.label(generate_many(TINY, 2, seed=1), "min_energy", ids=[3, 3])
     with pytest.raises(LamboInputError, match="prompt"):
         pool.label(generate_many(TINY, 2, seed=1), "min_cost")
+
+
+def scripted_worker(marker: str) -> LabelWorkerConfig:
+    """Actors whose expert hangs (sleeps for an hour, like a HiGHS solve that never checks its limit)
+    on 7-UE instances always, on 6-UE ones only the first time (``marker`` file: shared by every
+    actor), and answers 5-UE ones at once with all-local. Defined in a function, so cloudpickle ships
+    the class itself to the actors (they cannot import this test module)."""
+    import os as _os
+    import time as _time
+
+    class Scripted(Expert):
+        name = "scripted"
+
+        def _solve(self, inst, prompt, time_limit):
+            first = not _os.path.exists(marker)
+            if inst.n_ues == 7 or (inst.n_ues == 6 and first):
+                open(marker, "w").close()
+                _time.sleep(3600)
+            zeros = np.zeros(inst.n_ues)
+            return zeros.astype(np.int64), zeros, {"status": "optimal", "proven_optimal": True, "gap": 0.0}
+
+    return LabelWorkerConfig(primary_factory=Scripted, fallbacks=())
+
+
+def test_pool_kills_an_actor_that_misses_its_deadline_and_retries_or_skips(ray_session, tmp_path):
+    """Expert time limit 1 s, grace 1 s: a hanging solve is killed after 2 s. The 6-UE instance is
+    labelled by a replacement actor; the 7-UE one hangs on every actor and is skipped after 2 attempts
+    and reported; the 5-UE one is labelled; nothing raises and nothing waits on a hung actor."""
+    insts = [generate_many(TINY.replace(n_ues=n), 1, seed=n)[0] for n in (6, 7, 5)]
+    with ExpertPool(
+        1,
+        time_limit=1.0,
+        worker=scripted_worker(str(tmp_path / "hung")),
+        max_attempts=2,
+        cpus_per_actor=0.5,
+        grace_s=1.0,
+    ) as pool:
+        t0 = time.monotonic()
+        first_pid = pool.warm_up()[0]
+        startup = time.monotonic() - t0
+        assert pool.deadline_s == pytest.approx(2.0)
+        t0 = time.monotonic()
+        out = pool.label(insts, "min_energy", ids=[60, 70, 50])
+        wall = time.monotonic() - t0
+        stats = pool.stats
+    hung_once, hung, fast = out
+    assert isinstance(hung_once, Label) and hung_once.attempt == 2 and hung_once.worker_pid != first_pid
+    assert isinstance(hung, Skipped) and hung.attempts == 2 and "deadline" in hung.reason
+    assert isinstance(fast, Label) and fast.source == "exact" and fast.instance_id == 50
+    assert (stats.timeouts, stats.retries, stats.skipped, stats.labelled) == (3, 2, 1, 2)
+    assert stats.actors_replaced == 3 and stats.skips[0]["instance_id"] == 70
+    # Three missed 2 s deadlines and three fresh actors (each started about as fast as the first one).
+    assert wall < 3 * 2.0 + 3 * (startup + 10.0), (wall, startup)
+
+
+def test_pool_places_actors_by_free_cpus(pool, ray_session):
+    free = ray_session.available_resources().get("CPU", 0.0)
+    assert free < ray_session.cluster_resources()["CPU"]  # the module's pool holds some
+    with pytest.raises(LamboInputError, match="are free"):
+        ExpertPool(1, cpus_per_actor=free + 0.25, start_timeout_s=0.5)
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -320,7 +470,8 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
 def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
     """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate's gaps are the
     greedy gaps to the labels recomputed with the evaluator."""
-    import lambo_ray.alef.finetune as ft
+    import lambo_ray.alef.rounds as rounds
+    from lambo_ray.policy.decoding import decide as policy_decide
 
     policy = tiny_policy(5)
     before = [p.detach().clone() for p in policy.decoder_parameters()]
@@ -331,7 +482,7 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
                 p.add_(torch.randn_like(p) * 5.0)
         return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
 
-    monkeypatch.setattr(ft, "train_decoder", wreck)
+    monkeypatch.setattr(rounds, "train_decoder", wreck)
     cfg = AlefConfig(
         drift="outage",
         prompts=("min_energy",),
@@ -347,12 +498,130 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     res = run_alef(policy, cfg, pool)
     m = res.rounds[0]
     assert not m.accepted and m.gate_gap_after > m.gate_gap_before
+    # The gate's record, recomputed independently: greedy gap and imitation loss of the base decoder
+    # on the round's labels + replay (infeasible = 100%).
+    examples = res.buffer + res.reference_examples["replay"]
+    assert (m.gate["n_drifted"], m.gate["n_replay"]) == (len(res.buffer), 4) and len(res.buffer) == 8
+    base = tiny_policy(5)
+    gaps = []
+    for e, dec in zip(examples, policy_decide(base, [e.instance for e in examples], [e.prompt for e in examples])):
+        gaps.append(dec.objective / e.objective - 1 if dec.stats["feasible"] else 1.0)
+    assert m.gate["before"]["gap"] == pytest.approx(np.mean(gaps), rel=1e-9)
+    with torch.no_grad():
+        il = imitation_losses(base, examples)
+    assert m.gate["before"]["loss"] == pytest.approx(float(il.target_ce + il.share_nll), rel=1e-5)
+    assert m.gate["after"]["loss"] > m.gate["before"]["loss"] and m.gate["diagnosis"] in ("infeasible", "not_fitted")
     assert all(torch.equal(a, b) for a, b in zip(policy.decoder_parameters(), before))
     assert res.after["drifted"]["gap"] == pytest.approx(res.before["drifted"]["gap"])
     # without the gate the wrecked decoder is kept
     policy2 = tiny_policy(5)
     run_alef(policy2, dataclasses.replace(cfg, gate=False), pool)
     assert not all(torch.equal(a, b) for a, b in zip(policy2.decoder_parameters(), before))
+
+
+# ---------------------------------------------------------------------------- crash and resume
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashingPool:
+    """The module's pool, except that labelling call number ``call`` raises after ``after`` outcomes
+    (call 1 labels the references, call r + 1 round r): a crash in the middle of a round."""
+
+    def __init__(self, pool: ExpertPool, call: int, after: int) -> None:
+        self.pool, self.call, self.after, self.calls = pool, call, after, 0
+
+    @property
+    def stats(self):
+        return self.pool.stats
+
+    def label_iter(self, instances, prompts, ids):
+        import contextlib
+
+        self.calls += 1
+        with contextlib.closing(self.pool.label_iter(instances, prompts, ids)) as outcomes:
+            for n, o in enumerate(outcomes):
+                if self.calls == self.call and n == self.after:
+                    raise SimulatedCrash("killed mid-round")
+                yield o
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # expert time differs run to run
+
+
+def test_resume_after_a_crash_mid_round_3_buys_no_label_twice_and_ends_like_an_uninterrupted_run(pool, tmp_path):
+    from lambo_ray.alef.store import RunStore
+
+    cfg = AlefConfig(
+        drift="load",
+        prompts=("min_latency", "min_energy"),
+        rounds=3,
+        pool_size=8,
+        budget=12,
+        query="random",  # its RNG state must survive the crash too
+        experts=2,
+        epochs=2,
+        batch_size=4,
+        n_replay=2,
+        n_heldout=4,
+        scenario=TINY,
+        seed=5,
+    )
+    whole = run_alef(tiny_policy(6), cfg, pool, store=RunStore(tmp_path / "whole"))
+    assert [r.labels_this_round for r in whole.rounds] == [4, 4, 4]
+
+    store = RunStore(tmp_path / "crashed")
+    with pytest.raises(SimulatedCrash):
+        run_alef(tiny_policy(6), cfg, CrashingPool(pool, call=4, after=2), store=store)
+    assert store.load_round().state["completed_rounds"] == 2
+    assert len(RunStore(store.dir).journal) == 10 + 4 + 4 + 2  # references, rounds 1-2, half of round 3
+
+    bought_before = pool.stats.labelled
+    policy = tiny_policy(6)
+    resumed = run_alef(policy, cfg, pool, store=RunStore(store.dir))
+    assert resumed.resumed_after_round == 2 and len(resumed.rounds) == 3
+    assert pool.stats.labelled - bought_before == 2  # only the round-3 labels the crash had not recorded
+    assert resumed.rounds[2].labels_cached == 2 and resumed.pool_stats["from_journal"] == 10 + 2
+    assert _comparable(resumed.label_records()) == _comparable(whole.label_records())
+    assert [o.instance_id for o in resumed.online] == [o.instance_id for o in whole.online]
+    assert resumed.after == whole.after
+    reference = tiny_policy(6)
+    run_alef(reference, cfg, pool, store=RunStore(tmp_path / "whole"))  # a finished store: nothing to do
+    assert all(
+        torch.equal(a, b) for a, b in zip(policy.decoder.state_dict().values(), reference.decoder.state_dict().values())
+    )
+
+    with pytest.raises(LamboInputError, match="budget 12"):
+        run_alef(tiny_policy(6), dataclasses.replace(cfg, budget=8), pool, store=RunStore(store.dir))
+    with pytest.raises(LamboInputError, match="another policy"):
+        run_alef(tiny_policy(7), cfg, pool, store=RunStore(store.dir))
+
+
+def test_label_journal_survives_a_torn_last_line_and_rejects_a_corrupt_one(tmp_path, small_instances):
+    from lambo_ray.alef.store import LabelJournal
+
+    path = tmp_path / "journal.jsonl"
+    j = LabelJournal(path)
+    a, b = small_instances[:2]
+    lab = Label(
+        3, "min_energy", np.zeros(a.n_ues, np.int64), np.zeros(a.n_ues), 1.5, "exact", 0.0, 1.5, "optimal", 0.1, 1
+    )
+    j.record(a, lab)
+    j.record(b, Skipped(4, "min_latency", "no label within its 2 s deadline", 3))
+    with open(path, "a") as fh:
+        fh.write('{"key": [5, "min_en')  # the process died mid-append
+    again = LabelJournal(path)
+    assert len(again) == 2 and path.read_text().endswith("\n")
+    got = again.get(3, "min_energy", a)
+    assert isinstance(got, Label) and got.objective == 1.5 and np.array_equal(got.target, lab.target)
+    assert isinstance(again.get(4, "min_latency", b), Skipped)
+    assert again.get(3, "min_energy", b) is None and again.get(3, "min_latency", a) is None  # other instance / prompt
+    path.write_text("not json\n" + path.read_text())
+    with pytest.raises(LamboInputError, match="journal.jsonl:1"):
+        LabelJournal(path)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -399,8 +668,95 @@ def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels_used"] == 4 and metrics["config"]["drift"] == "load"
     assert set(metrics["before"]) == {"drifted", "undrifted"} and "git_revision" in metrics
+    # Every label of the run, with its instance and provenance; the run state is gone once out/ exists.
+    records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    roles = [r["role"] for r in records]
+    assert roles.count("query") == 4 and roles.count("heldout") == 4 and roles.count("replay") == 2
+    for r in records:
+        inst = instance_from_dict(r["instance"])
+        assert evaluate(inst, np.array(r["target"]), np.array(r["share"])).objective(r["prompt"]) == pytest.approx(
+            r["objective"], rel=1e-12
+        )
+        assert r["source"] == "exact" and r["status"] == "optimal" and r["gap"] <= 1e-4
+    assert not (tmp_path / "dec.partial").exists()
 
     # An existing output is never touched without --overwrite.
     before = (out / "decoder.pt").read_bytes()
     assert main(common + ["--drift", "load", "--budget", "4", *tiny]) == 2
     assert (out / "decoder.pt").read_bytes() == before
+
+
+def test_cli_finetune_refuses_to_lose_an_interrupted_runs_labels(tmp_path, capsys):
+    from lambo_ray.cli import main
+
+    out, state = tmp_path / "dec", tmp_path / "dec.partial"
+    cmd = ["finetune", "--checkpoint", str(tmp_path / "pre"), "--out", str(out), "--drift", "load"]
+    assert main(cmd + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    state.mkdir()
+    (state / "journal.jsonl").write_text("{}\n")
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (state / "journal.jsonl").read_text() == "{}\n"  # untouched
+
+
+@pytest.mark.slow
+def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(pool, tmp_path):
+    """`lambo finetune` as users run it (its own embedded Ray in a subprocess), SIGKILLed once round 2
+    is saved; the same command with --resume finishes with the labels, metrics and decoder of an
+    uninterrupted run, and buys only the labels the killed run had not recorded."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lambo_ray.cli import main
+    from lambo_ray.policy.checkpoint import save_policy
+
+    save_policy(tmp_path / "pre" / "policy", tiny_policy(5))
+    args = ["--checkpoint", str(tmp_path / "pre"), "--drift", "load", "--budget", "24", "--rounds", "6"]
+    args += ["--experts", "1", "--n-ues", "6", "--n-servers", "2", "--pool-size", "8", "--heldout", "4"]
+    args += ["--n-replay", "2", "--epochs", "2", "--query", "random"]
+    assert main(["finetune", *args, "--out", str(tmp_path / "whole")]) == 0
+
+    out, state = tmp_path / "dec", tmp_path / "dec.partial"
+    cmd = [sys.executable, "-m", "lambo_ray.cli", "finetune", *args, "--out", str(out)]
+    env = dict(os.environ, RAY_ADDRESS="local", RAY_DISABLE_USAGE_STATS="1")  # a fresh embedded Ray
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads((state / "round" / "state.json").read_text())["completed_rounds"] >= 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started (its process group)
+        proc.communicate(timeout=60)
+    assert not out.exists()
+    killed_after = json.loads((state / "round" / "state.json").read_text())["completed_rounds"]
+    journal = len((state / "journal.jsonl").read_text().splitlines())
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed after round {killed_after}" in resumed.stdout
+    assert not state.exists()
+
+    def labels(d):
+        return _comparable([json.loads(line) for line in (d / "labels.jsonl").read_text().splitlines()])
+
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert labels(out) == labels(tmp_path / "whole") and len(labels(out)) == 10 + 24
+    assert metrics["after"] == whole["after"] and metrics["labels_used"] == 24
+    # Bought after the kill: every label of the run except those restored with the rounds or in the journal.
+    restored = 4 * killed_after
+    assert metrics["pool_stats"]["labelled"] == 10 + 24 - journal
+    assert metrics["pool_stats"]["from_journal"] == journal - restored
+    assert (out / "decoder.pt").read_bytes() == (tmp_path / "whole" / "decoder.pt").read_bytes()

@@ -121,7 +121,7 @@ def test_small_run_end_to_end_then_rerun_from_the_caches(gen, tmp_path, monkeypa
     doc = json.loads(files["out"].read_text())
     assert {r["method"] for r in doc["rows"]} == {"exact", "lambo_greedy", "lambo_search", "local_search"}
     assert all(r["feasible_rate"] == 1.0 for r in doc["rows"])
-    assert doc["checkpoint"]["scale"] == "S" and doc["settings"]["search_budget_s"] == 0.5
+    assert doc["checkpoint"]["scale"] == "S" and doc["settings"]["search_budget_s"] == 0.4
     assert files["plot"].stat().st_size > 0 and "Acceptance targets" in files["markdown"].read_text()
 
     def must_not_run(*_args, **_kwargs):

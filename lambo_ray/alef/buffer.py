@@ -9,22 +9,89 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from lambo_ray.alef.labels import Label
 from lambo_ray.mec.instance import Instance
+
+LABEL_RECORD = "lambo.alef_label/1"
 
 
 @dataclass(frozen=True)
 class Example:
-    """One (instance, prompt) with the expert's decision to imitate."""
+    """One (instance, prompt) with the expert's decision to imitate, and where that decision came from."""
 
     instance: Instance
     prompt: str
     target: np.ndarray  # (N,) 0 = local, j = server j
     share: np.ndarray  # (N,) 0 where local
-    source: str  # which expert produced the label ("exact", "exact_time_limit", "de")
+    source: str  # which expert produced the label (a LabelSource: "exact", "exact_time_limit", "ils", ...)
     objective: float
+    status: str = ""  # what the exact expert reported ("optimal", "time_limit", ...)
+    gap: float | None = None  # certified relative gap of the label; None when unknown
+    lower_bound: float | None = None
+    wall_s: float | None = None  # expert time spent on it
+    instance_id: int | None = None  # position in the drifted stream (references: negative)
+    round: int | None = None  # ALEF round that bought it (None: a reference label)
+
+    @classmethod
+    def from_label(cls, inst: Instance, lab: Label, round: int | None = None) -> Example:
+        return cls(
+            inst,
+            lab.prompt,
+            np.array(lab.target, dtype=np.int64),  # a copy: labels from Ray's object store are read-only
+            np.array(lab.share, dtype=np.float64),
+            lab.source,
+            lab.objective,
+            lab.exact_status,
+            lab.gap,
+            lab.lower_bound,
+            lab.wall_s,
+            lab.instance_id,
+            round,
+        )
+
+    def to_record(self, role: str) -> dict[str, Any]:
+        """One line of a saved label file: the instance itself, the label and its provenance."""
+        from lambo_ray.mec.io import instance_to_dict
+
+        return {
+            "schema": LABEL_RECORD,
+            "role": role,  # "query" (bought by a round), "heldout", "undrifted" or "replay"
+            "round": self.round,
+            "instance_id": self.instance_id,
+            "prompt": self.prompt,
+            "target": self.target.tolist(),
+            "share": self.share.tolist(),
+            "objective": self.objective,
+            "source": self.source,
+            "status": self.status,
+            "gap": self.gap,
+            "lower_bound": self.lower_bound,
+            "wall_s": self.wall_s,
+            "instance": instance_to_dict(self.instance),
+        }
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any]) -> Example:
+        from lambo_ray.mec.io import instance_from_dict
+
+        return cls(
+            instance_from_dict(doc["instance"]),
+            doc["prompt"],
+            np.asarray(doc["target"], dtype=np.int64),
+            np.asarray(doc["share"], dtype=np.float64),
+            doc["source"],
+            float(doc["objective"]),
+            doc.get("status", ""),
+            doc.get("gap"),
+            doc.get("lower_bound"),
+            doc.get("wall_s"),
+            doc.get("instance_id"),
+            doc.get("round"),
+        )
 
 
 class LabelBuffer:

@@ -2,7 +2,7 @@
 
 A strategy turns the policy's per-UE uncertainty on a pool of instances into one score per
 instance; :func:`select` takes the ``budget`` highest. Strategies are registered by name
-(``entropy``, ``random``) and chosen by config, not by ``if`` branches in the loop.
+(``entropy``, ``random``, ``gain``) and chosen by config, not by ``if`` branches in the loop.
 
 ``entropy`` (the paper's choice): the mean, over the *real* UEs of an instance (padding masked
 out), of the entropy of the offloading head's distribution at each decoding step. A policy that
@@ -13,6 +13,18 @@ negative, and mixing it in is a choice to make knowingly, not by default.
 
 ``random``: uniform scores from a seeded generator; the baseline that shows what the entropy
 query buys at the same label budget.
+
+``gain``: how much better the policy itself can do than its greedy decision on the instance, as a
+fraction of the greedy objective: greedy minus the best of ``samples`` sampled decodes on augmented
+copies (``best_of_k``; it contains the greedy decision, so the gain is >= 0), both scored by the
+evaluator; an infeasible greedy decision scores 1. This is a certified *lower bound* on the greedy
+decision's own gap on that instance: the thing fine-tuning has to remove, measured rather than
+proxied. Entropy is a proxy that fails both ways under drift: a policy shaped by RL with an entropy
+bonus is unsure among near-equivalent options (high entropy, nothing to learn), and after a drift it
+is often confidently wrong (low entropy, e.g. still sending UEs to a server that lost 70 % of its
+capacity); one better sample exposes the latter. Instances with equal gain (typically 0 when the
+samples never beat greedy) are ordered by entropy, so ``gain`` reduces to ``entropy`` where sampling
+finds nothing. It costs ``samples`` extra decodes per arrival, no expert call.
 """
 
 from __future__ import annotations
@@ -33,11 +45,19 @@ class QueryInput:
     entropy_target: np.ndarray  # (B, N) entropy of the offloading head at each UE's step
     entropy_share: np.ndarray  # (B, N) entropy of the share head (0 where the UE ran locally)
     ue_mask: np.ndarray  # (B, N) True for real UEs, False for padding
+    # Only for strategies with ``samples`` > 0: evaluator objectives of the greedy decision and of the
+    # best sampled one (NaN where infeasible), (B,) each.
+    greedy_objective: np.ndarray | None = None
+    sampled_objective: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shapes = {self.entropy_target.shape, self.entropy_share.shape, self.ue_mask.shape}
         if len(shapes) != 1 or self.entropy_target.ndim != 2:
             raise ValueError(f"entropy_target, entropy_share and ue_mask must share one (B, N) shape, got {shapes}")
+        for name in ("greedy_objective", "sampled_objective"):
+            v = getattr(self, name)
+            if v is not None and v.shape != (self.size,):
+                raise ValueError(f"{name} must have shape ({self.size},), got {v.shape}")
 
     @property
     def size(self) -> int:
@@ -51,11 +71,26 @@ def mean_over_real_ues(values: np.ndarray, ue_mask: np.ndarray) -> np.ndarray:
 
 
 Scorer = Callable[[QueryInput, np.random.Generator], np.ndarray]
-_STRATEGIES: dict[str, Callable[..., Scorer]] = {}
 
 
-def register_query(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
-    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
+@dataclass(frozen=True)
+class Query:
+    """A configured strategy: ``score(query_input, rng)`` gives one score per instance; ``samples``
+    is how many sampled decodes per instance it needs beside the greedy pass (0: none)."""
+
+    name: str
+    score: Scorer
+    samples: int = 0
+
+    def __call__(self, q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+        return self.score(q, rng)
+
+
+_STRATEGIES: dict[str, Callable[..., Query]] = {}
+
+
+def register_query(name: str) -> Callable[[Callable[..., Query]], Callable[..., Query]]:
+    def deco(factory: Callable[..., Query]) -> Callable[..., Query]:
         _STRATEGIES[name] = factory
         return factory
 
@@ -63,29 +98,57 @@ def register_query(name: str) -> Callable[[Callable[..., Scorer]], Callable[...,
 
 
 @register_query("entropy")
-def entropy_query(share_weight: float = 0.0) -> Scorer:
+def entropy_query(share_weight: float = 0.0) -> Query:
     def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
         s = mean_over_real_ues(q.entropy_target, q.ue_mask)
         if share_weight:
             s = s + share_weight * mean_over_real_ues(q.entropy_share, q.ue_mask)
         return s
 
-    return score
+    return Query("entropy", score)
 
 
 @register_query("random")
-def random_query() -> Scorer:
+def random_query() -> Query:
     def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
         return rng.random(q.size)
 
-    return score
+    return Query("random", score)
+
+
+def sample_gain(greedy: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+    """(greedy - best sampled) / |greedy| per instance, >= 0; 1 where greedy is infeasible (NaN)."""
+    greedy, sampled = np.asarray(greedy, float), np.asarray(sampled, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gain = (greedy - sampled) / np.abs(greedy)
+    gain = np.where(np.isfinite(gain), np.clip(gain, 0.0, 1.0), 0.0)
+    return np.where(np.isnan(greedy), 1.0, gain)
+
+
+# Weight of the entropy tie-break of ``gain``: the mean entropy is at most log(M + 1) (~2.3 at
+# M = 9), so it reorders only instances whose gains differ by less than ~2e-6 (float noise).
+GAIN_TIE_WEIGHT = 1e-6
+
+
+@register_query("gain")
+def gain_query(samples: int = 8) -> Query:
+    if samples < 1:
+        raise LamboInputError(f"gain query needs samples >= 1 (got {samples})", where="query")
+
+    def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+        if q.greedy_objective is None or q.sampled_objective is None:
+            raise ValueError("the gain query needs greedy and sampled objectives in its QueryInput")
+        gain = sample_gain(q.greedy_objective, q.sampled_objective)
+        return gain + GAIN_TIE_WEIGHT * mean_over_real_ues(q.entropy_target, q.ue_mask)
+
+    return Query("gain", score, samples=samples)
 
 
 def query_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def get_query(name: str, **kwargs: float) -> Scorer:
+def get_query(name: str, **kwargs: float) -> Query:
     if name not in _STRATEGIES:
         raise LamboInputError(
             f"unknown query strategy {name!r}; expected one of {', '.join(query_strategies())}", where="query"

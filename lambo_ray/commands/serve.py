@@ -1,9 +1,14 @@
 """`lambo serve`: put the policy behind Ray Serve (the app of `serve/config.yaml`) and print its URL.
 
 The checkpoint (and decoders directory) are checked before Ray or Serve start, so a wrong path is one
-line and exit code 2, not a crash-looping replica. With an embedded local Ray the process keeps serving
-until Ctrl-C (the app lives as long as this process's Ray); when connected to a cluster (RAY_ADDRESS)
-the app is deployed and the command returns unless ``--blocking`` is given.
+line and exit code 2, not a crash-looping replica. Without ``--checkpoint`` the policy shipped with the
+package is served. With an embedded local Ray the process keeps serving until Ctrl-C (the app lives as
+long as this process's Ray); when connected to a cluster (RAY_ADDRESS) the app is deployed and the
+command returns unless ``--blocking`` is given.
+
+It listens on 127.0.0.1 unless ``--host`` says otherwise: exposing the API is a decision (put it behind
+a reverse proxy or pass ``--host 0.0.0.0`` on a trusted network). Registering decoders needs
+``$LAMBO_ADMIN_TOKEN`` set when the server starts; without it that endpoint is disabled.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ def serve_flags() -> DataclassFlags:
     return DataclassFlags(
         ServeConfig,
         flags={
-            "checkpoint": Flag(type=Path, convert=str, required=True),
+            "checkpoint": Flag(
+                type=Path,
+                convert=str,
+                help="pretrained policy directory (`lambo pretrain`); default: the shipped LAMBO-S",
+            ),
             "decoders_dir": Flag(names=("--decoders", "--decoders-dir"), type=Path, convert=str),
             "policy_replicas": Flag(names=("--replicas", "--policy-replicas"), default_text="1"),
             "decoder_cache_size": Flag(names=("--cache-size", "--decoder-cache-size")),
@@ -41,7 +50,7 @@ def serve_flags() -> DataclassFlags:
                 names=("--batch-wait-ms",),
                 help="@serve.batch wait for a batch to fill (ms)",
                 convert=lambda ms: ms / 1e3,
-                default_text="5",
+                default_text="2",
                 metavar="MS",
             ),
             "default_decode": Flag(choices=LazyChoices(_decode_strategies), metavar="STRATEGY"),
@@ -68,7 +77,11 @@ def config_from_args(args: argparse.Namespace):
         raise LamboInputError(f"--port must be in 1..65535 (got {args.port})")
     values = serve_flags().values(args)
     values.setdefault("policy_replicas", 1)  # `lambo serve` starts one policy replica unless told otherwise
-    return ServeConfig.from_dict(values)
+    if values.get("checkpoint") is None:
+        from lambo_ray.policy.checkpoint import default_checkpoint
+
+        values["checkpoint"] = str(default_checkpoint())
+    return ServeConfig.from_dict(values).with_admin_token_from_env()
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -86,11 +99,13 @@ def start(cfg, host: str, port: int, *, num_cpus: int | None = None) -> str:
 
     from lambo_ray.runtime import init_ray
     from lambo_ray.serving.app import build_app, check_checkpoint
+    from lambo_ray.serving.proxy import PROXY_ENV, start_serve
 
     check_checkpoint(cfg, load_weights=True)  # a bad checkpoint is one line, before anything starts
     app = build_app(cfg)
+    os.environ.update(PROXY_ENV)  # an embedded Ray's processes inherit it
     init_ray(num_cpus=num_cpus)
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host, port, cfg.request_timeout_s)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{shown}:{port}"
@@ -102,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if embedded:
         _check_port_free(args.host, args.port)
     url = start(cfg, args.host, args.port, num_cpus=args.num_cpus)
+    admin = "enabled" if cfg.admin_token_sha256 else "disabled (set LAMBO_ADMIN_TOKEN to enable)"
     print(
-        f"lambo serve: policy {cfg.checkpoint} ready at {url}  (POST {url}/v1/decide, docs {url}/docs)",
+        f"lambo serve: policy {cfg.checkpoint} ready at {url}  (POST {url}/v1/decide, docs {url}/docs; "
+        f"decoder registration {admin})",
         flush=True,
     )
     if not (args.blocking or embedded):

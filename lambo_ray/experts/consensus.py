@@ -13,7 +13,7 @@ never worse than the best proposal, which stays a feasible point of the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -49,11 +49,49 @@ def consensus_repair(
     tables: PlacementTables, best: np.ndarray, targets: Sequence[np.ndarray], time_limit: float = 0.05
 ) -> np.ndarray | None:
     """A better assignment than ``best`` found by the exact sub-model over the disputed UEs, or None."""
-    import highspy
-
     if tables.latency or len(targets) < 2:
         return None
-    free = free_set(tables, best, targets)
+    return resolve_subset(tables, best, free_set(tables, best, targets), time_limit)
+
+
+def server_pair_rounds(
+    tables: PlacementTables, best: np.ndarray, rng: np.random.Generator, time_left: Callable[[], float | None]
+) -> tuple[np.ndarray, int]:
+    """Large-neighbourhood rounds for ``min_energy``: free the UEs of two servers (and the local UEs that
+    could go there, at most ``MAX_FREE``), re-decide them exactly, keep any improvement; stop after every
+    pair has been tried once without one, or when ``time_left()`` reaches 0. Returns the assignment and
+    the number of improving rounds."""
+    m = tables.n_servers
+    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)] or [(0, 0)]
+    best, cost, wins, quiet = best.copy(), _energy(tables, best), 0, 0
+    while quiet < len(pairs):
+        left = time_left()
+        if left is not None and left <= 0:
+            break
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        servers = np.array(sorted({a, b}))
+        on = np.flatnonzero(np.isin(best - 1, servers) & (best > 0))
+        local = np.flatnonzero((best == 0) & np.any(np.isfinite(tables.a_min[:, servers]), axis=1))
+        free = np.concatenate([on, local])
+        if free.size > MAX_FREE:
+            free = rng.choice(free, MAX_FREE, replace=False)
+        found = resolve_subset(tables, best, free, 0.05 if left is None else max(min(left, 0.05), 0.005))
+        if found is not None and _energy(tables, found) < cost * (1 - 1e-12):
+            best, cost, wins, quiet = found, _energy(tables, found), wins + 1, 0
+        else:
+            quiet += 1
+    return best, wins
+
+
+def _energy(tables: PlacementTables, target: np.ndarray) -> float:
+    return float(tables.fixed[np.arange(tables.n_ues), target].sum())
+
+
+def resolve_subset(tables: PlacementTables, best: np.ndarray, free: np.ndarray, time_limit: float) -> np.ndarray | None:
+    """``best`` with the UEs ``free`` re-decided by the exact min_energy sub-model (module docstring), or
+    None when HiGHS returns no feasible point in time."""
+    import highspy
+
     if free.size < 2:
         return None
     fixed = np.setdiff1d(np.arange(tables.n_ues), free)

@@ -7,7 +7,8 @@ the policy's proposals) and behind training labels for cells too large for the e
 1. every start is made feasible if needed (:func:`~lambo_ray.experts.heuristics.repair`) and polished by
    best-improvement descent over moves, swaps and ejection chains;
 2. ``min_energy``: the UEs on which the polished results disagree are re-decided exactly by a small
-   MILP (:mod:`lambo_ray.experts.consensus`), the rest fixed;
+   MILP (:mod:`lambo_ray.experts.consensus`), the rest fixed; then the UEs of two servers at a time,
+   until no pair improves or the budget ends;
 3. ``kicks`` rounds from the best so far: relocate a few random UEs to random feasible targets, descend
    again, keep the result if it is better.
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lambo_ray.experts.consensus import consensus_repair
+from lambo_ray.experts.consensus import consensus_repair, server_pair_rounds
 from lambo_ray.experts.heuristics import descend, repair
 from lambo_ray.experts.placement import CAP_TOL, Assignment, PlacementTables
 
@@ -114,6 +115,10 @@ def iterated_local_search(
         return None
     polished = len(results)
     best = _consensus(tables, best, results, clock)
+    if not tables.latency and not clock.up():
+        target, wins = server_pair_rounds(tables, best[1], rng, clock.left)
+        if wins:
+            best = (Assignment(tables, target).cost, target, "server_pairs")
     done = 0
     a = Assignment(tables, best[1])
     while done < kicks and not clock.up():

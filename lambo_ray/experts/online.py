@@ -10,6 +10,8 @@ time, and saves/loads everything for reuse. Subclasses supply the agent (network
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, make_decision
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
+from lambo_ray.mec.io import fsync_dir
 from lambo_ray.mec.scenario import ScenarioConfig
 
 # fits(a_min of the UEs on one server) -> can that server host them all under the method's share rule?
@@ -62,14 +65,17 @@ class ReplayMemory:
         return self.x[idx], self.y[idx]
 
     def state(self) -> dict[str, Any]:
-        return {"x": self.x.copy(), "y": self.y.copy(), "count": self.count}
+        """Tensors, not numpy arrays: checkpoints are read with ``torch.load(weights_only=True)``, which
+        refuses anything but tensors and plain values."""
+        return {"x": torch.tensor(self.x), "y": torch.tensor(self.y), "count": self.count}
 
     def load(self, state: dict[str, Any]) -> None:
-        if state["x"].shape != self.x.shape or state["y"].shape != self.y.shape:
+        x, y = np.asarray(state["x"]), np.asarray(state["y"])
+        if x.shape != self.x.shape or y.shape != self.y.shape:
             raise LamboInputError(
                 "replay memory in the checkpoint does not match the configured size", where="checkpoint"
             )
-        self.x[:], self.y[:], self.count = state["x"], state["y"], int(state["count"])
+        self.x[:], self.y[:], self.count = x, y, int(state["count"])
 
 
 def scenario_like(inst: Instance) -> ScenarioConfig:
@@ -246,19 +252,45 @@ class OnlineExpert(Expert):
         self.counters.update(state.get("counters", {}))
 
     def save(self, path: str | Path) -> None:
+        """Write the state atomically: a complete new file replaces the old one, or the old one stays."""
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
-        Path(path).write_bytes(buf.getvalue())
+        atomic_write_bytes(Path(path), buf.getvalue())
 
     def load(self, path: str | Path) -> None:
+        """Read a state written by :meth:`save`. Only tensors and plain values are unpickled
+        (``weights_only=True``): a crafted file cannot run code, it is refused as unreadable."""
         path = Path(path)
         if not path.is_file():
             raise LamboInputError(f"checkpoint file not found: {path}", where="checkpoint")
         try:
-            state = torch.load(path, weights_only=False)
-        except Exception as err:  # noqa: BLE001  (any unreadable file is a user error here)
-            raise LamboInputError(f"cannot read {path}: {err}", where="checkpoint") from None
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (any unreadable or unsafe file is a user error here)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise LamboInputError(
+                f"cannot read {path} as a {self.name} checkpoint (only tensors and plain values are loaded): {first}",
+                where="checkpoint",
+            ) from None
+        if not isinstance(state, dict):
+            raise LamboInputError(f"{path} does not hold a {self.name} checkpoint", where="checkpoint")
         self.load_state_dict(state)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def config_from(cls: type, **values: Any) -> Any:

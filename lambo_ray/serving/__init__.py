@@ -1,6 +1,8 @@
-"""Ray Serve application of the LAMBO policy (SPEC section 1, interface contract: HTTP; section 3, Serve).
+"""Ray Serve application of the LAMBO policy: the HTTP API of decisions, decoders and health.
 
-``app`` (deployments and ``build_app``), ``api`` (request parsing and response bodies), ``engine`` (the
-policy with a shared encoder and decoders by id, no Ray), ``decoders`` (catalog and LRU cache), ``config``.
-Nothing is imported here: the ingress and catalog processes must not pay for torch.
+``app`` (deployments and ``build_app``), ``api`` (request parsing and response bodies), ``limits`` (what a
+request may cost, checked while parsing), ``service`` (what a replica does with the policy: decoders,
+batching, registration), ``engine`` (the policy with a shared encoder and decoders by id, no Ray),
+``decoders`` (catalog, LRU cache, the decoders directory), ``auth`` (admin token), ``proxy`` (JSON errors
+from Serve's proxy), ``config``. Nothing is imported here: importing the package must stay cheap.
 """

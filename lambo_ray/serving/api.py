@@ -1,7 +1,8 @@
-"""The HTTP contract of the Serve app (SPEC, interface contract: HTTP): request parsing and response bodies.
+"""The HTTP contract of the Serve app: request parsing and response bodies.
 
 Bodies are parsed here from raw bytes rather than by FastAPI's automatic body models, for two reasons:
-the byte limit (413) must be enforced *before* JSON parsing, and every error must be one
+the limits (body size, nesting, integer size, N, M, N*M, batch, k, time budget: 413) must be enforced
+*before* JSON is turned into arrays and before any policy work, and every error must be one
 :class:`LamboInputError` naming the field (``instances[3]: field 'ues.cycles': [7] = -1.0 must be > 0``),
 the same wording the CLI prints. The pydantic models below still document the API in OpenAPI (/docs).
 Nothing here touches Ray or torch, so it is tested and reused without a running Serve.
@@ -9,7 +10,7 @@ Nothing here touches Ray or torch, so it is tested and reused without a running 
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import PROMPTS, Decision, Instance, check_prompt
 from lambo_ray.mec.io import decision_to_dict, instance_from_dict, jsonable
 from lambo_ray.mec.schema import InstanceModel, describe
-from lambo_ray.serving.config import DECODE_MODES, ServeConfig
+from lambo_ray.serving import limits
+from lambo_ray.serving.config import BUDGETED_MODES, ServeConfig, decode_modes
 
 DECODER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -32,10 +34,15 @@ class _Envelope(BaseModel):
 
     prompt: str = Field(description=f"objective, one of {', '.join(PROMPTS)}")
     decoder: str | None = Field(default=None, description="decoder id (GET /v1/decoders); default decoder if omitted")
-    decode: str | None = Field(default=None, description=f"decode mode, one of {', '.join(DECODE_MODES)}")
-    k: int | None = Field(default=None, description="samples for best_of_k / sample decoding")
+    decode: str | None = Field(default=None, description="decode mode (greedy, best_of_k, sample, refine, search...)")
+    k: int | None = Field(default=None, description="samples for best_of_k / sample / refine / search decoding")
     seed: int = Field(
         default=0, ge=0, lt=2**63, description="seed of stochastic decode modes (same seed, same decision)"
+    )
+    time_budget_ms: float | int | None = Field(
+        default=None,
+        description="local-search time per instance of refine / search decoding in ms; a request's instances "
+        "together are bounded by the server's max_time_budget_ms",
     )
 
 
@@ -44,14 +51,18 @@ class DecideBody(_Envelope):
 
 
 class DecideBatchBody(_Envelope):
-    instances: list[dict[str, Any]] = Field(description="lambo.instance/1 documents, decided in order")
+    instances: list[Any] = Field(description="lambo.instance/1 documents, decided in order")
 
 
 class RegisterDecoderBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str = Field(pattern=DECODER_ID_PATTERN, description="id under which the decoder is served")
-    path: str = Field(min_length=1, description="decoder-only checkpoint directory (save_decoder / lambo finetune)")
+    dir: str | None = Field(
+        default=None,
+        description="sub-directory of the server's decoders directory holding the decoder checkpoint "
+        "(relative; default: the id)",
+    )
 
 
 # Documentation-only twins with the instance schema spelled out (what /docs shows).
@@ -110,33 +121,23 @@ DECIDE_BATCH_DOC = _DecideBatchDoc
 
 # ---------------------------------------------------------------- parsed requests
 @dataclass(frozen=True)
-class DecideRequest:
-    """One validated request: instances (one for /v1/decide), prompt, decoder id (None = default), mode, k."""
+class DecodeOptions:
+    """How to decide: prompt, decoder id (None = default), mode, k, seed, time budget (s; None = none)."""
 
-    instances: list[Instance]
     prompt: str
     decoder: str | None
     decode: str
     k: int
     seed: int
+    time_budget_s: float | None
 
 
-def parse_json(body: bytes, cfg: ServeConfig) -> Any:
-    if len(body) > cfg.max_body_bytes:
-        raise LamboInputError(
-            f"request body of {len(body)} bytes exceeds the limit of {cfg.max_body_bytes} bytes", status=413
-        )
-    if not body:
-        raise LamboInputError("empty request body; expected a JSON object", where="body")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        detail = (
-            f"{err.msg} at line {err.lineno} column {err.colno}"
-            if isinstance(err, json.JSONDecodeError)
-            else "not UTF-8"
-        )
-        raise LamboInputError(f"invalid JSON ({detail})", where="body") from None
+@dataclass(frozen=True)
+class DecideRequest:
+    """One validated request: its instances (one for /v1/decide) and how to decide them."""
+
+    instances: list[Instance]
+    options: DecodeOptions
 
 
 def _envelope(doc: Any, model: type[_Envelope]) -> _Envelope:
@@ -151,54 +152,79 @@ def _envelope(doc: Any, model: type[_Envelope]) -> _Envelope:
         raise LamboInputError(describe(err), where="body") from None
 
 
-def _options(env: _Envelope, cfg: ServeConfig) -> tuple[str, str | None, str, int]:
+def _time_budget(env: _Envelope, decode: str, cfg: ServeConfig, count: int) -> float | None:
+    """Seconds of local search per instance. The request's instances together may spend at most
+    ``max_time_budget_ms``: an explicit budget beyond that is refused (413), the default one shrinks."""
+    budget = env.time_budget_ms
+    if budget is None:
+        if decode not in BUDGETED_MODES:
+            return None
+        return min(cfg.default_time_budget_ms, cfg.max_time_budget_ms / count) / 1e3
+    if not math.isfinite(budget) or budget <= 0:
+        raise LamboInputError(f"time_budget_ms={budget} must be a positive number of ms", where="time_budget_ms")
+    if budget * count > cfg.max_time_budget_ms:
+        spent = f"{count} instances x {budget:g} ms" if count > 1 else f"time_budget_ms={budget:g}"
+        raise limits.too_large(
+            f"{spent} exceed the limit max_time_budget_ms={cfg.max_time_budget_ms:g}", "time_budget_ms"
+        )
+    return float(budget) / 1e3
+
+
+def _options(env: _Envelope, cfg: ServeConfig, count: int = 1) -> DecodeOptions:
     prompt = check_prompt(env.prompt)
     decode = env.decode if env.decode is not None else cfg.default_decode
-    if decode not in DECODE_MODES:
-        raise LamboInputError(
-            f"unknown decode mode {decode!r}; expected one of {', '.join(DECODE_MODES)}", where="decode"
-        )
+    modes = decode_modes()
+    if decode not in modes:
+        raise LamboInputError(f"unknown decode mode {decode!r}; expected one of {', '.join(modes)}", where="decode")
     k = env.k if env.k is not None else cfg.default_k
-    if not 1 <= k <= cfg.max_k:
-        raise LamboInputError(f"k={k} outside 1..{cfg.max_k}", where="k")
-    return prompt, env.decoder, decode, k
+    if k < 1:
+        raise LamboInputError(f"k={k} must be >= 1", where="k")
+    if k > cfg.max_k:
+        raise limits.too_large(f"k={k} exceeds the limit max_k={cfg.max_k}", "k")
+    if env.decoder is not None and not env.decoder:
+        raise LamboInputError("empty decoder id", where="decoder")
+    return DecodeOptions(prompt, env.decoder, decode, k, env.seed, _time_budget(env, decode, cfg, count))
 
 
-def _instance(doc: Any, cfg: ServeConfig, where: str) -> Instance:
+def _instance(doc: Any, where: str) -> Instance:
     try:
-        return instance_from_dict(doc, max_ues=cfg.max_ues)
+        return instance_from_dict(doc)
     except LamboInputError as err:
         raise err.located(where) from None
 
 
 def parse_decide(body: bytes, cfg: ServeConfig) -> DecideRequest:
-    env = _envelope(parse_json(body, cfg), DecideBody)
-    prompt, decoder, decode, k = _options(env, cfg)
-    return DecideRequest([_instance(env.instance, cfg, "instance")], prompt, decoder, decode, k, env.seed)
+    env = _envelope(limits.parse_json(body, cfg), DecideBody)
+    options = _options(env, cfg)
+    limits.check_request_sizes([env.instance], cfg, ["instance"])
+    return DecideRequest([_instance(env.instance, "instance")], options)
 
 
 def parse_decide_batch(body: bytes, cfg: ServeConfig) -> DecideRequest:
-    env = _envelope(parse_json(body, cfg), DecideBatchBody)
+    env = _envelope(limits.parse_json(body, cfg), DecideBatchBody)
     if not env.instances:
         raise LamboInputError("empty list; expected at least one instance", where="instances")
     if len(env.instances) > cfg.max_batch_instances:
-        raise LamboInputError(
-            f"{len(env.instances)} instances exceed the limit of {cfg.max_batch_instances} per request",
-            where="instances",
-            status=413,
+        raise limits.too_large(
+            f"{len(env.instances)} instances exceed the limit max_batch_instances={cfg.max_batch_instances}",
+            "instances",
         )
-    prompt, decoder, decode, k = _options(env, cfg)
-    instances = [_instance(doc, cfg, f"instances[{i}]") for i, doc in enumerate(env.instances)]
-    return DecideRequest(instances, prompt, decoder, decode, k, env.seed)
+    options = _options(env, cfg, len(env.instances))
+    where = [f"instances[{i}]" for i in range(len(env.instances))]
+    limits.check_request_sizes(env.instances, cfg, where)
+    return DecideRequest([_instance(doc, w) for doc, w in zip(env.instances, where)], options)
 
 
 def parse_register(body: bytes, cfg: ServeConfig) -> RegisterDecoderBody:
-    doc = parse_json(body, cfg)
+    doc = limits.parse_json(body, cfg)
     if not isinstance(doc, dict):
         raise LamboInputError(f"expected a JSON object, got {type(doc).__name__}", where="body")
     try:
         return RegisterDecoderBody.model_validate(doc)
     except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            raise LamboInputError(f"unknown field '{first['loc'][0]}'", where="body") from None
         raise LamboInputError(describe(err), where="body") from None
 
 

@@ -1,66 +1,42 @@
-"""The Ray Serve application: ``serve run serve/config.yaml`` or ``lambo serve --checkpoint DIR``.
+"""The Ray Serve application: ``serve run serve/config.yaml`` or ``lambo serve``.
 
-Three deployments:
+Two deployments:
 
-* ``LamboIngress`` (FastAPI, OpenAPI docs at /docs): parses and validates bodies (byte limit, JSON,
-  schema, N limit) so bad requests never reach the policy, evaluates decisions with the one evaluator
-  and turns :class:`LamboInputError` into 422 / 404 / 409 / 413 responses.
-* ``PolicyDeployment``: holds the shared encoder once per replica (:class:`PolicyEngine`), decoders by id
-  in a bounded LRU cache, and groups concurrent ``/v1/decide`` callers with ``@serve.batch``; within a
-  batch, instances with the same decoder and decode mode go through the policy in one call.
-  The policy runs *on* the replica's user event loop, not in a worker thread: decoding is a Python loop
-  of small torch ops that holds the GIL, so a worker thread starved the loop thread and requests
-  trickled into the batch queue (mean batch 3 at 32 concurrent callers); blocking the loop instead lets
-  Serve's separate system loop buffer the arrivals, which all join the next batch (batches of 11-16,
-  measured with direct handle calls on the 2-core machine).
+* ``LamboIngress`` (FastAPI, OpenAPI docs at /docs): parses and bounds bodies (size, nesting, integers,
+  N, M, N*M, batch, k, time budget: 413 before any policy work), holds the policy
+  (:class:`~lambo_ray.serving.service.PolicyService`: shared encoder, decoders by id, cross-caller
+  batching), evaluates decisions with the one evaluator and turns :class:`LamboInputError` into JSON
+  401 / 403 / 404 / 409 / 413 / 422 / 503 answers. Anything unexpected is a JSON 500 without a traceback.
 * ``DecoderCatalog`` (one replica, no CPU reserved): the app-wide id -> checkpoint mapping, so a decoder
   registered through any replica is servable by all of them without a restart; see
   :mod:`lambo_ray.serving.decoders` for why ids are immutable and why this is not ``@serve.multiplexed``.
 
-Replica-to-replica calls return :class:`Failure` values instead of raising: exceptions crossing a Ray
-handle lose their attributes (the HTTP status), and a failing item must not fail a whole batch.
+Overload is shed before it queues: each replica works on at most ``max_ongoing_requests`` requests, at
+most ``max_queued_requests`` wait for one, and the rest get 503 with Retry-After at once; every request
+also ends within ``request_timeout_s`` (an HTTP option of Serve, set by ``lambo serve`` and in
+``serve/config.yaml``). :mod:`lambo_ray.serving.proxy` words those answers, and a lost replica, as JSON.
 """
 
-import asyncio
+import logging
+import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from lambo_ray.errors import LamboInputError
-from lambo_ray.mec.instance import Decision, Instance
-from lambo_ray.serving import api
+from lambo_ray.serving import api, limits
+from lambo_ray.serving.auth import check_admin
 from lambo_ray.serving.config import ServeConfig
 from lambo_ray.serving.decoders import DecoderCatalog, DecoderEntry, is_decoder_checkpoint, public_meta
+from lambo_ray.serving.engine import ItemError
 
-if TYPE_CHECKING:
-    from lambo_ray.serving.engine import DecideItem
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A user error carried across a deployment handle (picklable, keeps the HTTP status)."""
-
-    status: int
-    message: str
-
-    @classmethod
-    def of(cls, err: LamboInputError) -> "Failure":
-        return cls(err.status, str(err))
-
-    def error(self) -> LamboInputError:
-        return LamboInputError(self.message, status=self.status)
-
-
-def _unwrap(value: Any) -> Any:
-    if isinstance(value, Failure):
-        raise value.error()
-    return value
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- catalog
@@ -72,145 +48,51 @@ class CatalogDeployment:
     def resolve(self, decoder_id: str) -> DecoderEntry | None:
         return self._catalog.resolve(decoder_id)
 
-    def register(self, entry: DecoderEntry) -> bool | Failure:
+    def register(self, entry: DecoderEntry) -> bool | ItemError:
         try:
             return self._catalog.register(entry)
         except LamboInputError as err:
-            return Failure.of(err)
+            return ItemError.of(err)
 
     def entries(self) -> list[dict[str, Any]]:
-        return [e.to_dict() for e in self._catalog.entries()]
-
-
-# ---------------------------------------------------------------------------------------------- policy
-@serve.deployment(name="PolicyDeployment")
-class PolicyDeployment:
-    def __init__(self, cfg: ServeConfig, catalog: DeploymentHandle) -> None:
-        from lambo_ray.serving.engine import PolicyEngine  # torch only in the replicas that run it
-
-        self._cfg = cfg
-        self._engine = PolicyEngine(cfg)
-        self._catalog = catalog
-        self._known: dict[str, DecoderEntry] = {cfg.default_decoder: self._engine.default_entry}
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.batches = 0
-
-    async def _entry(self, decoder_id: str | None) -> DecoderEntry:
-        decoder_id = decoder_id or self._cfg.default_decoder
-        entry = self._known.get(decoder_id)
-        if entry is None:
-            entry = await self._catalog.resolve.remote(decoder_id)
-            if entry is None:
-                raise LamboInputError(
-                    f"unknown decoder {decoder_id!r} (GET /v1/decoders lists the servable ones)",
-                    where="decoder",
-                    status=404,
-                )
-            self._known[decoder_id] = entry  # ids are immutable: safe to keep forever
-        return entry
-
-    async def decide(
-        self, inst: Instance, prompt: str, decoder: str | None, decode: str, k: int, seed: int
-    ) -> Decision | Failure:
-        try:
-            entry = await self._entry(decoder)
-        except LamboInputError as err:
-            return Failure.of(err)
-        from lambo_ray.serving.engine import DecideItem
-
-        item = DecideItem(inst, prompt, entry.id, decode, k, seed)
-        if self._cfg.batching:
-            return await self._batched(item)
-        return (await self._compute([item]))[0]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # overridden from the config in __init__
-    async def _batched(self, items: list["DecideItem"]) -> list[Decision | Failure]:
-        return await self._compute(items)
-
-    async def _compute(self, items: list["DecideItem"]) -> list[Decision | Failure]:
-        self.batches += 1
-        entries = {item.decoder: self._known[item.decoder] for item in items}
-        results = self._engine.decide_items(items, entries)  # on the loop thread: see the module docstring
-        return [Failure.of(r) if isinstance(r, LamboInputError) else r for r in results]
-
-    async def decide_many(
-        self, instances: list[Instance], prompt: str, decoder: str | None, decode: str, k: int, seed: int
-    ) -> tuple[str, list[Decision]] | Failure:
-        """The /v1/decide_batch path: already a batch, so it bypasses the cross-caller queue; decided in
-        chunks of max_batch_size so one huge request cannot allocate without bound."""
-        try:
-            entry = await self._entry(decoder)
-            out: list[Decision] = []
-            step = self._cfg.max_batch_size
-            for lo in range(0, len(instances), step):
-                out += self._engine.decide(instances[lo : lo + step], prompt, entry, decode, k, seed)
-                await asyncio.sleep(0)  # let queued /v1/decide batches interleave between chunks
-            return entry.id, out
-        except LamboInputError as err:
-            return Failure.of(err)
-
-    async def register(self, decoder_id: str, path: str) -> dict[str, Any] | Failure:
-        """Validate a decoder checkpoint on this replica (exists, is a decoder, matches our encoder), then
-        publish it in the catalog; only after the catalog accepted the id is it cached here."""
-        try:
-            resolved = str(Path(path).expanduser().resolve())
-            known = await self._catalog.resolve.remote(decoder_id)
-            if known is not None and known.path != resolved:
-                raise LamboInputError(
-                    f"decoder id {decoder_id!r} is already registered for {known.path}; decoder "
-                    "ids are immutable, register the new checkpoint under a new id",
-                    where="id",
-                    status=409,
-                )
-            view, meta = self._engine.load_view(resolved)
-            entry = DecoderEntry(decoder_id, resolved, "registered", meta)
-            created = _unwrap(await self._catalog.register.remote(entry))
-            if created:
-                self._engine.adopt(decoder_id, view)
-                self._known[decoder_id] = entry
-            return {"id": decoder_id, "path": resolved, "created": bool(created), "meta": meta}
-        except LamboInputError as err:
-            return Failure.of(err)
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "default_decoder": self._cfg.default_decoder,
-            "loaded_decoders": self._engine.loaded_decoders(),
-            "batching": {
-                "enabled": self._cfg.batching,
-                "max_batch_size": self._cfg.max_batch_size,
-                "batch_wait_timeout_s": self._cfg.batch_wait_timeout_s,
-                "batches": self.batches,
-            },
-            "checkpoint": self._engine.default_entry.meta,
-        }
+        return [e.to_public() for e in self._catalog.entries()]
 
 
 # ---------------------------------------------------------------------------------------------- ingress
 fastapi_app = FastAPI(
     title="LAMBO offloading policy",
     description="Decides where every UE's task runs (local or one edge server) and its CPU share. "
-    "Bodies follow lambo.instance/1 and lambo.decision/1 (SPEC, interface contract).",
+    "Bodies follow lambo.instance/1 and lambo.decision/1; limits answer 413, overload 503 with Retry-After.",
     version="1",
 )
+RETRY_AFTER_HEADER = "Retry-After"
 
 
 @fastapi_app.exception_handler(LamboInputError)
 async def _input_error(request: Request, err: LamboInputError) -> JSONResponse:
-    return JSONResponse(status_code=err.status, content=api.error_body(err))
+    headers = dict(getattr(err, "headers", None) or {})
+    if err.status == 503:
+        headers[RETRY_AFTER_HEADER] = str(getattr(request.app.state, "retry_after_s", 1))
+    return JSONResponse(status_code=err.status, content=api.error_body(err), headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) past ``limit`` bytes without buffering more than that."""
+@fastapi_app.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return JSONResponse(
+        status_code=500, content={"detail": "internal server error (logged on the server)", "status": 500}
+    )
+
+
+async def read_body(request: Request, cfg: ServeConfig) -> bytes:
+    """The body, refusing (413) past ``max_body_bytes`` without buffering more than that."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise LamboInputError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", status=413)
+    if declared is not None and declared.isdigit() and len(declared) < 20:
+        limits.check_body_size(int(declared), cfg)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise LamboInputError(f"request body exceeds the limit of {limit} bytes", status=413)
+        limits.check_body_size(size, cfg)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -219,21 +101,20 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _json(content: dict[str, Any]) -> JSONResponse:
-    """Already JSON-safe (plain lists and floats): skip FastAPI's recursive jsonable_encoder pass."""
-    return JSONResponse(content)
-
-
-_ERRORS = {s: {"model": api.ErrorOut} for s in (404, 409, 413, 422)}
+_ERRORS = {s: {"model": api.ErrorOut} for s in (404, 413, 422, 503)}
+_ADMIN_ERRORS = {s: {"model": api.ErrorOut} for s in (401, 403, 409, 413, 422, 503)}
 
 
 @serve.deployment(name="LamboIngress")
 @serve.ingress(fastapi_app)
 class LamboIngress:
-    def __init__(self, cfg: ServeConfig, policy: DeploymentHandle, catalog: DeploymentHandle) -> None:
+    def __init__(self, cfg: ServeConfig, catalog: DeploymentHandle) -> None:
+        from lambo_ray.serving.service import PolicyService  # torch only in the replicas
+
         self._cfg = cfg
-        self._policy = policy
+        self._svc = PolicyService(cfg, catalog)
         self._catalog = catalog
+        fastapi_app.state.retry_after_s = cfg.retry_after_s
 
     @fastapi_app.post(
         "/v1/decide",
@@ -241,14 +122,14 @@ class LamboIngress:
         openapi_extra=api.openapi_body(api.DECIDE_DOC),
     )
     async def decide(self, request: Request) -> JSONResponse:
-        """Decide one instance. Concurrent callers are batched on the policy replica."""
+        """Decide one instance. Concurrent callers are batched on the replica."""
         start = time.perf_counter()
-        req = api.parse_decide(await read_body(request, self._cfg.max_body_bytes), self._cfg)
+        req = api.parse_decide(await read_body(request, self._cfg), self._cfg)
         inst = req.instances[0]
-        decision = _unwrap(await self._policy.decide.remote(inst, req.prompt, req.decoder, req.decode, req.k, req.seed))
-        body = api.decide_result(inst, decision, req.decoder or self._cfg.default_decoder, timing_ms=0.0)
+        decision = await self._svc.decide_one(inst, req.options)
+        body = api.decide_result(inst, decision, req.options.decoder or self._cfg.default_decoder, timing_ms=0.0)
         body["timing_ms"] = _ms(start)  # the whole request: parse, queue, batch, policy, evaluation
-        return _json(body)
+        return JSONResponse(body)
 
     @fastapi_app.post(
         "/v1/decide_batch",
@@ -256,40 +137,42 @@ class LamboIngress:
         openapi_extra=api.openapi_body(api.DECIDE_BATCH_DOC),
     )
     async def decide_batch(self, request: Request) -> JSONResponse:
-        """Decide many instances in order, in one policy call per chunk (the bulk path)."""
+        """Decide many instances in order, in one batched policy pass (the bulk path)."""
         start = time.perf_counter()
-        req = api.parse_decide_batch(await read_body(request, self._cfg.max_body_bytes), self._cfg)
-        decoder, decisions = _unwrap(
-            await self._policy.decide_many.remote(req.instances, req.prompt, req.decoder, req.decode, req.k, req.seed)
-        )
+        req = api.parse_decide_batch(await read_body(request, self._cfg), self._cfg)
+        decoder, decisions = await self._svc.decide_many(req.instances, req.options)
         per_item = _ms(start) / len(decisions)
         results = [api.decide_result(inst, dec, decoder, per_item) for inst, dec in zip(req.instances, decisions)]
-        return _json({"results": results, "timing_ms": _ms(start)})
+        return JSONResponse({"results": results, "timing_ms": _ms(start)})
 
     @fastapi_app.get("/v1/decoders")
     async def decoders(self) -> dict[str, Any]:
-        """Every servable decoder id (pretrained default, decoders_dir, registered)."""
-        return {"default": self._cfg.default_decoder, "decoders": await self._catalog.entries.remote()}
+        """Every servable decoder id (pretrained default, decoders directory, registered); no server paths."""
+        entries = await self._svc.call_catalog("entries")
+        return {"default": self._cfg.default_decoder, "decoders": entries}
 
     @fastapi_app.post(
         "/v1/decoders",
-        responses={200: {"description": "registered (or already identical)"}, **_ERRORS},
+        responses={200: {"description": "registered (or already identical)"}, **_ADMIN_ERRORS},
         openapi_extra=api.openapi_body(api.RegisterDecoderBody),
     )
     async def register_decoder(self, request: Request) -> dict[str, Any]:
-        """Make a decoder-only checkpoint servable under a new id, without a restart."""
-        body = api.parse_register(await read_body(request, self._cfg.max_body_bytes), self._cfg)
-        return _unwrap(await self._policy.register.remote(body.id, body.path))
+        """Make a decoder checkpoint of the decoders directory servable under a new id, without a restart.
+        Needs ``Authorization: Bearer <admin token>``."""
+        check_admin(request.headers.get("authorization"), self._cfg)
+        body = api.parse_register(await read_body(request, self._cfg), self._cfg)
+        return await self._svc.register(body.id, body.dir)
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness of the whole path: answers only when a policy replica answers."""
-        return {"status": "ok", "policy": await self._policy.info.remote()}
+        """Liveness of this replica and its policy."""
+        ctx = serve.get_replica_context()
+        return {"status": "ok", "replica": ctx.replica_id.unique_id, "pid": os.getpid(), "policy": self._svc.info()}
 
     @fastapi_app.post("/v1/echo")
     async def echo(self, request: Request) -> dict[str, Any]:
         """Reads the body and answers its size: the bare Serve HTTP path, the load benchmark's yardstick."""
-        return {"bytes": len(await read_body(request, self._cfg.max_body_bytes))}
+        return {"bytes": len(await read_body(request, self._cfg))}
 
 
 # ---------------------------------------------------------------------------------------------- builder
@@ -322,22 +205,23 @@ def check_checkpoint(cfg: ServeConfig, *, load_weights: bool = False) -> Decoder
     )
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder (``import_path: lambo_ray.serving.app:build_app``; ``args`` = ServeConfig keys)."""
-    cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)
-    default = check_checkpoint(cfg)
-    catalog = CatalogDeployment.bind(cfg, default)
-    policy_opts: dict[str, Any] = {
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve options of the policy-holding ingress: capacity, load shedding (503 + Retry-After), CPUs."""
+    opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.policy_num_cpus},
         "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
     }
     if cfg.policy_replicas is not None:
-        policy_opts["num_replicas"] = cfg.policy_replicas
-    ingress_opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": 0},
-        "max_ongoing_requests": 4 * cfg.max_ongoing_requests,
-    }
-    if cfg.ingress_replicas is not None:
-        ingress_opts["num_replicas"] = cfg.ingress_replicas
-    policy = PolicyDeployment.options(**policy_opts).bind(cfg, catalog)
-    return LamboIngress.options(**ingress_opts).bind(cfg, policy, catalog)
+        opts["num_replicas"] = cfg.policy_replicas
+    return opts
+
+
+def build_app(args: dict[str, Any] | ServeConfig) -> serve.Application:
+    """Serve application builder (``import_path: lambo_ray.serving.app:build_app``; ``args`` = ServeConfig keys)."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_dict(args)
+    cfg = cfg.with_admin_token_from_env()
+    default = check_checkpoint(cfg)
+    catalog = CatalogDeployment.bind(cfg, default)
+    return LamboIngress.options(**deployment_options(cfg)).bind(cfg, catalog)

@@ -16,11 +16,12 @@ path is idempotent; with another path it is refused (409).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Generic, TypeVar
 
 from lambo_ray.errors import LamboInputError
@@ -30,15 +31,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DecoderEntry:
-    """A servable decoder: its id, the checkpoint directory it comes from and where it was declared."""
+    """A servable decoder: its id, the checkpoint directory it comes from and where it was declared.
+
+    ``path`` is the absolute directory, for the replicas only; responses show ``dir`` (relative to the
+    decoders directory) so that no absolute server path ever leaves the server.
+    """
 
     id: str
     path: str | None  # None for the pretrained checkpoint's own decoder (held with the encoder)
     source: str  # "checkpoint" | "decoders_dir" | "registered"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    dir: str | None = None  # relative to the decoders directory
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "source": self.source, "meta": self.meta}
+    def to_public(self) -> dict[str, Any]:
+        return {"id": self.id, "dir": self.dir, "source": self.source, "meta": self.meta}
 
 
 class DecoderCatalog:
@@ -50,15 +56,10 @@ class DecoderCatalog:
 
     def __init__(self, default: DecoderEntry, decoders_dir: str | None, is_decoder_dir: Callable[[Path], bool]) -> None:
         self._entries: dict[str, DecoderEntry] = {default.id: default}
-        self._default = default.id
         self._dir = Path(decoders_dir) if decoders_dir else None
         self._is_decoder_dir = is_decoder_dir
         self._lock = threading.Lock()
         self.rescan()
-
-    @property
-    def default_id(self) -> str:
-        return self._default
 
     def rescan(self) -> None:
         """Pick up checkpoints dropped into ``decoders_dir`` (sub-directory name = id) since the last scan."""
@@ -68,7 +69,7 @@ class DecoderCatalog:
             for sub in sorted(self._dir.iterdir()):
                 if sub.name not in self._entries and sub.is_dir() and self._is_decoder_dir(sub):
                     self._entries[sub.name] = DecoderEntry(
-                        sub.name, str(sub.resolve()), "decoders_dir", decoder_manifest_summary(sub)
+                        sub.name, str(sub.resolve()), "decoders_dir", decoder_manifest_summary(sub), sub.name
                     )
 
     def resolve(self, decoder_id: str) -> DecoderEntry | None:
@@ -86,7 +87,7 @@ class DecoderCatalog:
                 if old.path == entry.path:
                     return False
                 raise LamboInputError(
-                    f"decoder id {entry.id!r} is already registered for {old.path}; decoder ids "
+                    f"decoder id {entry.id!r} is already registered for another checkpoint; decoder ids "
                     "are immutable, register the new checkpoint under a new id",
                     where="id",
                     status=409,
@@ -170,12 +171,50 @@ def decoder_manifest_summary(path: Path) -> dict[str, Any]:
     }
 
 
+def _scrub(value: Any) -> Any:
+    """A string that is an absolute path keeps only its last component (responses show no server paths)."""
+    if isinstance(value, str) and (value.startswith(("/", "~", "\\")) or (len(value) > 2 and value[1:3] == ":\\")):
+        return PurePath(value).name
+    return value
+
+
 def public_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
-    """The JSON-safe scalar part of a checkpoint's meta (what GET /v1/decoders shows)."""
+    """The JSON-safe scalar part of a checkpoint's meta (what GET /v1/decoders shows), absolute paths
+    reduced to their last component."""
     out: dict[str, Any] = {}
     for key, value in (meta or {}).items():
         if isinstance(value, (str, int, float, bool)) or value is None:
-            out[key] = value
+            out[key] = _scrub(value)
         elif isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values()):
-            out[key] = dict(value)
+            out[key] = {k: _scrub(v) for k, v in value.items()}
     return out
+
+
+NOT_A_DECODER_DIR = (
+    "not a decoder checkpoint in the server's decoders directory (name one of its sub-directories, relative)"
+)
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_DIR_SEGMENTS = 4
+
+
+def decoder_dir_inside(decoders_dir: str | None, rel: str) -> Path:
+    """The decoder checkpoint directory ``rel`` names inside ``decoders_dir``, or one uniform 422.
+
+    ``rel`` must be a relative path of plain name segments (no ``..``, no absolute path, no backslash),
+    resolve (symlinks followed) to a directory inside ``decoders_dir`` and hold a decoder manifest.
+    Every failure gives the same message, so the answer never tells whether some path exists.
+    """
+    refused = LamboInputError(NOT_A_DECODER_DIR, where="dir")
+    if decoders_dir is None:
+        raise refused
+    parts = rel.split("/")
+    if not 1 <= len(parts) <= MAX_DIR_SEGMENTS or not all(_SEGMENT.match(p) and p not in (".", "..") for p in parts):
+        raise refused
+    root = Path(decoders_dir).resolve()
+    try:
+        target = (root / Path(*parts)).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise refused from None
+    if root not in target.parents or not is_decoder_checkpoint(target):
+        raise refused
+    return target

@@ -1,0 +1,85 @@
+"""The policy side of ALEF's online step: greedy decisions of arriving instances, and what the query
+strategies need from them (per-UE entropies from the same pass; sampled objectives when asked)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lambo_ray.alef.query import QueryInput
+from lambo_ray.mec.evaluator import evaluate
+from lambo_ray.mec.instance import Instance
+
+
+@dataclass
+class Decided:
+    """Greedy decisions of a batch and what the query needs from the same pass."""
+
+    targets: list[np.ndarray]
+    shares: list[np.ndarray]
+    query_input: QueryInput
+    decide_s: float  # wall time of the whole batch (featurize + encode + decode, + samples if any)
+
+
+def decide(
+    policy: torch.nn.Module,
+    instances: Sequence[Instance],
+    prompts: Sequence[str],
+    chunk: int = 64,
+    samples: int = 0,
+    seed: int = 0,
+) -> Decided:
+    """Greedy decisions and per-UE entropies of both heads, one encoder pass per instance; with
+    ``samples`` > 0 also the evaluator objectives of greedy and of the best of ``samples`` sampled
+    decodes on augmented copies (seeded per instance: independent of the batch)."""
+    from lambo_ray.policy.features import featurize
+
+    start = time.perf_counter()
+    targets, shares, ent_t, ent_s, masks = [], [], [], [], []
+    n_max = max(inst.n_ues for inst in instances)
+    with torch.no_grad():
+        for lo in range(0, len(instances), chunk):
+            part = instances[lo : lo + chunk]
+            batch = featurize(part, list(prompts[lo : lo + chunk]), n_max=n_max)
+            out = policy.decode(batch, policy.encode(batch), "greedy")
+            # What users get, in each instance's own UE order (the decoder works in its decode order;
+            # the entropies are only averaged over real UEs, so their order does not matter).
+            share = batch.to_instance_order(out.share)
+            target = batch.to_instance_order(out.target)
+            for k, inst in enumerate(part):
+                targets.append(target[k, : inst.n_ues].cpu().numpy().astype(np.int64))
+                shares.append(share[k, : inst.n_ues].double().cpu().numpy())
+            ent_t.append(out.entropy_target.double().cpu().numpy())
+            ent_s.append(out.entropy_share.double().cpu().numpy())
+            masks.append(batch.ue_mask.cpu().numpy())
+    greedy_obj = sampled_obj = None
+    if samples > 0:
+        greedy_obj = objectives(instances, prompts, targets, shares)
+        sampled_obj = best_sampled_objectives(policy, instances, prompts, samples, seed)
+    q = QueryInput(np.concatenate(ent_t), np.concatenate(ent_s), np.concatenate(masks), greedy_obj, sampled_obj)
+    return Decided(targets, shares, q, time.perf_counter() - start)
+
+
+def objectives(
+    instances: Sequence[Instance], prompts: Sequence[str], targets: Sequence[np.ndarray], shares: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Evaluator objective of each decision; NaN where it is infeasible."""
+    out = []
+    for inst, p, t, s in zip(instances, prompts, targets, shares):
+        ev = evaluate(inst, t, s)
+        out.append(ev.objective(p) if ev.feasible else np.nan)
+    return np.asarray(out, dtype=float)
+
+
+def best_sampled_objectives(
+    policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], samples: int, seed: int
+) -> np.ndarray:
+    """Objective of the policy's best-of-``samples`` decode (greedy included) per instance."""
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    decisions = policy_decide(policy, list(instances), list(prompts), mode="best_of_k", k=samples, seed=seed)
+    return np.asarray([d.objective if d.stats.get("feasible") else np.nan for d in decisions], dtype=float)

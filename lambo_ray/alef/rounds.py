@@ -1,0 +1,232 @@
+"""One round of ALEF, step by step: serve arrivals online, query, buy labels, train behind the gate.
+
+:class:`AlefRun` holds what a run works with (policy, optimiser, RNGs, labeller, references) and
+:class:`RunState` what it changes from round to round, which is what a crash must not lose
+(:mod:`lambo_ray.alef.store` saves it after every round).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lambo_ray.alef.buffer import Example, LabelBuffer
+from lambo_ray.alef.config import AlefConfig
+from lambo_ray.alef.environment import cycle_prompts
+from lambo_ray.alef.gate import GateReport, judge, labelled_fit
+from lambo_ray.alef.labels import Label, Outcome
+from lambo_ray.alef.metrics import OnlineRecord, RoundMetrics, gap_report, label_quality
+from lambo_ray.alef.online import Decided, decide
+from lambo_ray.alef.query import LabelBudget, Query, select
+from lambo_ray.alef.references import Labeller, References
+from lambo_ray.alef.training import train_decoder
+from lambo_ray.mec.evaluator import evaluate
+from lambo_ray.mec.instance import Instance
+
+
+@dataclass
+class RunState:
+    """Everything a run changes from round to round."""
+
+    completed: int = 0  # rounds done
+    arrived: int = 0  # stream instances seen (the next arrival's id)
+    buffer: LabelBuffer = field(default_factory=LabelBuffer)  # labels bought by the rounds
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    online: list[OnlineRecord] = field(default_factory=list)
+
+
+@dataclass
+class AlefRun:
+    policy: torch.nn.Module
+    cfg: AlefConfig
+    opt: torch.optim.Optimizer
+    query: Query
+    labeller: Labeller
+    refs: References
+    replay: LabelBuffer
+    rng_train: np.random.Generator
+    rng_query: np.random.Generator
+    stream: Iterator[Instance]
+    budget: LabelBudget
+    seeds: dict[str, int]
+    state: RunState = field(default_factory=RunState)
+    log: Callable[[str], None] = lambda s: None
+
+    def sample_seed(self, round_no: int) -> int:
+        """Seed of the round's sampled decodes (gain query): fixed by the run seed and the round."""
+        return int(np.random.SeedSequence([self.seeds["query"], round_no]).generate_state(1)[0])
+
+
+@dataclass
+class Arrivals:
+    instances: list[Instance]
+    ids: list[int]
+    prompts: list[str]
+    online: Decided
+    records: list[OnlineRecord]  # the served decisions, with their query scores
+    chosen: np.ndarray  # positions queried this round, best score first
+
+
+def serve_and_query(run: AlefRun, round_no: int, k: int) -> Arrivals:
+    """Unlabelled instances arrive; the current policy decides each online and the query strategy
+    picks up to ``k`` to label. Decisions are recorded before any label exists: labels only change
+    the decisions of instances that arrive later."""
+    st = run.state
+    instances = list(itertools.islice(run.stream, run.cfg.pool_size))
+    ids = list(range(st.arrived, st.arrived + len(instances)))
+    prompts = cycle_prompts(run.cfg.prompts, len(instances), offset=st.arrived)
+    st.arrived += len(instances)
+    online = decide(run.policy, instances, prompts, samples=run.query.samples, seed=run.sample_seed(round_no))
+    scores = run.query(online.query_input, run.rng_query)
+    records = []
+    for i, (inst, p, t, s) in enumerate(zip(instances, prompts, online.targets, online.shares)):
+        ev = evaluate(inst, t, s)
+        records.append(OnlineRecord(ids[i], round_no, p, ev.objective(p), ev.feasible, float(scores[i])))
+    return Arrivals(instances, ids, prompts, online, records, select(scores, k))
+
+
+def buy_labels(run: AlefRun, arr: Arrivals, round_no: int) -> tuple[list[Label], int, float]:
+    """Label the chosen instances in parallel; (labels, skipped, wall time). A skipped instance costs
+    no budget and is marked in its online record."""
+    t0 = time.perf_counter()
+    outcomes: list[Outcome] = run.labeller.label(
+        [arr.instances[i] for i in arr.chosen],
+        [arr.prompts[i] for i in arr.chosen],
+        ids=[arr.ids[i] for i in arr.chosen],
+    )
+    label_s = time.perf_counter() - t0
+    labels = []
+    for i, o in zip(arr.chosen, outcomes):
+        rec = arr.records[i]
+        rec.queried = True
+        if isinstance(o, Label):
+            labels.append(o)
+            rec.label_objective, rec.label_source = o.objective, o.source
+            run.state.buffer.add([Example.from_label(arr.instances[i], o, round_no)])
+        else:
+            rec.skipped = True
+    run.budget.spend(len(labels))
+    return labels, len(outcomes) - len(labels), label_s
+
+
+def train_behind_gate(run: AlefRun) -> tuple[dict[str, float], GateReport | None]:
+    """Train the decoder on the buffer (+ replay); with the gate on, keep the update only if greedy
+    decoding on the labelled data did not get worse, else restore decoder and optimiser exactly."""
+    cfg, policy = run.cfg, run.policy
+    drifted, replay = run.state.buffer.examples, run.replay.examples
+    before = labelled_fit(policy, drifted, replay, cfg) if cfg.gate else None
+    decoder_state = copy.deepcopy(policy.decoder.state_dict())
+    opt_state = copy.deepcopy(run.opt.state_dict())
+    train = train_decoder(policy, run.opt, run.state.buffer, run.replay, cfg, run.rng_train)
+    if before is None:
+        return train, None
+    report = judge(before, labelled_fit(policy, drifted, replay, cfg), len(drifted), len(replay), cfg.gate_tolerance)
+    if not report.accepted:
+        policy.decoder.load_state_dict(decoder_state)
+        run.opt.load_state_dict(opt_state)
+    return train, report
+
+
+def run_round(run: AlefRun) -> RoundMetrics:
+    """One round; appends its metrics and online records to the run's state and returns the metrics."""
+    st, cfg = run.state, run.cfg
+    round_no = st.completed + 1
+    arr = serve_and_query(run, round_no, run.budget.this_round())
+    cached_before = getattr(run.labeller, "cached", 0)
+    labels, skipped, label_s = buy_labels(run, arr, round_no)
+    t0 = time.perf_counter()
+    train, gate = train_behind_gate(run)
+    train_s = time.perf_counter() - t0
+    m = round_metrics(run, arr, labels, train, gate)
+    m.skipped, m.label_s, m.train_s = skipped, label_s, train_s
+    m.labels_cached = getattr(run.labeller, "cached", 0) - cached_before
+    st.online.extend(arr.records)
+    st.rounds.append(m)
+    st.completed = round_no
+    run.log(round_line(m, cfg))
+    return m
+
+
+def round_metrics(
+    run: AlefRun, arr: Arrivals, labels: list[Label], train: dict[str, float], gate: GateReport | None
+) -> RoundMetrics:
+    sources: dict[str, int] = {}
+    for lab in labels:
+        sources[lab.source] = sources.get(lab.source, 0) + 1
+    evals = arr.records
+    queried_gaps = [g for g in (evals[i].gap for i in arr.chosen) if g is not None]
+    scores = np.array([r.score for r in evals])
+    nan = float("nan")
+    return RoundMetrics(
+        round=run.state.completed + 1,
+        labels_used=run.budget.spent,
+        labels_this_round=len(labels),
+        label_sources=sources,
+        online_objective={
+            p: float(np.mean([r.objective for r in evals if r.prompt == p])) for p in sorted(set(arr.prompts))
+        },
+        online_feasible=float(np.mean([r.feasible for r in evals])),
+        queried_online_gap=float(np.mean(queried_gaps)) if queried_gaps else nan,
+        query_score_mean=float(np.mean(scores[arr.chosen])) if len(arr.chosen) else nan,
+        pool_score_mean=float(np.mean(scores)),
+        train=train,
+        drifted=gap_report(run.policy, run.refs.heldout),
+        undrifted=gap_report(run.policy, run.refs.undrifted),
+        label_s=nan,
+        train_s=nan,
+        decide_s=arr.online.decide_s,
+        gate_gap_before=gate.before.gap if gate else nan,
+        gate_gap_after=gate.after.gap if gate else nan,
+        accepted=gate.accepted if gate else True,
+        label_quality=label_quality(labels),
+        gate=gate.to_dict() if gate else {},
+    )
+
+
+def round_line(m: RoundMetrics, cfg: AlefConfig) -> str:
+    line = (
+        f"round {m.round}: labels {m.labels_used}/{cfg.budget} {m.label_sources}"
+        + (f", {m.skipped} skipped" if m.skipped else "")
+        + (f", {m.labels_cached} from the journal" if m.labels_cached else "")
+        + f", loss {m.train['loss']:.4f}, drifted gap {m.drifted['gap']:.4f}, undrifted gap {m.undrifted['gap']:.4f}"
+        + f", label {m.label_s:.1f} s, train {m.train_s:.1f} s"
+    )
+    if m.gate and not m.accepted:
+        b, a = m.gate["before"], m.gate["after"]
+        line += (
+            f" (update rolled back, {m.gate['diagnosis']}: labelled gap {b['gap']:.4f} -> {a['gap']:.4f}, "
+            f"loss {b['loss']:.4f} -> {a['loss']:.4f})"
+        )
+    return line
+
+
+def state_doc(run: AlefRun, before: dict[str, Any], setup_label_s: float) -> dict[str, Any]:
+    """What :class:`~lambo_ray.alef.store.RunStore` saves besides the buffer and trainer state."""
+    import dataclasses
+
+    st = run.state
+    return {
+        "completed_rounds": st.completed,
+        "arrived": st.arrived,
+        "budget_spent": run.budget.spent,
+        "rng": {"train": run.rng_train.bit_generator.state, "query": run.rng_query.bit_generator.state},
+        "before": before,
+        "setup_label_s": setup_label_s,
+        "rounds": [dataclasses.asdict(r) for r in st.rounds],
+        "online": [dataclasses.asdict(o) for o in st.online],
+    }
+
+
+def trainer_doc(run: AlefRun) -> dict[str, Any]:
+    return {
+        "decoder": run.policy.decoder.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
