@@ -25,10 +25,29 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open until the last is chosen, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def agent_ports(ports: list[int]) -> list[str]:
+    """Every per-node agent port of its own: both nodes share this machine (and CI's other Ray sessions
+    may hold the defaults), and a dashboard agent that cannot bind its default port never registers,
+    which `ray job submit` reports as "No available agent"."""
+    listen, grpc, runtime_env, metrics = ports
+    return [
+        f"--dashboard-agent-listen-port={listen}",
+        f"--dashboard-agent-grpc-port={grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+    ]
 
 
 def ray_cli() -> list[str]:
@@ -39,7 +58,7 @@ def ray_cli() -> list[str]:
 def two_node_cluster(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
+    gcs, dash, *ports = free_ports(10)
     # One temp dir per node: both nodes live on this machine, and runtime-env agents sharing one would
     # unpack / garbage-collect the same working_dir package under each other's running processes.
     # Short paths: Ray's socket paths must stay under 107 bytes.
@@ -68,6 +87,7 @@ def two_node_cluster(tmp_path):
                 "--dashboard-host=127.0.0.1",
                 "--include-dashboard=true",
                 f"--temp-dir={head_dir}",
+                *agent_ports(ports[:4]),
             ],
             "head",
         )
@@ -78,9 +98,9 @@ def two_node_cluster(tmp_path):
             procs,
             tmp_path,
         )
-        start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_dir}"], "worker")
+        start([f"--address=127.0.0.1:{gcs}", f"--temp-dir={worker_dir}", *agent_ports(ports[4:8])], "worker")
         wait_for(lambda: _alive_nodes(env, gcs) == 2, 120, "second node", procs, tmp_path)
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "env": env, "head_dir": head_dir}
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -110,6 +130,12 @@ def wait_for(check, timeout: float, what: str, procs: list[subprocess.Popen], lo
             pass
         time.sleep(1.0)
     raise TimeoutError(f"{what} did not come up in {timeout:.0f} s")
+
+
+def _agent_log_tail(temp_dir: str) -> str:
+    """The head's dashboard-agent log, for the failure message when the job cannot be submitted."""
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent*.log"))
+    return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in logs)
 
 
 def _http_ok(url: str) -> bool:
@@ -174,7 +200,7 @@ def test_job_submit_runs_pretraining_on_the_cluster(two_node_cluster, tmp_path):
         if "No available agent" not in res.stderr or time.monotonic() > deadline:
             break
         time.sleep(3.0)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + _agent_log_tail(two_node_cluster["head_dir"])
     assert "succeeded" in (res.stdout + res.stderr)
     state = json.loads((out / "state.json").read_text())
     assert state["iteration"] == 2 and state["config"]["num_env_runners"] == 2
