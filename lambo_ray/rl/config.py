@@ -60,7 +60,9 @@ class PretrainConfig:
         default=8, metadata={"help": "rollouts of each instance with baseline=group (consecutive env steps)"}
     )
     # Ray / sampling.
-    iterations: int = field(default=20, metadata={"help": "training iterations in total (a resume counts on)"})
+    iterations: int = field(
+        default=20, metadata={"help": "training iterations in total (a resume counts on); 0 = the warm start alone"}
+    )
     num_env_runners: int = field(default=2, metadata={"help": "RLlib env-runner actors (0: sample in the driver)"})
     num_envs_per_env_runner: int = field(  # the decoder costs ~the same per step for 4 or 64 rows: batch wide
         default=32, metadata={"help": "environments per env runner, decoded as one batch"}
@@ -193,8 +195,9 @@ class PretrainConfig:
         if self.ratio not in ("per_ue", "joint"):
             problems.append(f"ratio must be per_ue or joint (got {self.ratio!r})")
         problems += self._resource_problems()
+        if self.iterations < 0:
+            problems.append(f"iterations must be >= 0 (got {self.iterations})")
         for name in (
-            "iterations",
             "num_envs_per_env_runner",
             "instances_per_episode",
             "train_batch_size",

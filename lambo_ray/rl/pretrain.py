@@ -205,7 +205,11 @@ class Pretrainer:
         """Supervised warm start once per run (skipped on resume and when warm_start_labels = 0)."""
         if self.cfg.warm_start_labels <= 0 or self.warm_started:
             return {}
-        policy = self.policy()
+        # A fresh policy seeded by the config, not the learner's copy: RLlib builds the module with its own
+        # random state, and the warm-started weights must depend on the config alone (configs/lambo-s.yaml
+        # reproduces the shipped checkpoint).
+        torch.manual_seed(self.cfg.seed)
+        policy = LamboPolicy(self.cfg.policy_config())
         metrics = supervised_warm_start(policy, self.cfg, self.out, log=self._say)
         self.set_policy(policy)
         self.warm_started = True
@@ -289,8 +293,11 @@ class Pretrainer:
 
     def run(self) -> list[dict[str, Any]]:
         """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
-        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``."""
+        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``; with
+        ``iterations = 0`` the run is the warm start alone and saves once after it."""
         self.start()
+        if self.cfg.iterations == 0:  # warm start only: the checkpoint is the imitation-trained policy
+            self.save()
         while self.iteration < self.cfg.iterations:
             self.train_iteration()
             if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration == self.cfg.iterations:
