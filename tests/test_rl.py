@@ -342,11 +342,17 @@ def test_cli_rejects_bad_input_before_starting_ray(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "critic,ratio,credit",
-    [("two_head", "per_ue", "total"), ("single_head", "joint", "total"), ("two_head", "per_ue", "alloc")],
+    "critic,ratio,credit,baseline",
+    [
+        ("two_head", "per_ue", "total", "group"),
+        ("two_head", "per_ue", "total", "critic"),
+        ("single_head", "joint", "total", "group"),
+        ("two_head", "per_ue", "alloc", "critic"),
+    ],
 )
-def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit):
-    """The distributed path: 2 env-runner actors x 8 envs, learner in the driver; and the ablations."""
+def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, ratio, credit, baseline):
+    """The distributed path: 2 env-runner actors x 8 envs sampling while the driver's learner trains
+    (overlap), and the ablations."""
     from lambo_ray.rl.pretrain import Pretrainer
 
     trainer = Pretrainer(
@@ -356,6 +362,7 @@ def test_training_with_two_env_runners_improves(ray_session, tmp_path, critic, r
             critic=critic,
             ratio=ratio,
             share_credit=credit,
+            baseline=baseline,
             entropy_bonus=critic == "two_head",
         ),
         tmp_path / "run",
@@ -388,3 +395,33 @@ def test_warm_start_reduces_the_gap_before_acrl(ray_session, tmp_path):
     assert warm["phase"] == "warm_start"
     assert warm["warm_start/nll_last_epoch"] < warm["warm_start/nll_first_epoch"]
     assert warm["val/min_energy/gap"] < 0.5 * init["val/min_energy/gap"]
+
+
+def test_warm_start_alone_depends_on_the_config_only(ray_session, tmp_path):
+    """``iterations: 0`` is a warm-start-only run (how configs/lambo-s.yaml makes the shipped model): it saves
+    once, and its weights are those of a policy seeded by the config and trained on the same labels outside
+    RLlib, bit for bit (RLlib's own module initialisation must not leak into them)."""
+    from lambo_ray.policy import LamboPolicy
+    from lambo_ray.policy.checkpoint import load_policy
+    from lambo_ray.rl.pretrain import Pretrainer
+    from lambo_ray.rl.warm_start import LABEL_SEED_OFFSET, examples_from_labels, train_on_examples, warm_start_labels
+
+    cfg = small_config(iterations=0, warm_start_labels=6, warm_start_epochs=2, val_expert=None, val_size=2)
+    trainer = Pretrainer(cfg, tmp_path / "run", progress=False)
+    try:
+        history = trainer.run()
+    finally:
+        trainer.close()
+    assert [h["phase"] for h in history] == ["init", "warm_start"]
+    shipped, meta = load_policy(tmp_path / "run" / "policy")
+    assert meta["iteration"] == 0
+
+    torch.manual_seed(cfg.seed)
+    direct = LamboPolicy(cfg.policy_config())
+    labels = warm_start_labels(cfg, tmp_path / "run", log=lambda _: None)  # the run's cached labels
+    examples = examples_from_labels(cfg, labels, cfg.seed + LABEL_SEED_OFFSET)
+    train_on_examples(
+        direct, examples, cfg.warm_start_epochs, cfg.warm_start_lr, cfg.warm_start_batch_ues, cfg.seed, lambda _: None
+    )
+    for name, value in direct.state_dict().items():
+        assert torch.equal(value, shipped.state_dict()[name]), name

@@ -23,6 +23,7 @@ from lambo_ray.tuning import (
     tune_metrics,
 )
 from lambo_ray.tuning.spec import parse_tune_spec
+from lambo_ray.tuning.sweep import learners_by_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))
@@ -51,9 +52,17 @@ def test_the_small_config_fits_two_cpus_and_the_scale_config_puts_l_on_a_gpu():
     assert small.num_samples == 4 and small.iterations == 2 and small.scheduler.type == "asha"
     assert trial_bundles(small, {}) == [{"CPU": 1.0}]
     scale = load_tune_spec(ROOT / "tune_configs" / "scale.yaml")
-    runners = scale.fixed["num_env_runners"]
-    assert trial_bundles(scale, {"scale": "L"}) == [{"CPU": 8.0, "GPU": 1.0}] + [{"CPU": 1.0}] * runners
-    assert trial_bundles(scale, {"scale": "S"}) == [{"CPU": 1.0}] + [{"CPU": 1.0}] * runners
+    runners = [{"CPU": 1.0}] * scale.fixed["num_env_runners"]
+    # S: the learner in the trial process; M: one GPU learner actor; L: four (data-parallel).
+    assert trial_bundles(scale, {"scale": "S"}) == [{"CPU": 1.0}] + runners
+    assert trial_bundles(scale, {"scale": "M"}) == [{"CPU": 1.0}] + runners + [{"CPU": 4.0, "GPU": 1.0}]
+    assert trial_bundles(scale, {"scale": "L"}) == [{"CPU": 1.0}] + runners + [{"CPU": 8.0, "GPU": 1.0}] * 4
+    # The trial runs with the learners its bundles reserved, whatever the trial config says.
+    lbs = learners_by_scale(scale)
+    assert lbs["L"] == {"num_learners": 4, "num_cpus_per_learner": 8.0, "num_gpus_per_learner": 1.0}
+    assert lbs["S"] == {} and lbs["*"] == {}
+    # Learner actors asked for in the trial config itself (no per-scale resources) get their bundles too.
+    assert trial_bundles(small, {"num_learners": 2, "num_cpus_per_learner": 0.5}) == [{"CPU": 1.0}] + [{"CPU": 0.5}] * 2
 
 
 @pytest.mark.parametrize("name", ["lr_entropy.yaml", "architecture.yaml"])
@@ -159,6 +168,8 @@ BAD_SPECS = [
     (dict(max_failures="often"), "max_failures: expected an integer >= 0"),
     (dict(resources={"cpu": 1, "tpu": 1}), "resources: unknown key(s) tpu"),
     (dict(resources={"cpu": 0}), "resources.cpu: a trial needs at least some CPU"),
+    (dict(resources={"cpu": 1, "learners": 1.5}), "resources.learners: expected a whole number"),
+    (dict(resources={"cpu": 1, "learners": 3}), "divisible by num_learners 3"),
     (dict(resources_by_scale={"XL": {"cpu": 1}}), "resources_by_scale.XL: unknown scale"),
 ]
 

@@ -4,7 +4,9 @@
     ray job submit --working-dir . -- lambo pretrain --scale S --iterations 50 --out runs/pretrain
 
 Without RAY_ADDRESS an embedded local Ray is started; under `ray job submit` (RAY_ADDRESS set) the run
-joins the cluster, the driver hosts the learner and the env runners spread over the cluster's CPUs.
+joins the cluster and the env runners spread over the cluster's CPUs. The learner runs in the driver
+(``--num-learners 0``) or as K data-parallel learner actors, each with ``--num-cpus-per-learner`` CPUs and
+``--num-gpus-per-learner`` GPUs (env runners never take a GPU).
 ``--out DIR`` is the run directory and checkpoint (``DIR/policy`` loads with `lambo solve --method lambo
 --checkpoint DIR`); ``--resume`` continues from it up to ``--iterations`` in total. Every setting is a
 PretrainConfig field: flags override a ``--config FILE`` (YAML/JSON of the same keys), which overrides
@@ -68,6 +70,15 @@ def config_from_args(args: argparse.Namespace):
     return PretrainConfig.from_dict(values)
 
 
+def local_cpus(cfg) -> int:
+    """Logical CPUs of an embedded Ray: the machine's, or enough for every env runner and learner actor
+    (Ray schedules by logical CPUs; a learner actor waits forever for a CPU that is not there)."""
+    import math
+
+    need = cfg.num_env_runners + math.ceil(cfg.num_learners * cfg.num_cpus_per_learner)
+    return max(os.cpu_count() or 1, need)
+
+
 def run(args: argparse.Namespace) -> int:
     from lambo_ray.rl.pretrain import Pretrainer
     from lambo_ray.rl.run_dir import check_run_dir
@@ -75,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # validate everything before starting Ray
     check_run_dir(args.out, cfg, args.resume)
 
-    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.num_env_runners))
+    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else local_cpus(cfg))
     trainer = Pretrainer(cfg, args.out, resume=args.resume, progress=not args.quiet)
     try:
         history = trainer.run()

@@ -14,6 +14,8 @@ from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.policy import SCALES, PolicyConfig, scale_config
 from lambo_ray.rl.env import MecEnvConfig
 
+BASELINES = ("critic", "group")
+PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields that fix the shapes of the networks: a checkpoint can only be resumed with the same values.
 ARCHITECTURE_FIELDS = ("scale", "policy_overrides", "critic", "n_max", "m_max")
 
@@ -46,8 +48,21 @@ class PretrainConfig:
             "choices": ("total", "alloc"),
         },
     )
+    baseline: str = field(
+        default="group",  # measured better: benchmarks/results/acrl_baselines*.json
+        metadata={
+            "help": "advantage baseline: group (the mean reward of group_size rollouts of the same instance, "
+            "POMO/GRPO style) or critic (the two-headed critic's values, ablation)",
+            "choices": ("critic", "group"),
+        },
+    )
+    group_size: int = field(
+        default=8, metadata={"help": "rollouts of each instance with baseline=group (consecutive env steps)"}
+    )
     # Ray / sampling.
-    iterations: int = field(default=20, metadata={"help": "training iterations in total (a resume counts on)"})
+    iterations: int = field(
+        default=20, metadata={"help": "training iterations in total (a resume counts on); 0 = the warm start alone"}
+    )
     num_env_runners: int = field(default=2, metadata={"help": "RLlib env-runner actors (0: sample in the driver)"})
     num_envs_per_env_runner: int = field(  # the decoder costs ~the same per step for 4 or 64 rows: batch wide
         default=32, metadata={"help": "environments per env runner, decoded as one batch"}
@@ -137,6 +152,35 @@ class PretrainConfig:
     driver_threads: int = field(  # the driver hosts the learner
         default=1, metadata={"help": "torch threads of the driver"}
     )
+    # Learners and throughput.
+    num_learners: int = field(
+        default=0,
+        metadata={"help": "learner actors (data-parallel, gradients averaged); 0 = one learner inside the driver"},
+    )
+    num_gpus_per_learner: float = field(
+        default=0.0, metadata={"help": "GPUs per learner (env runners never take one); > 0 trains on cuda"}
+    )
+    num_cpus_per_learner: float = field(default=1.0, metadata={"help": "CPUs reserved per learner actor"})
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "learner precision: fp32, bf16 (autocast; CPU or GPU) or fp16 (autocast + loss scaling; GPU)"
+        },
+    )
+    overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "sample the next batch on the env runners while the learners update on this one "
+            "(the batch is then one update behind; needs num_env_runners >= 1)"
+        },
+    )
+    trim_padding: bool = field(
+        default=True, metadata={"help": "run the network only up to the largest real N and M of each chunk of rows"}
+    )
+    chunk_rows: int = field(
+        default=16,
+        metadata={"help": "rows per size-sorted chunk (sampling and training), each cut to its own largest cell"},
+    )
 
     def __post_init__(self) -> None:
         self.prompts = tuple(self.prompts)
@@ -150,8 +194,10 @@ class PretrainConfig:
             problems.append(f"share_credit must be total or alloc (got {self.share_credit!r})")
         if self.ratio not in ("per_ue", "joint"):
             problems.append(f"ratio must be per_ue or joint (got {self.ratio!r})")
+        problems += self._resource_problems()
+        if self.iterations < 0:
+            problems.append(f"iterations must be >= 0 (got {self.iterations})")
         for name in (
-            "iterations",
             "num_envs_per_env_runner",
             "instances_per_episode",
             "train_batch_size",
@@ -194,6 +240,43 @@ class PretrainConfig:
             )
         self.env_config()  # validates the environment
 
+    def _resource_problems(self) -> list[str]:
+        """Learner, precision and group-baseline settings that RLlib would reject late or silently."""
+        problems = []
+        if self.baseline not in BASELINES:
+            problems.append(f"baseline must be one of {', '.join(BASELINES)} (got {self.baseline!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        elif self.precision == "fp16" and self.num_gpus_per_learner <= 0:
+            problems.append("precision fp16 needs GPU learners (--num-gpus-per-learner > 0); use bf16 on CPU")
+        if self.num_learners < 0 or self.num_gpus_per_learner < 0 or self.num_cpus_per_learner < 0:
+            problems.append("num_learners, num_gpus_per_learner and num_cpus_per_learner must be >= 0")
+        if self.chunk_rows < 0:
+            problems.append(f"chunk_rows must be >= 0 (got {self.chunk_rows})")
+        k = max(1, int(self.num_learners))
+        if self.train_batch_size % k or self.minibatch_size % k:
+            problems.append(
+                f"train_batch_size {self.train_batch_size} and minibatch_size {self.minibatch_size} must be "
+                f"divisible by num_learners {k} (each learner takes an equal share)"
+            )
+        if self.baseline == "group":
+            g = int(self.group_size)
+            per_env = self.train_batch_size / (max(1, self.num_env_runners) * self.num_envs_per_env_runner)
+            if g < 2:
+                problems.append(f"group_size must be >= 2 with baseline=group (got {g})")
+            elif self.instances_per_episode % g or per_env % g:
+                problems.append(
+                    f"with baseline=group, instances_per_episode ({self.instances_per_episode}) and the steps "
+                    f"each env takes per iteration (train_batch_size / (env runners x envs) = {per_env:g}) must "
+                    f"be multiples of group_size {g}, so that no group is cut in two"
+                )
+        return problems
+
+    def learner_batch_sizes(self) -> tuple[int, int]:
+        """(train batch, minibatch) per learner: RLlib sizes both per learner, we size them per iteration."""
+        k = max(1, int(self.num_learners))
+        return self.train_batch_size // k, self.minibatch_size // k
+
     def scenario_config(self) -> ScenarioConfig:
         from lambo_ray.mec.drift import apply_drift
 
@@ -222,6 +305,7 @@ class PretrainConfig:
             instances_per_episode=self.instances_per_episode,
             penalty=self.penalty,
             seed=self.seed,
+            group_size=int(self.group_size) if self.baseline == "group" else 1,
         )
 
     def to_dict(self) -> dict[str, Any]:

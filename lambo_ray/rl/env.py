@@ -4,7 +4,11 @@ Why one step per instance: the policy decodes all N UEs autoregressively inside 
 (encoder once, decoder batched over instances), so the env only has to score a complete decision.
 Why K instances per episode with gamma = 0: instances are independent, so the return of a step is
 its own reward; chaining K of them in one episode avoids gymnasium's autoreset step and RLlib's
-bootstrap row after every single instance (measured 2x throughput, notes/RLLIB.md section 5).
+bootstrap row after every single instance (measured: 2x the instances per second of one-instance
+episodes, since half of those env steps and train rows were autoreset and bootstrap padding).
+
+With ``group_size`` G > 1 (the group baseline) each instance is decided G times in a row and every step
+reports the instance's ``group_id``, so the learner can compare the G rollouts of one instance.
 
 Reward (scale-free, so both prompts and every cell size are comparable):
 
@@ -43,6 +47,7 @@ from lambo_ray.mec.shares import optimal_shares
 
 INFO_R_OFF = "r_off"
 INFO_R_ALLOC = "r_alloc"
+INFO_GROUP = "group_id"  # the instance a step decides: equal for the group_size rollouts of one instance
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class MecEnvConfig:
     instances_per_episode: int = 64
     penalty: float = 0.1  # per violation: penalty * (1 + relative size)
     seed: int = 0  # combined with RLlib's reset seed and the worker index
+    group_size: int = 1  # consecutive steps that decide the same instance (the group baseline's K rollouts)
 
     def __post_init__(self) -> None:
         for p in self.prompts:
@@ -68,6 +74,12 @@ class MecEnvConfig:
             raise LamboInputError("instances_per_episode must be >= 1", where="env.instances_per_episode")
         if self.penalty < 0:
             raise LamboInputError("penalty must be >= 0", where="env.penalty")
+        if self.group_size < 1 or self.instances_per_episode % self.group_size:
+            raise LamboInputError(
+                f"group_size {self.group_size} must be >= 1 and divide instances_per_episode "
+                f"{self.instances_per_episode}",
+                where="env.group_size",
+            )
         n_big, m_big = self.distribution().max_size
         if n_big > self.n_max or m_big > self.m_max:
             raise LamboInputError(
@@ -146,11 +158,14 @@ def all_local_objective(inst: Instance, prompt: str) -> float:
     return evaluate(inst, zeros.astype(np.int64), zeros).objective(prompt)
 
 
-def reward_parts(inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, penalty: float) -> RewardParts:
-    """r, and its split r = r_off + r_alloc (module docstring)."""
+def reward_parts(
+    inst: Instance, prompt: str, target: np.ndarray, share: np.ndarray, penalty: float, reference: float | None = None
+) -> RewardParts:
+    """r, and its split r = r_off + r_alloc (module docstring); ``reference``: the all-local objective
+    when already known (the env computes it once per instance)."""
     target = np.asarray(target, dtype=np.int64)
     share = np.asarray(share, dtype=np.float64)
-    ref = all_local_objective(inst, prompt)
+    ref = all_local_objective(inst, prompt) if reference is None else float(reference)
     r, ev = score(inst, prompt, target, share, ref, penalty)
     r_off, _ = score(inst, prompt, target, best_shares(inst, target), ref, penalty)
     return RewardParts(
@@ -196,20 +211,32 @@ class MecEnv(gym.Env):
         self.instance: Instance | None = None
         self.prompt: str = self.prompts[0]
         self._k = 0
+        self._obs: dict[str, np.ndarray] | None = None
+        # Group ids only need to differ between instances of one batch (any sub-env, any worker): drawn from
+        # OS entropy, apart from the seeded stream, so they change no instance and no decision.
+        self._ids = np.random.default_rng()
+        self._group_id = 0
+        self._reference = float("nan")
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
             self._rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, self._worker, seed]))
         self._k = 0
+        self._obs = None
         return self._next_observation(), {}
 
     def _next_observation(self) -> dict[str, np.ndarray]:
+        """A fresh instance every ``group_size`` steps; in between the same one again (its K rollouts)."""
+        if self._obs is not None and self._k % self.cfg.group_size != 0:
+            return self._obs
         self.instance = generate(self.distribution.sample(self._rng), self._rng)
         self.prompt = self.prompts[int(self._rng.integers(len(self.prompts)))]
-        obs = observe(self.instance, self.prompt, self.cfg.n_max, self.cfg.m_max)
-        self._order = obs["order"]
-        return obs
+        self._group_id = int(self._ids.integers(1, 2**62))
+        self._reference = all_local_objective(self.instance, self.prompt)
+        self._obs = observe(self.instance, self.prompt, self.cfg.n_max, self.cfg.m_max)
+        self._order = self._obs["order"]
+        return self._obs
 
     def step(self, action: dict[str, np.ndarray]):
         if self.instance is None:
@@ -222,8 +249,9 @@ class MecEnv(gym.Env):
         share = np.zeros(n)
         share[order] = np.asarray(action["share"], dtype=np.float64)[:n]
         share = np.where(target > 0, share, 0.0)
-        parts = reward_parts(self.instance, self.prompt, target, share, self.cfg.penalty)
+        parts = reward_parts(self.instance, self.prompt, target, share, self.cfg.penalty, self._reference)
         info = {
+            INFO_GROUP: self._group_id,
             INFO_R_OFF: parts.r_off,
             INFO_R_ALLOC: parts.r_alloc,
             "objective": parts.objective,

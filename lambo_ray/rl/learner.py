@@ -31,15 +31,30 @@ policy kept offloading ~46% of UEs against the expert's ~96%. The default ``shar
 baselines the share log-probs with A_off + A_alloc (the whole reward's advantage), and the target
 log-probs with A_off.
 
-Ablation switches come from ``config.learners(learner_config_dict=...)``: ``critic`` ("two_head" |
+Group baseline (``baseline="group"``, POMO / GRPO style). The env decides each instance G times in a
+row and tags the steps with the instance's ``group_id``; the baseline of a reward part is then the mean
+of that part over the instance's G rollouts in the batch instead of the critic's value:
+
+    A_off = r_off - mean_group(r_off)      A_alloc = r_alloc - mean_group(r_alloc)
+
+standardised over the batch (not per group: a near-deterministic policy gives groups of almost equal
+rewards, and dividing by their tiny spread would turn rounding noise into full-size advantages). Rows
+whose group has no other member in the batch get advantage 0 (counted as ``group_singletons``). The
+critic keeps training on the same targets, so both baselines shape the shared encoder alike and differ
+only in the advantage.
+
+Settings come from ``config.learners(learner_config_dict=...)``: ``critic`` ("two_head" |
 "single_head"), ``ratio`` ("per_ue" | "joint"), ``share_credit`` ("total" | "alloc"), ``entropy_bonus``
-(bool), ``entropy_coeff_target``, ``entropy_coeff_share``.
+(bool), ``entropy_coeff_target``, ``entropy_coeff_share`` and ``baseline`` ("critic" | "group").
+Mixed precision is the RLModule's (its encoder runs under autocast); fp16's loss scaling is RLlib's
+gradient scaler, configured by :func:`lambo_ray.rl.algo_config.build_algo_config`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.connector_v2 import ConnectorV2
@@ -48,13 +63,14 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from lambo_ray.errors import LamboInputError
-from lambo_ray.rl.env import INFO_R_ALLOC, INFO_R_OFF
+from lambo_ray.rl.env import INFO_GROUP, INFO_R_ALLOC, INFO_R_OFF
 
 CRITICS = ("two_head", "single_head")
+BASELINES = ("critic", "group")
 RATIOS = ("per_ue", "joint")
 SHARE_CREDITS = ("total", "alloc")
 # Train-batch columns written by this module's connector pieces / read by the loss.
-R_OFF, R_ALLOC, FEASIBLE = INFO_R_OFF, INFO_R_ALLOC, "feasible"
+R_OFF, R_ALLOC, FEASIBLE, GROUP = INFO_R_OFF, INFO_R_ALLOC, "feasible", INFO_GROUP
 OLD_LOGP_TARGET, OLD_LOGP_SHARE = "logp_target", "logp_share"  # exploration outputs (behaviour policy)
 
 
@@ -78,27 +94,48 @@ class AddRewardParts(ConnectorV2):
             infos = ep.get_infos(slice(1, len(ep) + 1))
             for key in (R_OFF, R_ALLOC, FEASIBLE):
                 self.add_n_batch_items(batch, key, [float(i.get(key, 0.0)) for i in infos], len(ep), ep)
+            groups = np.array([int(i.get(GROUP, 0)) for i in infos], dtype=np.int64)
+            self.add_n_batch_items(batch, GROUP, list(groups), len(ep), ep)
         return batch
 
 
 def _normalise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Standardise over the valid rows only (RLlib's GAE also counts the phantom rows)."""
-    valid = x[mask]
-    if valid.numel() < 2:
-        return x - valid.mean() if valid.numel() else x
-    return (x - valid.mean()) / valid.std().clamp_min(1e-6)
+    """Standardise over the valid rows only (RLlib's GAE also counts the phantom rows), and over the
+    rows of *every* learner when K > 1 learners share one batch: per-shard statistics would shift each
+    shard's baseline by ~std/sqrt(rows), and K learners would no longer take the step one learner takes
+    on the whole batch."""
+    valid = x[mask].double()
+    sums = torch.stack([torch.tensor(float(valid.numel()), dtype=valid.dtype, device=valid.device), valid.sum()])
+    sums = torch.cat([sums, (valid * valid).sum()[None]])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)  # every learner runs this connector once per update, same order
+    count, total, squares = sums
+    if count < 1:
+        return x
+    mean = total / count
+    if count < 2:
+        return x - mean.to(x.dtype)
+    std = ((squares - count * mean * mean) / (count - 1)).clamp_min(0.0).sqrt()
+    return ((x - mean.to(x.dtype)) / std.clamp_min(1e-6).to(x.dtype)).to(x.dtype)
 
 
 class OneStepAdvantages(ConnectorV2):
     """Replaces GAE for gamma = 0: value targets are the reward parts, advantages = targets - V_old.
 
     Writes ``value_targets`` and ``advantages`` as (B, H) tensors, H = critic heads (2: offloading,
-    allocation; 1: whole reward), advantages standardised per head over the valid rows.
+    allocation; 1: whole reward), advantages standardised per head over the valid rows. The baseline is
+    the critic's value or, with ``baseline="group"``, the group mean (module docstring).
     """
+
+    def __init__(self, *args: Any, baseline: str = "critic", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if baseline not in BASELINES:
+            raise LamboInputError(f"unknown baseline {baseline!r}; expected one of {', '.join(BASELINES)}")
+        self.baseline = baseline
 
     def __call__(self, *, rl_module: Any, batch: dict, episodes: list, metrics: Any = None, **kwargs: Any) -> dict:
         for mid, mbatch in batch.items():
-            module = rl_module[mid]
+            module = rl_module[mid].unwrapped()  # the DDP wrapper of K > 1 learners hides our methods
             mask = mbatch[Columns.LOSS_MASK].bool()
             values = module.compute_head_values(mbatch)  # (B, H), no grad
             reward = mbatch[Columns.REWARDS].to(values.dtype)
@@ -108,14 +145,32 @@ class OneStepAdvantages(ConnectorV2):
             else:
                 targets = reward[:, None]
             targets = torch.where(mask[:, None], targets, torch.zeros_like(targets))
-            adv = targets - values
+            stats = _batch_stats(mbatch, mask)
+            if self.baseline == "group":
+                base, has_peer = group_means(targets, mbatch[GROUP], mask)
+                adv = torch.where(has_peer[:, None], targets - base, torch.zeros_like(targets))
+                stats["group_singletons"] = float((mask & ~has_peer).sum())
+            else:
+                adv = targets - values
             mbatch[Postprocessing.VALUE_TARGETS] = targets
             mbatch[Postprocessing.ADVANTAGES] = torch.stack(
                 [_normalise(adv[:, h], mask) for h in range(adv.shape[-1])], dim=-1
             )
             if metrics is not None:
-                metrics.log_dict(_batch_stats(mbatch, mask), key=mid, window=1)
+                metrics.log_dict(stats, key=mid, window=1)
         return batch
+
+
+def group_means(x: torch.Tensor, group: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the mean of ``x`` (B, H) over the valid rows of its group, and whether the group has at
+    least one other valid row in the batch."""
+    _, inverse = torch.unique(torch.as_tensor(group, device=x.device).long(), return_inverse=True)
+    valid = mask.to(x.dtype)
+    count = torch.zeros(int(inverse.max()) + 1, dtype=x.dtype, device=x.device).index_add_(0, inverse, valid)
+    total = torch.zeros(count.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    total.index_add_(0, inverse, x * valid[:, None])
+    mean = total[inverse] / count[inverse].clamp_min(1.0)[:, None]
+    return mean, count[inverse] >= 2
 
 
 def _batch_stats(mbatch: dict, mask: torch.Tensor) -> dict[str, float]:
@@ -163,7 +218,7 @@ class AcrlLearner(PPOTorchLearner):
             raise LamboInputError(f"unknown ratio {lc['ratio']!r}; expected one of {', '.join(RATIOS)}", where="ratio")
         if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
             self._learner_connector.remove(GeneralAdvantageEstimation)
-            self._learner_connector.append(OneStepAdvantages())
+            self._learner_connector.append(OneStepAdvantages(baseline=lc["baseline"]))
 
     def _acrl_settings(self) -> dict[str, Any]:
         lc = {
@@ -173,6 +228,7 @@ class AcrlLearner(PPOTorchLearner):
             "entropy_bonus": True,
             "entropy_coeff_target": 0.01,
             "entropy_coeff_share": 0.001,
+            "baseline": "critic",
         }
         lc.update(self.config.learner_config_dict or {})
         return lc

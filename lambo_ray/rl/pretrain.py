@@ -3,11 +3,19 @@
 :class:`Pretrainer` reads like the algorithm (hyperparameters: :class:`lambo_ray.rl.config.PretrainConfig`):
 
     (optional) supervised warm start on expert labels          -> :mod:`lambo_ray.rl.warm_start`
-    repeat:  env runners sample K-instance episodes (both prompts mixed)
-             learner: one-step advantages per critic head, PPO-clipped ACRL loss   -> algo.train()
+    repeat:  env runners sample K-instance episodes (both prompts mixed), the next batch while the
+             learners train on this one                                   -> :mod:`lambo_ray.rl.algorithm`
+             learner(s): one-step advantages per critic head (or per group), PPO-clipped ACRL loss
+                                                                          -> :mod:`lambo_ray.rl.learner`
              validation: greedy decisions on a fixed seeded set, mean objective and gap to the exact
              expert per prompt                                                     -> :func:`validate`
              atomic checkpoint into the run directory                             -> :mod:`lambo_ray.rl.run_dir`
+
+Learners are resources: ``num_learners = 0`` keeps one learner in the driver; K >= 1 learner actors
+(``num_cpus_per_learner`` / ``num_gpus_per_learner`` each) train data-parallel, each on 1/K of the batch,
+gradients all-reduced (gloo on CPU, NCCL on GPU). A run killed at any point resumes with ``resume=True``
+from its last checkpoint at the iteration after it; an env runner that dies is restarted by Ray and
+brought back by RLlib, and the iteration still trains on a full batch.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ from lambo_ray.mec.evaluator import relative_gap
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.io import jsonable, swap_in_dir, write_json
 from lambo_ray.policy import LamboPolicy
+from lambo_ray.rl.algo_config import MODULE_ID, build_algo_config
 from lambo_ray.rl.config import PretrainConfig
 from lambo_ray.rl.labels import build_labels, training_instance
-from lambo_ray.rl.learner import critic_heads
 from lambo_ray.rl.run_dir import (
     LABELS_FILE,
     POLICY_DIR,
@@ -44,64 +52,7 @@ from lambo_ray.rl.run_dir import (
 )
 from lambo_ray.rl.warm_start import label_config, supervised_warm_start
 
-MODULE_ID = "default_policy"
 
-
-def build_algo_config(cfg: PretrainConfig) -> Any:
-    """The PPOConfig of a run: our env, RLModule, learner and connector piece (see notes/RLLIB.md)."""
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from lambo_ray.rl.env import MecEnv
-    from lambo_ray.rl.learner import AcrlLearner, AddRewardParts
-    from lambo_ray.rl.module import LamboRLModule, module_model_config
-
-    return (
-        PPOConfig()
-        .environment(
-            MecEnv, env_config=cfg.env_config().to_dict(), normalize_actions=False, clip_actions=False
-        )  # the module already emits valid actions (P1)
-        .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner)
-        .learners(
-            num_learners=0,  # local learner in the driver (P4: a learner actor hangs on 2 CPUs)
-            learner_class=AcrlLearner,
-            learner_connector=lambda obs_space, act_space: AddRewardParts(),
-            learner_config_dict={
-                "critic": cfg.critic,
-                "ratio": cfg.ratio,
-                "share_credit": cfg.share_credit,
-                "entropy_bonus": cfg.entropy_bonus,
-                "entropy_coeff_target": cfg.entropy_coeff_target,
-                "entropy_coeff_share": cfg.entropy_coeff_share,
-            },
-        )
-        .rl_module(
-            rl_module_spec=RLModuleSpec(
-                module_class=LamboRLModule,
-                model_config=module_model_config(cfg.policy_config(), critic_heads(cfg.critic)),
-            )
-        )
-        .training(
-            lr=cfg.lr,
-            gamma=0.0,
-            lambda_=1.0,
-            train_batch_size_per_learner=cfg.train_batch_size,
-            minibatch_size=cfg.minibatch_size,
-            num_epochs=cfg.num_epochs,
-            entropy_coeff=0.0,
-            use_kl_loss=False,
-            clip_param=cfg.clip_param,
-            vf_clip_param=10.0,
-            vf_loss_coeff=cfg.vf_loss_coeff,
-            grad_clip=cfg.grad_clip,
-        )
-        .debugging(seed=cfg.seed)
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +205,11 @@ class Pretrainer:
         """Supervised warm start once per run (skipped on resume and when warm_start_labels = 0)."""
         if self.cfg.warm_start_labels <= 0 or self.warm_started:
             return {}
-        policy = self.policy()
+        # A fresh policy seeded by the config, not the learner's copy: RLlib builds the module with its own
+        # random state, and the warm-started weights must depend on the config alone (configs/lambo-s.yaml
+        # reproduces the shipped checkpoint).
+        torch.manual_seed(self.cfg.seed)
+        policy = LamboPolicy(self.cfg.policy_config())
         metrics = supervised_warm_start(policy, self.cfg, self.out, log=self._say)
         self.set_policy(policy)
         self.warm_started = True
@@ -307,6 +262,7 @@ class Pretrainer:
             "approx_kl_per_ue",
             "clip_fraction",
             "total_loss",
+            "group_singletons",
         ):
             if key in learner:
                 m[f"train/{key}"] = float(np.asarray(learner[key]))
@@ -314,10 +270,8 @@ class Pretrainer:
             key = f"batch_reward_mean/{p}"
             if key in learner:
                 m[f"train/{key}"] = float(np.asarray(learner[key]))
-        timers = res.get("timers", {})
-        for key in ("env_runner_sampling_timer", "learner_update_timer"):
-            if key in timers:
-                m[f"timers/{key}"] = float(timers[key])
+        m.update(iteration_timers(res))
+        m.update(fault_tolerance_metrics(res))
         if self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.iterations:
             t1 = time.perf_counter()
             m.update(validate(self.policy(), self.vset, self.cfg.prompts))
@@ -326,15 +280,24 @@ class Pretrainer:
         self._log(m, step=self.iteration)
         return m
 
-    def run(self) -> list[dict[str, Any]]:
-        """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
-        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``."""
+    def start(self) -> list[dict[str, Any]]:
+        """Before the first iteration: validate the untrained policy, then the warm start (if asked and not
+        done); a no-op for a resumed run."""
         if self.iteration == 0 and not self.history:
             init = {"iteration": 0, "phase": "init", **validate(self.policy(), self.vset, self.cfg.prompts)}
             self.history.append(jsonable(init))
             self._log(init, step=0)
         if self.iteration == 0:
             self.warm_start()
+        return self.history
+
+    def run(self) -> list[dict[str, Any]]:
+        """Warm start (if asked and not done), then iterate up to ``cfg.iterations`` in total (a resumed
+        run continues where its checkpoint stopped), checkpointing every ``checkpoint_every``; with
+        ``iterations = 0`` the run is the warm start alone and saves once after it."""
+        self.start()
+        if self.cfg.iterations == 0:  # warm start only: the checkpoint is the imitation-trained policy
+            self.save()
         while self.iteration < self.cfg.iterations:
             self.train_iteration()
             if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration == self.cfg.iterations:
@@ -391,7 +354,9 @@ class Pretrainer:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out / TB_DIR))
+            # On resume, drop what a killed run logged after its last checkpoint: those iterations are redone.
+            purge = self.iteration + 1 if self.iteration > 0 else None
+            self._writer = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
             self._writer.add_text("config", json.dumps(self.cfg.to_dict(), indent=1), 0)
         for k, v in metrics.items():
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -409,6 +374,25 @@ class Pretrainer:
         self.algo.stop()
 
 
+def iteration_timers(res: dict[str, Any]) -> dict[str, float]:
+    """This iteration's sampling wait and learner update (AcrlPPO's timers; RLlib's own are smoothed)."""
+    from lambo_ray.rl.algorithm import LEARN_TIMER, SAMPLE_WAIT_TIMER
+
+    timers = res.get("timers", {})
+    return {f"timers/{k}": float(timers[k]) for k in (SAMPLE_WAIT_TIMER, LEARN_TIMER) if k in timers}
+
+
+def fault_tolerance_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """Env-runner restarts so far and healthy env runners now (RLlib's fault-tolerance stats)."""
+    ft = res.get("fault_tolerance", {})
+    out = {}
+    if "num_remote_worker_restarts" in ft:
+        out["ft/env_runner_restarts"] = float(ft["num_remote_worker_restarts"])
+    if "num_healthy_workers" in ft:
+        out["ft/healthy_env_runners"] = float(ft["num_healthy_workers"])
+    return out
+
+
 def progress_line(m: dict[str, Any], cfg: PretrainConfig) -> str:
     parts = [f"iter {m.get('iteration', '-')}/{cfg.iterations} {m.get('phase', '')}".rstrip()]
     if "time_s" in m:
@@ -417,6 +401,8 @@ def progress_line(m: dict[str, Any], cfg: PretrainConfig) -> str:
         parts.append(f"reward {m['train/batch_reward_mean']:+.4f}")
     if "train/entropy_target" in m:
         parts.append(f"H(t) {m['train/entropy_target']:.3f}")
+    if m.get("ft/env_runner_restarts"):
+        parts.append(f"env-runner restarts {m['ft/env_runner_restarts']:.0f}")
     for p in cfg.prompts:
         if f"val/{p}/objective" in m:
             s = f"{p} {m[f'val/{p}/objective']:.4g}"

@@ -135,23 +135,46 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class TrialResources:
+    """What one trial reserves: ``cpu``/``gpu`` for the trial process (the driver, which hosts the learner
+    when there are no learner actors) and, optionally, ``learners`` learner actors with
+    ``cpus_per_learner`` / ``gpus_per_learner`` each (the trial's num_learners, num_cpus_per_learner,
+    num_gpus_per_learner). Env runners add 1 CPU each."""
+
     cpu: float = 1.0
     gpu: float = 0.0
+    learners: int | None = None  # None: the trial config's num_learners (default 0)
+    cpus_per_learner: float | None = None
+    gpus_per_learner: float | None = None
+
+    KEYS = ("cpu", "gpu", "learners", "cpus_per_learner", "gpus_per_learner")
 
     @classmethod
     def parse(cls, raw: Any, field_: str, where: str) -> TrialResources:
         if not isinstance(raw, dict):
             raise LamboInputError(f"{field_}: expected a mapping like {{cpu: 1, gpu: 0}}", where=where)
-        unknown = sorted(set(raw) - {"cpu", "gpu"})
+        unknown = sorted(set(raw) - set(cls.KEYS))
         if unknown:
-            raise LamboInputError(f"{field_}: unknown key(s) {', '.join(unknown)}; expected cpu, gpu", where=where)
+            raise LamboInputError(
+                f"{field_}: unknown key(s) {', '.join(unknown)}; expected {', '.join(cls.KEYS)}", where=where
+            )
         for k, v in raw.items():
             if not is_number(v) or v < 0:
                 raise LamboInputError(f"{field_}.{k}: expected a number >= 0, got {v!r}", where=where)
-        res = cls(**{k: float(v) for k, v in raw.items()})
+        if "learners" in raw and int(raw["learners"]) != raw["learners"]:
+            raise LamboInputError(f"{field_}.learners: expected a whole number, got {raw['learners']!r}", where=where)
+        res = cls(**{k: (int(v) if k == "learners" else float(v)) for k, v in raw.items()})
         if res.cpu <= 0:
             raise LamboInputError(f"{field_}.cpu: a trial needs at least some CPU (got {res.cpu})", where=where)
         return res
+
+    def learner_settings(self) -> dict[str, Any]:
+        """The PretrainConfig fields these resources fix (those the file gave)."""
+        pairs = (
+            ("num_learners", self.learners),
+            ("num_cpus_per_learner", self.cpus_per_learner),
+            ("num_gpus_per_learner", self.gpus_per_learner),
+        )
+        return {k: v for k, v in pairs if v is not None}
 
 
 def is_number(x: Any) -> bool:

@@ -16,8 +16,8 @@ Layout of a file (every key but ``param_space`` optional)::
     max_failures: 2            # retries of a failed trial from its last checkpoint (transient failures)
     search: {type: optuna, seed: 0}            # optuna | random
     scheduler: {type: asha, max_t: 8, grace_period: 2, reduction_factor: 2}   # asha | fifo
-    resources: {cpu: 1, gpu: 0}                # per trial, plus 1 CPU per env runner
-    resources_by_scale: {L: {cpu: 4, gpu: 1}}  # overrides per model scale (for `scale` sweeps)
+    resources: {cpu: 1, gpu: 0}                # per trial process, plus 1 CPU per env runner
+    resources_by_scale: {L: {cpu: 2, learners: 1, gpus_per_learner: 1, cpus_per_learner: 8}}  # per scale
     checkpoint_every: 1                        # iterations between trial checkpoints
     keep_checkpoints: 2                        # best-by-metric checkpoints kept per trial
     fixed: {scale: S, iterations: 8, num_env_runners: 0, ...}   # PretrainConfig / PolicyConfig fields
@@ -311,6 +311,7 @@ def check_space(spec: TuneSpec, where: str) -> None:
     base = spec.trial_defaults()
     for values in points:
         trial = dict(base, **dict(zip((p.name for p in spec.params), values)))
+        trial.update(spec.resources_for(trial).learner_settings())  # what the trial will run with
         try:
             cfg = pretrain_config_from_trial(trial)
             cfg.policy_config()

@@ -33,15 +33,20 @@ def experiment_dir(storage: str | Path, name: str) -> Path:
 
 
 def trial_bundles(spec: TuneSpec, config: dict[str, Any]) -> list[dict[str, float]]:
-    """Resources of one trial as placement-group bundles: the trial process (which hosts RLlib's
-    learner) with the spec's CPUs/GPUs for its scale, then 1 CPU per env runner, so that RLlib's
-    env-runner actors are scheduled inside the trial's reservation."""
+    """Resources of one trial as placement-group bundles: the trial process (which hosts RLlib's learner
+    when it has no learner actors) with the spec's CPUs/GPUs for its scale, then 1 CPU per env runner,
+    then one bundle per learner actor (its CPUs and GPUs), so that RLlib's actors are scheduled inside
+    the trial's reservation."""
     res = spec.resources_for(config)
     head: dict[str, float] = {"CPU": res.cpu}
     if res.gpu:
         head["GPU"] = res.gpu
-    runners = int(config.get("num_env_runners", spec.trial_defaults()["num_env_runners"]))
-    return [head] + [{"CPU": 1.0}] * runners
+    settings = {**spec.trial_defaults(), **config, **res.learner_settings()}
+    runners = int(settings["num_env_runners"])
+    learner: dict[str, float] = {"CPU": float(settings["num_cpus_per_learner"])}
+    if float(settings["num_gpus_per_learner"]):
+        learner["GPU"] = float(settings["num_gpus_per_learner"])
+    return [head] + [{"CPU": 1.0}] * runners + [learner] * int(settings["num_learners"])
 
 
 def build_trainable(spec: TuneSpec, exp_dir: Path) -> Any:
@@ -55,8 +60,18 @@ def build_trainable(spec: TuneSpec, exp_dir: Path) -> Any:
         metric=spec.metric,
         checkpoint_every=spec.checkpoint_every,
         val_labels=labels.read_text() if labels.exists() else None,
+        learners_by_scale=learners_by_scale(spec),
     )
     return tune.with_resources(trainable, lambda config: PlacementGroupFactory(trial_bundles(spec, config)))
+
+
+def learners_by_scale(spec: TuneSpec) -> dict[str, dict[str, Any]]:
+    """Per scale (``"*"``: any other), the learner settings the spec's resources fix for a trial."""
+    from lambo_ray.policy import SCALES
+
+    out = {scale: spec.resources_for({"scale": scale}).learner_settings() for scale in SCALES}
+    out["*"] = spec.resources.learner_settings()
+    return out
 
 
 def check_experiment(exp_dir: Path, *, resume: bool) -> None:

@@ -64,10 +64,17 @@ def tune_metrics(metrics: dict[str, Any], prompts: tuple[str, ...]) -> dict[str,
 
 
 def pretrain_trial(
-    config: dict[str, Any], *, metric: str, checkpoint_every: int = 1, val_labels: str | None = None
+    config: dict[str, Any],
+    *,
+    metric: str,
+    checkpoint_every: int = 1,
+    val_labels: str | None = None,
+    learners_by_scale: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Tune function trainable. ``val_labels``: the text of a Pretrainer validation-label cache
     computed once by the driver, so trials do not each re-solve the validation set exactly.
+    ``learners_by_scale``: the learner settings the spec's resources reserved for the trial's scale
+    (they must match the placement group the trial got, so they override the trial config).
 
     The Pretrainer's run directory is the trial's local working copy; each Tune checkpoint is a copy of its
     checkpoint files (``rllib/``, ``policy/``, ``state.json``), i.e. a `lambo pretrain` run directory
@@ -78,6 +85,9 @@ def pretrain_trial(
 
     from lambo_ray.rl.pretrain import LABELS_FILE, Pretrainer
 
+    if learners_by_scale:
+        scale = str(config.get("scale", "S"))
+        config = {**config, **learners_by_scale.get(scale, learners_by_scale.get("*", {}))}
     cfg = pretrain_config_from_trial(config)
     torch.set_num_threads(cfg.driver_threads)
     # The run directory lives outside the trial directory: Tune uploads trial directories to storage
