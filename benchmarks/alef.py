@@ -10,10 +10,13 @@ and after (forgetting), labels spent, skipped labels and how many rounds the gat
 prompt, every strategy is compared with ``random`` on the same seeds (paired difference of the gap
 after). Prints the tables and writes the JSON (command, git revision, machine, date, every run).
 
-    python benchmarks/alef.py --checkpoint runs/pretrain            # full: paper scenario
+    python benchmarks/alef.py                                        # full: shipped LAMBO-S, paper scenario
+    python benchmarks/alef.py --checkpoint runs/pretrain --resume    # another policy; skip runs already written
     python benchmarks/alef.py --quick                                # smoke: tiny cells, a few minutes
 
-``--quick`` writes ``runs/benchmarks/alef_quick.json`` (not the committed results file). Cost of the
+``--quick`` writes ``runs/benchmarks/alef_quick.json`` (not the committed results file). The JSON is
+rewritten after every run, so a long benchmark that is stopped keeps what it finished; ``--resume``
+reads it back and runs only what is missing (same settings required: they are compared). Cost of the
 full run on 2 cores: dominated by exact ``min_latency`` labels at N = 50 (seconds each, capped by
 ``--time-limit``): about (2 heldout + replay) labels per drift x prompt x seed plus budget per run.
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +50,13 @@ FULL_OUT = Path("benchmarks/results/alef.json")
 QUICK_OUT = Path("runs/benchmarks/alef_quick.json")  # smoke numbers never overwrite the committed ones
 
 
-def load_base_policy(checkpoint: Path | None, seed: int) -> tuple[torch.nn.Module, str]:
-    if checkpoint is not None:
-        from lambo_ray.policy.checkpoint import load_policy, resolve_policy_dir
+def load_base_policy(checkpoint: Path | None, untrained: bool, seed: int) -> tuple[torch.nn.Module, str]:
+    if not untrained:
+        from lambo_ray.policy.checkpoint import default_checkpoint, load_policy, resolve_policy_dir
 
-        policy, _ = load_policy(resolve_policy_dir(checkpoint))
-        return policy, str(checkpoint)
+        path = checkpoint if checkpoint is not None else default_checkpoint()
+        policy, _ = load_policy(resolve_policy_dir(path))
+        return policy, str(checkpoint) if checkpoint is not None else f"shipped {path.name}"
     from lambo_ray.policy import LamboPolicy, scale_config
 
     torch.manual_seed(seed)
@@ -78,6 +84,7 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         query="entropy",
         experts=args.experts,
         label_time_limit=args.time_limit,
+        label_fallbacks=tuple(args.fallbacks),
         lr=args.lr,
         query_samples=args.query_samples,
         scenario=scenario,
@@ -163,35 +170,51 @@ def wins(rows: list[dict[str, Any]], queries: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def run_all(args: argparse.Namespace, base: torch.nn.Module, cfg0: AlefConfig) -> tuple[list[dict], dict]:
-    runs: list[dict[str, Any]] = []
-    details: dict[str, Any] = {}
+def run_key(drift: str, prompt: str, seed: int, query: str) -> str:
+    return f"{drift}/{prompt}/{seed}/{query}"
+
+
+def run_all(
+    args: argparse.Namespace,
+    base: torch.nn.Module,
+    cfg0: AlefConfig,
+    runs: list[dict[str, Any]],
+    details: dict[str, Any],
+    save: Callable[[bool], None],
+) -> None:
+    """Every drift x prompt x seed x query not yet in ``runs``; ``save`` is called after each run."""
+    done = {run_key(r["drift"], r["prompt"], r["seed"], r["query"]) for r in runs}
     with make_pool(cfg0) as pool:
         pool.warm_up()
         for drift in args.drifts:
             for prompt in args.prompts:
                 for seed in args.seeds:
+                    todo = [q for q in args.queries if run_key(drift, prompt, seed, q) not in done]
+                    if not todo:
+                        continue
                     cfg = dataclasses.replace(cfg0, drift=drift, prompts=(prompt,), seed=seed)
                     refs = prepare_references(cfg, pool)
-                    for q in args.queries:
+                    for q in todo:
                         res = run_alef(copy.deepcopy(base), dataclasses.replace(cfg, query=q), pool, references=refs)
                         row = run_row(drift, prompt, seed, q, res)
                         row["reference_skipped"] = refs.skipped
                         runs.append(row)
-                        details[f"{drift}/{prompt}/{seed}/{q}"] = res.to_dict() | {"reference_sources": refs.sources()}
+                        details[run_key(drift, prompt, seed, q)] = res.to_dict() | {"reference_sources": refs.sources()}
                         print(
                             f"  {drift:9s} {prompt:11s} seed {seed} {q:7s}: gap {row['gap_before']:.4f} -> "
                             f"{row['gap_after']:.4f}, {row['labels']} labels ({row['skipped']} skipped), "
                             f"kept {row['rounds_kept']}/{row['rounds']}, {row['wall_s']:.1f} s",
                             flush=True,
                         )
+                        save(False)
         details["pool_stats"] = dataclasses.asdict(pool.stats)
-    return runs, details
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="pretrained policy (DIR or DIR/policy); default: untrained S")
+    p.add_argument("--checkpoint", type=Path, help="pretrained policy (DIR or DIR/policy); default: shipped LAMBO-S")
+    p.add_argument("--untrained", action="store_true", help="start from an untrained S policy instead (smoke runs)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out and run only the missing ones")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny cells and budgets (minutes on 2 cores)")
     p.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
     p.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
@@ -206,6 +229,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=AlefConfig.lr)
     p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then each fallback)")
+    p.add_argument(
+        "--fallbacks",
+        nargs="*",
+        default=list(AlefConfig.__dataclass_fields__["label_fallbacks"].default),
+        choices=["ils", "local_search", "de"],
+        help="experts tried when exact proves nothing within the time limit (best feasible label wins)",
+    )
     p.add_argument("--experts", type=int, default=2, help="expert actors")
     p.add_argument("--out", type=Path, default=None, help=f"default: {FULL_OUT} ({QUICK_OUT} with --quick)")
     args = p.parse_args(argv)
@@ -218,50 +248,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+COLUMNS = [
+    "drift",
+    "prompt",
+    "query",
+    "gap_before",
+    "gap_after",
+    "gap_after_ci",
+    "feasible_after",
+    "undrifted_gap_before",
+    "undrifted_gap_after",
+    "labels",
+    "skipped",
+    "rounds_kept",
+    "gain_vs_random",
+    "gain_vs_random_ci",
+    "within_1_5x_undrifted",
+]
+
+
+def load_previous(out: Path, source: str, config: dict[str, Any]) -> tuple[list[dict], dict]:
+    """Runs of an earlier, stopped invocation with the same policy and settings (else a clear error)."""
+    if not out.is_file():
+        return [], {}
+    prev = json.loads(out.read_text())
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    for key, mine in (("policy", source), ("config", config)):
+        if prev.get(key) != mine:
+            raise SystemExit(f"--resume: {out} was written with another {key}; use another --out")
+    return list(prev.get("runs", [])), dict(prev.get("details", {}))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
     torch.set_num_threads(1)
-    base, source = load_base_policy(args.checkpoint, 0)
+    base, source = load_base_policy(args.checkpoint, args.untrained, 0)
     cfg0 = base_config(args)
+    runs, details = load_previous(out, source, cfg0.to_dict()) if args.resume else ([], {})
+    if runs:
+        print(f"--resume: {len(runs)} runs already in {out}", flush=True)
     init_ray()
     start = time.perf_counter()
-    runs, details = run_all(args, base, cfg0)
+
+    def save(complete: bool) -> None:
+        rows = summarise(runs, args.queries)
+        write_results(
+            out,
+            rows,
+            policy=source,
+            config=cfg0.to_dict(),
+            quick=args.quick,
+            complete=complete,
+            drifts=args.drifts,
+            prompts=args.prompts,
+            seeds=args.seeds,
+            queries=args.queries,
+            wins_vs_random=wins(rows, args.queries),
+            runs=runs,
+            details=details,
+            total_s=time.perf_counter() - start,
+        )
+
+    run_all(args, base, cfg0, runs, details, save)
+    save(True)
     rows = summarise(runs, args.queries)
-    columns = [
-        "drift",
-        "prompt",
-        "query",
-        "gap_before",
-        "gap_after",
-        "gap_after_ci",
-        "feasible_after",
-        "undrifted_gap_before",
-        "undrifted_gap_after",
-        "labels",
-        "skipped",
-        "rounds_kept",
-        "gain_vs_random",
-        "gain_vs_random_ci",
-        "within_1_5x_undrifted",
-    ]
     title = f"ALEF on {source}: greedy gap to the expert, mean over seeds {args.seeds} (95% CI half-widths)"
-    print_table(rows, columns, title=title)
-    w = wins(rows, args.queries)
-    print(f"drifts where a strategy beat random (per prompt): {w}")
-    write_results(
-        out,
-        rows,
-        policy=source,
-        config=cfg0.to_dict(),
-        quick=args.quick,
-        seeds=args.seeds,
-        queries=args.queries,
-        wins_vs_random=w,
-        runs=runs,
-        details=details,
-        total_s=time.perf_counter() - start,
-    )
+    print_table(rows, COLUMNS, title=title)
+    print(f"drifts where a strategy beat random (per prompt): {wins(rows, args.queries)}")
     print(f"wrote {out}")
 
 
