@@ -141,6 +141,8 @@ def summarise(runs: list[dict[str, Any]], queries: list[str]) -> list[dict[str, 
         rnd = {r["seed"]: r["gap_after"] for r in group if r["query"] == "random"}
         for q in queries:
             mine = [r for r in group if r["query"] == q]
+            if not mine:  # not run yet (a partial save)
+                continue
             row: dict[str, Any] = {"drift": drift, "prompt": prompt, "query": q, "seeds": len(mine)}
             for key in ("gap_before", "gap_after", "undrifted_gap_before", "undrifted_gap_after"):
                 row[key], row[f"{key}_ci"] = mean_ci([r[key] for r in mine])

@@ -470,15 +470,18 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
 
 
 def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
-    """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate's gaps are the
-    greedy gaps to the labels recomputed with the evaluator."""
+    """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate judges on the
+    held-back labels only (never trained on), and its gaps are the greedy gaps to those labels
+    recomputed with the evaluator."""
     import lambo_ray.alef.rounds as rounds
     from lambo_ray.policy.decoding import decide as policy_decide
 
     policy = tiny_policy(5)
     before = [p.detach().clone() for p in policy.decoder_parameters()]
+    trained_on: dict[str, list] = {}
 
     def wreck(policy, opt, drifted, replay, cfg, rng):
+        trained_on["drifted"], trained_on["replay"] = list(drifted.examples), list(replay.examples)
         with torch.no_grad():
             for p in policy.decoder_parameters():
                 p.add_(torch.randn_like(p) * 5.0)
@@ -500,10 +503,17 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     res = run_alef(policy, cfg, pool)
     m = res.rounds[0]
     assert not m.accepted and m.gate_gap_after > m.gate_gap_before
+    # gate_holdout = 0.25: every 4th label of the round (2 of 8) and of the replay set (1 of 4) is held
+    # back; training saw the other 6 + 3, the gate only the 2 + 1.
+    replay = res.reference_examples["replay"]
+    held = [e for e in res.buffer if e.validation]
+    assert len(res.buffer) == 8 and [e.validation for e in res.buffer] == [False, False, False, True] * 2
+    assert [e.instance_id for e in trained_on["drifted"]] == [e.instance_id for e in res.buffer if not e.validation]
+    assert [e.objective for e in trained_on["replay"]] == [e.objective for e in replay[:3]]
     # The gate's record, recomputed independently: greedy gap and imitation loss of the base decoder
-    # on the round's labels + replay (infeasible = 100%).
-    examples = res.buffer + res.reference_examples["replay"]
-    assert (m.gate["n_drifted"], m.gate["n_replay"]) == (len(res.buffer), 4) and len(res.buffer) == 8
+    # on the held-back labels (infeasible = 100%).
+    examples = held + replay[3:]
+    assert (m.gate["n_drifted"], m.gate["n_replay"]) == (2, 1)
     base = tiny_policy(5)
     gaps = []
     for e, dec in zip(examples, policy_decide(base, [e.instance for e in examples], [e.prompt for e in examples])):
@@ -673,7 +683,9 @@ def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
     # Every label of the run, with its instance and provenance; the run state is gone once out/ exists.
     records = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     roles = [r["role"] for r in records]
-    assert roles.count("query") == 4 and roles.count("heldout") == 4 and roles.count("replay") == 2
+    # 1 of the 4 bought labels is held back for the gate (gate_holdout = 0.25)
+    assert roles.count("query") == 3 and roles.count("validation") == 1
+    assert roles.count("heldout") == 4 and roles.count("replay") == 2
     for r in records:
         inst = instance_from_dict(r["instance"])
         assert evaluate(inst, np.array(r["target"]), np.array(r["share"])).objective(r["prompt"]) == pytest.approx(

@@ -35,9 +35,10 @@ class Example:
     wall_s: float | None = None  # expert time spent on it
     instance_id: int | None = None  # position in the drifted stream (references: negative)
     round: int | None = None  # ALEF round that bought it (None: a reference label)
+    validation: bool = False  # held back from training: only the gate judges on it (AlefConfig.gate_holdout)
 
     @classmethod
-    def from_label(cls, inst: Instance, lab: Label, round: int | None = None) -> Example:
+    def from_label(cls, inst: Instance, lab: Label, round: int | None = None, validation: bool = False) -> Example:
         return cls(
             inst,
             lab.prompt,
@@ -51,6 +52,7 @@ class Example:
             lab.wall_s,
             lab.instance_id,
             round,
+            validation,
         )
 
     def to_record(self, role: str) -> dict[str, Any]:
@@ -59,7 +61,8 @@ class Example:
 
         return {
             "schema": LABEL_RECORD,
-            "role": role,  # "query" (bought by a round), "heldout", "undrifted" or "replay"
+            "role": "validation" if self.validation else role,  # "query" (bought by a round, trained on),
+            # "validation" (bought by a round, gate only), "heldout", "undrifted" or "replay"
             "round": self.round,
             "instance_id": self.instance_id,
             "prompt": self.prompt,
@@ -91,6 +94,7 @@ class Example:
             doc.get("wall_s"),
             doc.get("instance_id"),
             doc.get("round"),
+            doc.get("role") == "validation",
         )
 
 
@@ -110,6 +114,17 @@ class LabelBuffer:
         if k <= 0 or not self.examples:
             return []
         return [self.examples[i] for i in rng.integers(len(self.examples), size=k)]
+
+
+def held_back(n: int, fraction: float) -> list[bool]:
+    """Which of ``n`` examples (in their given order) the gate keeps for itself: evenly spread, so a
+    round's labels, which come best query score first, give the gate every kind of instance."""
+    return [int((i + 1) * fraction) > int(i * fraction) for i in range(n)]
+
+
+def split_validation(examples: Sequence[Example]) -> tuple[LabelBuffer, list[Example]]:
+    """(what training sees, what the gate judges on)."""
+    return LabelBuffer([e for e in examples if not e.validation]), [e for e in examples if e.validation]
 
 
 def replay_split(batch_size: int, replay_fraction: float, have_replay: bool) -> tuple[int, int]:

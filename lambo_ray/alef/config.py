@@ -58,28 +58,37 @@ class AlefConfig:
     label_attempts: int = field(
         default=3, metadata={"help": "actors tried per instance before it is skipped (and reported)"}
     )
-    # Passes over the labelled drifted buffer after each round. A few gentle Adam steps on a policy
-    # shaped by RL made things worse (outage, 96 labels: gap 7.6% -> 9.0% at lr 3e-4 x 8 epochs);
-    # training to convergence on the labels cut it to 3.4% and also lowered the undrifted gap
-    # (1.5% -> 1.1%) with lr 1e-3 x 20 epochs.
+    # Passes over the labelled drifted buffer after each round, and the learning rate. On the shipped
+    # LAMBO-S (imitation-trained; min_energy, 128-192 exact labels, 64 held-out drifted instances),
+    # lr 3e-4 x 20 epochs was best or tied on deadline (1.71% -> 1.44-1.47%), outage (0.91% -> 0.64-
+    # 0.69%) and density (1.36% -> 1.13%) against lr 1e-3 or 1e-4, 5 or 40 epochs, or a 10x lighter
+    # share term. (An earlier RL-shaped policy needed lr 1e-3: gentle steps made it worse.)
     epochs: int = field(default=20, metadata={"help": "passes over the labelled data after each round"})
     batch_size: int = field(default=16, metadata={"help": "labelled instances per gradient step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the decoder"})
+    lr: float = field(default=3e-4, metadata={"help": "Adam learning rate of the decoder"})
     weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay of the decoder"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     replay_fraction: float = field(
         default=0.25, metadata={"help": "share of each minibatch drawn from the pre-drift replay set"}
     )
-    # Keep a round's decoder update only if greedy decoding on the labelled data (drifted buffer +
-    # replay) does not get worse: imitation loss can fall while greedy decisions get worse (exposure
+    # Keep a round's decoder update only if greedy decoding on held-back labelled data (drifted labels +
+    # replay, see gate_holdout) does not get worse: imitation loss can fall while greedy decisions get worse (exposure
     # bias), and a fine-tuning run must never ship a decoder worse than the one it started from on
     # the data it has. The held-out sets stay untouched by this choice.
     gate: bool = field(
         default=True,
-        metadata={"help": "keep a round's update only if greedy decisions on the labelled data did not get worse"},
+        metadata={"help": "keep a round's update only if greedy decisions on held-back labels did not get worse"},
     )
     gate_tolerance: float = field(
         default=0.0, metadata={"help": "the gate accepts gap_after <= gap_before + this (absolute)"}
+    )
+    # Judging an update on the labels it was trained on lets it through when it merely memorised them:
+    # on the shipped LAMBO-S (mobility, min_latency, 96 labels) the gate kept updates that took the
+    # held-out gap from 0.51% to 0.68%. So a share of every round's labels (and of the replay set) is
+    # never trained on and is what the gate judges; 0 restores judging on the training labels.
+    gate_holdout: float = field(
+        default=0.25,
+        metadata={"help": "share of each round's labels (and of the replay set) kept out of training for the gate"},
     )
     n_replay: int = field(default=32, metadata={"help": "undrifted instances labelled once at the start (replay)"})
     n_heldout: int = field(
@@ -116,6 +125,8 @@ class AlefConfig:
             problems.append("label_attempts and query_samples must be >= 1")
         if self.n_replay < 0:
             problems.append(f"n_replay must be >= 0 (got {self.n_replay})")
+        if not (0.0 <= self.gate_holdout < 1.0):
+            problems.append(f"gate_holdout must be in [0, 1) (got {self.gate_holdout})")
         if not (0.0 <= self.replay_fraction < 1.0):
             problems.append(f"replay_fraction must be in [0, 1) (got {self.replay_fraction})")
         if not (self.lr > 0 and self.label_time_limit > 0 and self.series_dt_s > 0):

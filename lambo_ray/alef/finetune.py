@@ -9,9 +9,9 @@ The loop (:func:`run_alef`) reads like the paper's procedure:
         the query strategy scores them (decision entropy, sampled gain, or random); the top ones
             within budget are queried
         the expert pool labels them in parallel (exact with a time limit, fallbacks) -> labelled buffer
-        the decoder is trained on the buffer (+ replay of pre-drift labels); encoder and input
-            embedding stay frozen; the update is kept only if greedy decisions on the labelled data
-            did not get worse (the gate)
+        the decoder is trained on the buffer (+ replay of pre-drift labels) except a held-back
+            share of both; encoder and input embedding stay frozen; the update is kept only if
+            greedy decisions on the held-back labels did not get worse (the gate)
         metrics: labels used, gap to the expert on held-out drifted and undrifted instances
         with a run store: the round's state is saved, so a crash loses nothing already bought
 
@@ -22,6 +22,7 @@ The parts live in their own modules: ``config`` (AlefConfig), ``environment`` (d
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.buffer import LabelBuffer
+from lambo_ray.alef.buffer import LabelBuffer, held_back
 from lambo_ray.alef.config import AlefConfig, run_seeds
 from lambo_ray.alef.environment import cycle_prompts, drift_stream, snapshot_set
 from lambo_ray.alef.metrics import AlefResult, LabelledSet, OnlineRecord, RoundMetrics, gap_report, labelled_gap
@@ -80,6 +81,8 @@ def _start(
 ) -> AlefRun:
     seeds = run_seeds(cfg.seed)
     torch.manual_seed(seeds["train"])
+    replay = refs.replay.examples()
+    held = held_back(len(replay), cfg.gate_holdout if cfg.gate else 0.0)
     policy.eval()
     return AlefRun(
         policy=policy,
@@ -88,7 +91,8 @@ def _start(
         query=get_query(cfg.query, **cfg.query_kwargs()),
         labeller=labeller,
         refs=refs,
-        replay=LabelBuffer(refs.replay.examples()),
+        replay=LabelBuffer([e for e, val in zip(replay, held) if not val]),
+        replay_val=[dataclasses.replace(e, validation=True) for e, val in zip(replay, held) if val],
         rng_train=np.random.default_rng(seeds["train"]),
         rng_query=np.random.default_rng(seeds["query"]),
         stream=drift_stream(cfg.scenario, cfg.drift, seeds["stream"], cfg.series_dt_s),

@@ -1,9 +1,11 @@
 """The validation gate of ALEF, and why it decided what it did.
 
-After each round the decoder update is kept only if greedy decoding on the labelled data (drifted
-buffer + replay) did not get worse; otherwise the decoder is rolled back. Imitation loss can fall
-while greedy decisions get worse, and a fine-tuning run must not ship a worse decoder than it
-started from. The held-out sets are never used for this.
+After each round the decoder update is kept only if greedy decoding on held-back labelled data (a
+share of every round's drifted labels and of the replay set that training never sees,
+``AlefConfig.gate_holdout``) did not get worse; otherwise the decoder is rolled back. Imitation
+loss can fall while greedy decisions get worse, an update judged on its own training labels passes
+when it only memorised them, and a fine-tuning run must not ship a worse decoder than it started
+from. The benchmark's held-out sets are never used for this.
 
 A rolled-back round records enough to tell the usual causes apart (:func:`diagnose`):
 

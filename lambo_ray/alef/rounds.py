@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.buffer import Example, LabelBuffer
+from lambo_ray.alef.buffer import Example, LabelBuffer, held_back, split_validation
 from lambo_ray.alef.config import AlefConfig
 from lambo_ray.alef.environment import cycle_prompts
 from lambo_ray.alef.gate import GateReport, judge, labelled_fit
@@ -50,7 +50,8 @@ class AlefRun:
     query: Query
     labeller: Labeller
     refs: References
-    replay: LabelBuffer
+    replay: LabelBuffer  # pre-drift labels mixed into training
+    replay_val: list[Example]  # pre-drift labels only the gate judges on
     rng_train: np.random.Generator
     rng_query: np.random.Generator
     stream: Iterator[Instance]
@@ -107,24 +108,33 @@ def buy_labels(run: AlefRun, arr: Arrivals, round_no: int) -> tuple[list[Label],
         rec = arr.records[i]
         rec.queried = True
         if isinstance(o, Label):
-            labels.append(o)
+            labels.append((i, o))
             rec.label_objective, rec.label_source = o.objective, o.source
-            run.state.buffer.add([Example.from_label(arr.instances[i], o, round_no)])
         else:
             rec.skipped = True
+    validation = held_back(len(labels), run.cfg.gate_holdout if run.cfg.gate else 0.0)
+    run.state.buffer.add(
+        [Example.from_label(arr.instances[i], o, round_no, val) for (i, o), val in zip(labels, validation)]
+    )
     run.budget.spend(len(labels))
-    return labels, len(outcomes) - len(labels), label_s
+    return [o for _, o in labels], len(outcomes) - len(labels), label_s
 
 
 def train_behind_gate(run: AlefRun) -> tuple[dict[str, float], GateReport | None]:
-    """Train the decoder on the buffer (+ replay); with the gate on, keep the update only if greedy
-    decoding on the labelled data did not get worse, else restore decoder and optimiser exactly."""
+    """Train the decoder on the buffer (+ replay) without its held-back labels; with the gate on, keep
+    the update only if greedy decoding on the held-back labels (drifted + replay) did not get worse,
+    else restore decoder and optimiser exactly. Until a round has held back any label (a budget too
+    small to spare one) the gate judges on the training labels."""
     cfg, policy = run.cfg, run.policy
-    drifted, replay = run.state.buffer.examples, run.replay.examples
+    trained, held = split_validation(run.state.buffer.examples)
+    if held:
+        drifted, replay = held, run.replay_val
+    else:
+        drifted, replay = trained.examples, run.replay.examples + run.replay_val
     before = labelled_fit(policy, drifted, replay, cfg) if cfg.gate else None
     decoder_state = copy.deepcopy(policy.decoder.state_dict())
     opt_state = copy.deepcopy(run.opt.state_dict())
-    train = train_decoder(policy, run.opt, run.state.buffer, run.replay, cfg, run.rng_train)
+    train = train_decoder(policy, run.opt, trained, run.replay, cfg, run.rng_train)
     if before is None:
         return train, None
     report = judge(before, labelled_fit(policy, drifted, replay, cfg), len(drifted), len(replay), cfg.gate_tolerance)
