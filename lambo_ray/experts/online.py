@@ -10,8 +10,6 @@ time, and saves/loads everything for reuse. Subclasses supply the agent (network
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, make_decision
 from lambo_ray.mec.generator import generate_many
 from lambo_ray.mec.instance import Instance
-from lambo_ray.mec.io import fsync_dir
+from lambo_ray.mec.io import atomic_write_bytes
 from lambo_ray.mec.scenario import ScenarioConfig
 
 # fits(a_min of the UEs on one server) -> can that server host them all under the method's share rule?
@@ -274,23 +272,6 @@ class OnlineExpert(Expert):
         if not isinstance(state, dict):
             raise LamboInputError(f"{path} does not hold a {self.name} checkpoint", where="checkpoint")
         self.load_state_dict(state)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def config_from(cls: type, **values: Any) -> Any:
