@@ -17,7 +17,8 @@ import pytest
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.bruteforce import MAX_ASSIGNMENTS, brute_force
-from lambo_ray.experts.exact import ExactConfig, ExactExpert, build_model
+from lambo_ray.experts.exact import ExactConfig, ExactExpert
+from lambo_ray.experts.exact_model import build_model
 from lambo_ray.mec.drift import apply_drift
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many

@@ -7,6 +7,7 @@ optimal shares from the water-filling of ``mec.shares``, sampled log-probs from 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -425,3 +426,38 @@ def test_warm_start_alone_depends_on_the_config_only(ray_session, tmp_path):
     )
     for name, value in direct.state_dict().items():
         assert torch.equal(value, shipped.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("ratio,critic", [("per_ue", "two_head"), ("joint", "two_head"), ("joint", "single_head")])
+def test_ppo_surrogates_match_a_per_row_loop(ratio, critic):
+    """The clipped surrogates of both heads against PPO's formula written out row by row and UE by UE
+    (padding excluded), for the per-UE ratio and the joint ratio with one or two critic heads."""
+    from lambo_ray.rl.learner import _surrogates
+
+    g = torch.Generator().manual_seed(0)
+    b, n, clip = 5, 4, 0.2
+    a_t, a_s = torch.randn(b, generator=g), torch.randn(b, generator=g)
+    ue = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    d_t, d_s = 0.3 * torch.randn(b, n, generator=g) * ue, 0.3 * torch.randn(b, n, generator=g) * ue
+    surr_t, surr_s, clipped = _surrogates({"ratio": ratio, "critic": critic}, (a_t, a_s), (d_t, d_s), ue, clip)
+
+    def ppo(adv: float, rho: float) -> float:
+        return min(rho * adv, max(min(rho, 1 + clip), 1 - clip) * adv)
+
+    for r in range(b):
+        real = [k for k in range(n) if ue[r, k] > 0]
+        if ratio == "per_ue":
+            want_t = sum(ppo(float(a_t[r]), math.exp(float(d_t[r, k]))) for k in real) / len(real)
+            want_s = sum(ppo(float(a_s[r]), math.exp(float(d_s[r, k]))) for k in real) / len(real)
+            rhos = [(math.exp(float(d_t[r, k])), math.exp(float(d_s[r, k]))) for k in real]
+            want_c = sum(abs(rt - 1) > clip or abs(rs - 1) > clip for rt, rs in rhos) / len(real)
+        elif critic == "two_head":
+            rho_t, rho_s = math.exp(float(d_t[r].sum())), math.exp(float(d_s[r].sum()))
+            want_t, want_s = ppo(float(a_t[r]), rho_t), ppo(float(a_s[r]), rho_s)
+            want_c = float(abs(rho_t - 1) > clip or abs(rho_s - 1) > clip)
+        else:
+            rho = math.exp(float(d_t[r].sum() + d_s[r].sum()))
+            want_t, want_s, want_c = ppo(float(a_t[r]), rho), 0.0, float(abs(rho - 1) > clip)
+        assert float(surr_t[r]) == pytest.approx(want_t, rel=1e-5, abs=1e-6)
+        assert float(surr_s[r]) == pytest.approx(want_s, rel=1e-5, abs=1e-6)
+        assert float(clipped[r]) == pytest.approx(want_c)

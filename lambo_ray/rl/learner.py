@@ -258,23 +258,7 @@ class AcrlLearner(PPOTorchLearner):
         else:
             a_s = adv[:, 1]
         metrics: dict[str, Any] = {}
-        if lc["ratio"] == "per_ue":
-            # One ratio per decision (as token-level PPO for sequences): the joint ratio of 50 UEs leaves
-            # [1 - clip, 1 + clip] after tiny per-UE changes, and clipped rows carry no gradient.
-            rho_t, rho_s = torch.exp(d_t), torch.exp(d_s)
-            surr_t = (_clipped_surrogate(a_t[:, None], rho_t, clip) * ue).sum(-1) / n_real
-            surr_s = (_clipped_surrogate(a_s[:, None], rho_s, clip) * ue).sum(-1) / n_real
-            clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float().mul(ue).sum(-1) / n_real
-        else:  # "joint": one ratio for the whole decision (per head)
-            if lc["critic"] == "two_head":
-                rho_t, rho_s = torch.exp(d_t.sum(-1)), torch.exp(d_s.sum(-1))
-                surr_t = _clipped_surrogate(a_t, rho_t, clip)
-                surr_s = _clipped_surrogate(a_s, rho_s, clip)
-                clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float()
-            else:
-                rho = torch.exp(d_t.sum(-1) + d_s.sum(-1))
-                surr_t, surr_s = _clipped_surrogate(a_t, rho, clip), torch.zeros_like(a_t)
-                clipped = ((rho - 1).abs() > clip).float()
+        surr_t, surr_s, clipped = _surrogates(lc, (a_t, a_s), (d_t, d_s), ue, clip)
         surrogate = surr_t + surr_s
         vf_err = (values - targets).pow(2).clamp(0.0, config.vf_clip_param)  # (B, H)
         vf_loss = vf_err.sum(-1)
@@ -315,6 +299,36 @@ class AcrlLearner(PPOTorchLearner):
             window=1,
         )
         return total
+
+
+def _surrogates(
+    lc: dict[str, Any],
+    advantages: tuple[torch.Tensor, torch.Tensor],
+    log_ratios: tuple[torch.Tensor, torch.Tensor],
+    ue: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogates of the target and share heads, per row, and the clipped fraction.
+
+    ``advantages``: (B,) per head; ``log_ratios``: (B, N) per UE and head, 0 on padding; ``ue``: (B, N)
+    real UEs as floats.
+    """
+    (a_t, a_s), (d_t, d_s) = advantages, log_ratios
+    n_real = ue.sum(-1).clamp_min(1.0)
+    if lc["ratio"] == "per_ue":
+        # One ratio per decision (as token-level PPO for sequences): the joint ratio of 50 UEs leaves
+        # [1 - clip, 1 + clip] after tiny per-UE changes, and clipped rows carry no gradient.
+        rho_t, rho_s = torch.exp(d_t), torch.exp(d_s)
+        surr_t = (_clipped_surrogate(a_t[:, None], rho_t, clip) * ue).sum(-1) / n_real
+        surr_s = (_clipped_surrogate(a_s[:, None], rho_s, clip) * ue).sum(-1) / n_real
+        clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float().mul(ue).sum(-1) / n_real
+        return surr_t, surr_s, clipped
+    if lc["critic"] == "two_head":  # "joint": one ratio for the whole decision, per head
+        rho_t, rho_s = torch.exp(d_t.sum(-1)), torch.exp(d_s.sum(-1))
+        clipped = (((rho_t - 1).abs() > clip) | ((rho_s - 1).abs() > clip)).float()
+        return _clipped_surrogate(a_t, rho_t, clip), _clipped_surrogate(a_s, rho_s, clip), clipped
+    rho = torch.exp(d_t.sum(-1) + d_s.sum(-1))  # "joint" with one head: one ratio for everything
+    return _clipped_surrogate(a_t, rho, clip), torch.zeros_like(a_t), ((rho - 1).abs() > clip).float()
 
 
 def _explained_variance(y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
