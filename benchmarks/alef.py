@@ -13,6 +13,7 @@ after). Prints the tables and writes the JSON (command, git revision, machine, d
     python benchmarks/alef.py                                        # full: shipped LAMBO-S, paper scenario
     python benchmarks/alef.py --checkpoint runs/pretrain --resume    # another policy; skip runs already written
     python benchmarks/alef.py --quick                                # smoke: tiny cells, a few minutes
+    python benchmarks/alef.py --markdown RESULTS.json [...]          # the README table of result files
 
 ``--quick`` writes ``runs/benchmarks/alef_quick.json`` (not the committed results file). The JSON is
 rewritten after every run, so a long benchmark that is stopped keeps what it finished; ``--resume``
@@ -281,7 +282,49 @@ def load_previous(out: Path, source: str, config: dict[str, Any]) -> tuple[list[
     return list(prev.get("runs", [])), dict(prev.get("details", {}))
 
 
+def pct(value: float | None, ci: float | None = None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{100 * value:.2f}" + (f" ± {100 * ci:.2f}" if ci is not None and math.isfinite(ci) and ci > 0 else "")
+
+
+def markdown(paths: list[Path]) -> str:
+    """The README table of one or more result files (gaps in %, 95 % CI half-widths over seeds)."""
+    out = []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        cfg = doc["config"]
+        out.append(
+            f"`{doc['command']}` (git {doc['git_revision']}, {doc['date'][:10]}, {doc['machine'].rstrip(',')}; "
+            f"policy: {doc['policy']}; seeds {doc.get('seeds')}; {cfg['budget']} labels in {cfg['rounds']} rounds, "
+            f"{cfg['n_heldout']} held-out drifted and undrifted instances; "
+            f"{'complete' if doc.get('complete') else 'INCOMPLETE: the runs finished so far'}):\n"
+        )
+        out.append(
+            "| drift | prompt | query | seeds | gap before % | gap after % | undrifted before % | undrifted after % "
+            "| feasible after | rounds kept | gain vs random (pp) | within 1.5x undrifted |"
+        )
+        out.append("|" + "---|" * 12)
+        for r in doc["rows"]:
+            gain = pct(r.get("gain_vs_random"), r.get("gain_vs_random_ci")) if "gain_vs_random" in r else "-"
+            out.append(
+                f"| {r['drift']} | {r['prompt']} | {r['query']} | {r['seeds']} | {pct(r['gap_before'])} "
+                f"| {pct(r['gap_after'], r['gap_after_ci'])} | {pct(r['undrifted_gap_before'])} "
+                f"| {pct(r['undrifted_gap_after'], r['undrifted_gap_after_ci'])} | {r['feasible_after']:.3f} "
+                f"| {r['rounds_kept']} | {gain} | {'yes' if r['within_1_5x_undrifted'] else 'no'} |"
+            )
+        out.append(f"\nDrifts where a strategy beat random: {doc.get('wins_vs_random')}\n")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if argv[:1] == ["--markdown"]:
+        print(markdown([Path(a) for a in argv[1:]]))
+        return
     args = parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
     torch.set_num_threads(1)
