@@ -202,7 +202,10 @@ def run_all(
                         row = run_row(drift, prompt, seed, q, res)
                         row["reference_skipped"] = refs.skipped
                         runs.append(row)
-                        details[run_key(drift, prompt, seed, q)] = res.to_dict() | {"reference_sources": refs.sources()}
+                        # every served decision of a run (res.online) is too much for a committed results file:
+                        # the per-round metrics and the gate's reports are kept
+                        kept = {k: v for k, v in res.to_dict().items() if k not in ("online", "config")}
+                        details[run_key(drift, prompt, seed, q)] = kept | {"reference_sources": refs.sources()}
                         print(
                             f"  {drift:9s} {prompt:11s} seed {seed} {q:7s}: gap {row['gap_before']:.4f} -> "
                             f"{row['gap_after']:.4f}, {row['labels']} labels ({row['skipped']} skipped), "
