@@ -400,29 +400,22 @@ def test_tiny_sweep_reports_the_best_trial_and_resumes_without_repeating_finishe
     assert policy.cfg.enc_layers == summary["best"]["params"]["enc_layers"]
 
 
-@pytest.mark.slow
-def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothing(tmp_path):
-    """`lambo tune` as users run it (its own embedded Ray in a subprocess)."""
-    import subprocess
+def _cli_tune(tmp_path: Path, name: str) -> tuple[list[str], dict[str, str]]:
+    """`lambo tune` on the small sweep as a user runs it (its own embedded Ray), and its environment."""
     import sys
 
     env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
     env.pop("RAY_ADDRESS", None)
-    base = [
-        sys.executable,
-        "-m",
-        "lambo_ray.cli",
-        "tune",
-        "--config",
-        str(ROOT / "tune_configs" / "small.yaml"),
-        "--storage",
-        str(tmp_path),
-        "--name",
-        "cli",
-        "--quiet",
-        "--num-cpus",
-        "2",
-    ]
+    cmd = [sys.executable, "-m", "lambo_ray.cli", "tune", "--config", str(ROOT / "tune_configs" / "small.yaml")]
+    return cmd + ["--storage", str(tmp_path), "--name", name, "--quiet", "--num-cpus", "2"], env
+
+
+@pytest.mark.slow
+def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothing(tmp_path):
+    """`lambo tune` as users run it (its own embedded Ray in a subprocess)."""
+    import subprocess
+
+    base, env = _cli_tune(tmp_path, "cli")
 
     def run(*extra):
         return subprocess.run(base + list(extra), capture_output=True, text=True, env=env, timeout=600)
@@ -448,26 +441,9 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     """Ctrl+C (SIGINT) on `lambo tune` once trials have reported: exit 130 with a --resume hint, the
     state is on disk, and `--resume` runs the rest without re-running what finished."""
     import subprocess
-    import sys
     import time
 
-    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "lambo_ray.cli",
-        "tune",
-        "--config",
-        str(ROOT / "tune_configs" / "small.yaml"),
-        "--storage",
-        str(tmp_path),
-        "--name",
-        "ctrlc",
-        "--quiet",
-        "--num-cpus",
-        "2",
-    ]
+    cmd, env = _cli_tune(tmp_path, "ctrlc")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     exp = tmp_path / "ctrlc"
     deadline = time.monotonic() + 400
