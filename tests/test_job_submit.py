@@ -1,9 +1,9 @@
 """`ray job submit -- lambo pretrain` against a real two-node Ray cluster started on this machine.
 
 Each node is a `ray start --block` process of its own (unique ports, token auth as Ray 2.60 turns it on
-for local clusters: the CLI must send RAY_AUTH_TOKEN, cluster/local.sh shows the commands); teardown sends SIGTERM to exactly those two
-processes, which makes each of them stop the Ray processes it started, so other Ray sessions on the
-machine are untouched.
+for local clusters: the CLI must send RAY_AUTH_TOKEN, cluster/local.sh shows the commands); teardown
+sends SIGTERM to exactly those two processes, which makes each of them stop the Ray processes it
+started, so other Ray sessions on the machine are untouched.
 """
 
 from __future__ import annotations
