@@ -41,6 +41,7 @@ import torch
 from lambo_ray.alef.config import AlefConfig, make_pool
 from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
 from lambo_ray.alef.query import query_strategies
+from lambo_ray.alef.worker import fallback_names
 from lambo_ray.mec.drift import DRIFTS
 from lambo_ray.mec.instance import PROMPTS
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
@@ -183,7 +184,7 @@ def run_all(
     cfg0: AlefConfig,
     runs: list[dict[str, Any]],
     details: dict[str, Any],
-    save: Callable[[bool], None],
+    save: Callable[[bool], object],
 ) -> None:
     """Every drift x prompt x seed x query not yet in ``runs``; ``save`` is called after each run."""
     done = {run_key(r["drift"], r["prompt"], r["seed"], r["query"]) for r in runs}
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fallbacks",
         nargs="*",
         default=list(AlefConfig.__dataclass_fields__["label_fallbacks"].default),
-        choices=["ils", "local_search", "de"],
+        choices=fallback_names(),
         help="experts tried when exact proves nothing within the time limit (best feasible label wins)",
     )
     p.add_argument("--experts", type=int, default=2, help="expert actors")
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     init_ray()
     start = time.perf_counter()
 
-    def save(complete: bool) -> None:
+    def save(complete: bool) -> list[dict[str, Any]]:
         rows = summarise(runs, args.queries)
         write_results(
             out,
@@ -357,10 +358,10 @@ def main(argv: list[str] | None = None) -> None:
             details=details,
             total_s=time.perf_counter() - start,
         )
+        return rows
 
     run_all(args, base, cfg0, runs, details, save)
-    save(True)
-    rows = summarise(runs, args.queries)
+    rows = save(True)
     title = f"ALEF on {source}: greedy gap to the expert, mean over seeds {args.seeds} (95% CI half-widths)"
     print_table(rows, COLUMNS, title=title)
     print(f"drifts where a strategy beat random (per prompt): {wins(rows, args.queries)}")

@@ -143,6 +143,10 @@ class AlefConfig:
         d["scenario"] = self.scenario.to_dict()
         return d
 
+    def held_back_share(self) -> float:
+        """Share of labels the gate keeps for itself: none without a gate (nothing would judge on them)."""
+        return self.gate_holdout if self.gate else 0.0
+
     def query_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the chosen query strategy (lambo_ray.alef.query.get_query)."""
         return {

@@ -82,7 +82,7 @@ def _start(
     seeds = run_seeds(cfg.seed)
     torch.manual_seed(seeds["train"])
     replay = refs.replay.examples()
-    held = held_back(len(replay), cfg.gate_holdout if cfg.gate else 0.0)
+    held = held_back(len(replay), cfg.held_back_share())
     policy.eval()
     return AlefRun(
         policy=policy,

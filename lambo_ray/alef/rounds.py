@@ -112,7 +112,7 @@ def buy_labels(run: AlefRun, arr: Arrivals, round_no: int) -> tuple[list[Label],
             rec.label_objective, rec.label_source = o.objective, o.source
         else:
             rec.skipped = True
-    validation = held_back(len(labels), run.cfg.gate_holdout if run.cfg.gate else 0.0)
+    validation = held_back(len(labels), run.cfg.held_back_share())
     run.state.buffer.add(
         [Example.from_label(arr.instances[i], o, round_no, val) for (i, o), val in zip(labels, validation)]
     )
