@@ -450,7 +450,8 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             rows = _trial_rows(exp) if exp.exists() else {}
-            if any(len(r) == 2 for r in rows.values()):  # one trial finished: interrupt now
+            if any(len(r) == 2 for r in rows.values()):  # one trial finished: let Tune record it, interrupt
+                time.sleep(2.0)
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -461,8 +462,13 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err and "Traceback" not in err
-    before = {t: rows for t, rows in _trial_rows(exp).items() if len(rows) == 2}
-    done_text = {t: next(exp.glob(f"*{t}*/result.json")).read_text() for t in before}
+    # Finished means finished in the experiment state Tune saved at the interrupt (summary.json reads it): a
+    # trial whose last row landed in result.json just before Ctrl+C may not be recorded as done yet, and
+    # Tune then rightly runs it again from its last registered checkpoint.
+    interrupted = json.loads((exp / "summary.json").read_text())
+    assert interrupted["unfinished"] >= 1
+    done = [t["trial_id"] for t in interrupted["trials"] if t["status"] in ("done", "stopped")]
+    done_text = {t: next(exp.glob(f"*{t}*/result.json")).read_text() for t in done}
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -470,9 +476,11 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     assert len(after) == 4
     for t, text in done_text.items():
         assert next(exp.glob(f"*{t}*/result.json")).read_text() == text
-    for rows in after.values():
-        assert (
-            [r["iteration"] for r in rows] == [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1))
-        )
+    for t, rows in after.items():
+        its = [r["training_iteration"] for r in rows]
+        # The Pretrainer's count continues Tune's (a restart from scratch would not); an iteration after
+        # the last registered checkpoint may be reported twice, never skipped.
+        assert [r["iteration"] for r in rows] == its and its[0] == 1 and its[-1] <= 2, (t, its)
+        assert all(b - a in (0, 1) for a, b in zip(its, its[1:])), (t, its)
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["unfinished"] == 0 and len(summary["trials"]) == 4
