@@ -227,3 +227,32 @@ def test_chain_bounds_are_lower_bounds_and_exact_for_energy(prompt):
         descend(plain)
         descend(with_chains, chains=True)
         assert with_chains.cost <= plain.cost * (1 + 1e-12) and with_chains.feasible
+
+
+def test_lp_relaxation_bounds_the_optimum_and_lp_guided_rounds_only_improve(small_instances):
+    """min_energy's LP relaxation: a fractional assignment (one unit per UE, within capacity) whose value
+    is at most the brute-force optimum; the neighbourhoods it guides keep a start's feasibility and never
+    make it worse, and from the all-local-where-possible start they reach the optimum on these tiny cells
+    (every UE the LP places elsewhere is freed, and the sub-model is exact)."""
+    from lambo_ray.experts.consensus import lp_guided_rounds, lp_relaxation
+    from lambo_ray.experts.exact import fallback_assignment
+
+    reached = 0
+    for inst in small_instances:
+        tables = build_tables(inst, "min_energy")
+        _, _, opt, _ = brute_force(inst, "min_energy")
+        x, bound = lp_relaxation(tables)
+        assert np.allclose(x.sum(axis=1), 1.0) and x.min() >= -1e-9
+        load = (x[:, 1:] * np.where(np.isfinite(tables.a_min), tables.a_min, 0.0)).sum(axis=0)
+        assert np.all(load <= 1.0 + 1e-7)
+        assert bound == pytest.approx(float((x * tables.fixed).sum()), rel=1e-9)
+        assert bound <= opt * (1 + 1e-9)
+        start = fallback_assignment(inst)
+        assert start is not None
+        before = Assignment(tables, start)
+        target, wins = lp_guided_rounds(tables, start, x, np.random.default_rng(0), lambda: None, rounds=8)
+        after = Assignment(tables, target)
+        assert after.feasible and after.cost <= before.cost * (1 + 1e-12)
+        assert (wins > 0) == (after.cost < before.cost * (1 - 1e-12))
+        reached += after.objective <= opt * (1 + 1e-9)
+    assert reached == len(small_instances), reached

@@ -14,6 +14,7 @@ never worse than the best proposal, which stays a feasible point of the model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,68 @@ def server_pair_rounds(
     return best, wins
 
 
+def lp_relaxation(tables: PlacementTables) -> tuple[np.ndarray, float] | None:
+    """The LP relaxation of the whole ``min_energy`` model: x (N, M+1), the fractional assignment (0 =
+    local), and its value, a lower bound on the optimum; None if HiGHS does not solve it. A generalised
+    assignment LP has at most M fractional UEs at a vertex, so x is an almost integral map of where the
+    optimum lies: a few tens of milliseconds at N = 200, M = 8."""
+    import highspy
+
+    n, m = tables.n_ues, tables.n_servers
+    room = np.ones(m)
+    cols = [(i, q) for i in range(n) for q in _options(tables, i, room)]
+    ue = np.array([i for i, _ in cols], dtype=np.int64)
+    opt = np.array([q for _, q in cols], dtype=np.int64)
+    h = _highs(len(cols), tables.fixed[ue, opt], integral=False, time_limit=None)
+    _add_assignment_rows(h, tables, ue, opt, room)
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    x = np.zeros((n, m + 1))
+    x[ue, opt] = np.asarray(h.getSolution().col_value)
+    return x, float(h.getInfo().objective_function_value)
+
+
+def lp_guided_rounds(
+    tables: PlacementTables,
+    best: np.ndarray,
+    x_lp: np.ndarray,
+    rng: np.random.Generator,
+    time_left: Callable[[], float | None],
+    rounds: int = 4,
+    fill_size: int = 8,
+) -> tuple[np.ndarray, int]:
+    """Relaxation-induced neighbourhoods (RINS): free the UEs whose target the LP relaxation does not
+    share with ``best`` and the UEs on the servers those disagreements involve (a random ``MAX_FREE``),
+    re-decide them exactly, keep any improvement; ``rounds`` draws at most, stopping after two draws
+    without one. Where the LP and the incumbent agree the optimum almost always agrees too, so these
+    sets hold the exchanges that single moves, swaps and server pairs cannot find."""
+    best, cost, wins, quiet = best.copy(), _energy(tables, best), 0, 0
+    rows = np.arange(tables.n_ues)
+    for draw in range(rounds):
+        left = time_left()
+        if quiet >= 2 or (left is not None and left <= 0):
+            break
+        agree = x_lp[rows, best]
+        first = np.flatnonzero(agree < 1.0 - 1e-6)
+        if first.size == 0:
+            break
+        first = first[np.argsort(agree[first], kind="stable")][:MAX_FREE]
+        touched = set((best[first][best[first] > 0] - 1).tolist())
+        touched |= set((np.nonzero(x_lp[first, 1:] > 1e-6)[1]).tolist())
+        servers = np.array(sorted(touched), dtype=np.int64)
+        on = np.flatnonzero(np.isin(best - 1, servers) & (best > 0))
+        rest = np.setdiff1d(on, first)
+        fill = rng.permutation(rest)[: min(fill_size * draw, MAX_FREE - first.size)]
+        free = np.concatenate([first, fill])
+        found = resolve_subset(tables, best, free, 0.1 if left is None else max(min(left, 0.1), 0.005))
+        if found is not None and _energy(tables, found) < cost * (1 - 1e-12):
+            best, cost, wins, quiet = found, _energy(tables, found), wins + 1, 0
+        else:
+            quiet += 1
+    return best, wins
+
+
 def _energy(tables: PlacementTables, target: np.ndarray) -> float:
     return float(tables.fixed[np.arange(tables.n_ues), target].sum())
 
@@ -100,36 +163,51 @@ def resolve_subset(tables: PlacementTables, best: np.ndarray, free: np.ndarray, 
     np.add.at(load, best[on] - 1, tables.a_min[on, best[on] - 1])
     room = 1.0 - load
     cols = [(i, q) for i in free for q in _options(tables, i, room)]
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(time_limit))
-    h.setOptionValue("threads", 1)
-    for _ in cols:
-        h.addVar(0.0, 1.0)
-    n = len(cols)
-    h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array([tables.fixed[i, q] for i, q in cols]))
-    h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, highspy.HighsVarType.kInteger))
-    for i in free:
-        idx = np.array([c for c, (r, _) in enumerate(cols) if r == i], dtype=np.int32)
-        h.addRow(1.0, 1.0, idx.size, idx, np.ones(idx.size))
-    for j in range(tables.n_servers):
-        idx = np.array([c for c, (_, q) in enumerate(cols) if q == j + 1], dtype=np.int32)
-        if idx.size:
-            vals = np.array([tables.a_min[cols[c][0], j] for c in idx])
-            h.addRow(-highspy.kHighsInf, room[j] + CAP_TOL, idx.size, idx, vals)
-    start = np.array([1.0 if best[i] == q else 0.0 for i, q in cols])  # the best proposal: a feasible point
+    ue = np.array([i for i, _ in cols], dtype=np.int64)
+    opt = np.array([q for _, q in cols], dtype=np.int64)
+    h = _highs(len(cols), tables.fixed[ue, opt], integral=True, time_limit=time_limit)
+    _add_assignment_rows(h, tables, ue, opt, room)
     sol = highspy.HighsSolution()
-    sol.col_value = start.tolist()
+    sol.col_value = (best[ue] == opt).astype(float).tolist()  # the best proposal: a feasible point
     h.setSolution(sol)
     h.run()
     values = np.asarray(h.getSolution().col_value)
-    if values.size != n or h.getInfo().primal_solution_status != 2:
+    if values.size != len(cols) or h.getInfo().primal_solution_status != 2:
         return None
     out = best.copy()
-    for c, (i, q) in enumerate(cols):
-        if values[c] > 0.5:
-            out[i] = q
+    chosen = values > 0.5
+    out[ue[chosen]] = opt[chosen]
     return out
+
+
+def _highs(n_cols: int, cost: np.ndarray, *, integral: bool, time_limit: float | None) -> Any:
+    """A quiet single-threaded HiGHS model with ``n_cols`` columns in [0, 1] of the given costs."""
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    if time_limit is not None:
+        h.setOptionValue("time_limit", float(time_limit))
+    idx = np.arange(n_cols, dtype=np.int32)
+    h.addVars(n_cols, np.zeros(n_cols), np.ones(n_cols))
+    h.changeColsCost(n_cols, idx, np.asarray(cost, dtype=float))
+    if integral:
+        h.changeColsIntegrality(n_cols, idx, np.full(n_cols, highspy.HighsVarType.kInteger))
+    return h
+
+
+def _add_assignment_rows(h: Any, tables: PlacementTables, ue: np.ndarray, opt: np.ndarray, room: np.ndarray) -> None:
+    """One option per UE of ``ue``; on every server, the minimum shares of its UEs within ``room``."""
+    import highspy
+
+    for i in np.unique(ue):
+        idx = np.flatnonzero(ue == i).astype(np.int32)
+        h.addRow(1.0, 1.0, idx.size, idx, np.ones(idx.size))
+    for j in range(tables.n_servers):
+        idx = np.flatnonzero(opt == j + 1).astype(np.int32)
+        if idx.size:
+            h.addRow(-highspy.kHighsInf, room[j] + CAP_TOL, idx.size, idx, tables.a_min[ue[idx], j])
 
 
 def _options(tables: PlacementTables, i: int, room: np.ndarray) -> list[int]:
