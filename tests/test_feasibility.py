@@ -80,3 +80,22 @@ def test_milp_finds_packings_first_fit_misses():
     load = np.zeros(2)
     np.add.at(load, packing.plan, a_min[np.arange(4), packing.plan])
     assert np.all(load <= 1 + 1e-12)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_search_is_never_worse_than_local_search_even_when_the_budget_cuts_it_short(policy, seed):
+    """With the heuristic start on, the local_search baseline's decision is a floor of ``search``: an
+    untrained policy's proposals and a budget too short to polish them still give a decision at least
+    as good as local search's (by the evaluator)."""
+    from lambo_ray.mec.generator import generate_many
+
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(20, 61)), int(rng.integers(2, 5))
+    cfg = ScenarioConfig(n_ues=n, n_servers=m, capacities_cps=tuple([1.5e10, 3e10, 5e10, 1.5e10][:m]))
+    inst = generate_many(cfg, 1, seed)[0]
+    prompt = ("min_latency", "min_energy")[seed % 2]
+    floor = get_expert("local_search").solve(inst, prompt)
+    got = decide(policy, [inst], prompt, "search", k=2, seed=seed, time_budget_s=1e-4)[0]
+    assert evaluate(inst, got.target, got.share).feasible
+    assert got.objective <= floor.objective * (1 + 1e-9), (got.stats, floor.objective)

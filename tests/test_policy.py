@@ -727,9 +727,16 @@ def test_decisions_match_the_pinned_reference():
     from pathlib import Path
 
     data = Path(__file__).parent / "data"
-    expected = json.loads((data / "decode_pin.json").read_text())
-    actual = runpy.run_path(str(data / "make_decode_pin.py"))["pinned_digests"]()
-    assert actual == expected
+    pins = json.loads((data / "decode_pin.json").read_text())
+    maker = runpy.run_path(str(data / "make_decode_pin.py"))
+    actual = maker["pinned_digests"]()
+    cpu = maker["cpu_class"]()
+    if cpu in pins:
+        assert actual == pins[cpu]
+    else:  # sampled decisions are pinned per CPU class (make_decode_pin.py); greedy ones everywhere
+        for expected in pins.values():
+            greedy = {k: v for k, v in expected.items() if k.endswith("/greedy")}
+            assert greedy and {k: actual[k] for k in greedy} == greedy
 
 
 def test_greedy_row_of_a_sampled_pass_is_the_greedy_decision(mixed_instances):

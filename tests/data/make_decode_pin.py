@@ -1,8 +1,14 @@
 """Digests of the decisions of a fixed-seed untrained S policy; `python tests/data/make_decode_pin.py`
-prints the JSON stored in tests/data/decode_pin.json (see test_decisions_match_the_pinned_reference)."""
+adds this machine's CPU class to tests/data/decode_pin.json (see test_decisions_match_the_pinned_reference).
+
+Greedy decisions are the same on every x86 CPU we have met; sampled ones are not: a float32 logit that
+differs in its last bit between AVX2 and AVX-512 kernels can move a sample across a category boundary,
+and every later UE of that row follows. So digests are recorded per CPU class, and a class the file
+does not hold is checked on its greedy decisions only."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,5 +44,18 @@ def pinned_digests() -> dict[str, str]:
     return out
 
 
+def cpu_class() -> str:
+    """``avx512`` / ``avx2`` / ``other``: which float32 kernels torch's CPU build uses here."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "other"
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
 if __name__ == "__main__":
-    print(json.dumps(pinned_digests(), indent=1))
+    path = Path(__file__).with_name("decode_pin.json")
+    pins = json.loads(path.read_text()) if path.exists() else {}
+    pins[cpu_class()] = pinned_digests()
+    path.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {cpu_class()} in {path}")
