@@ -13,6 +13,11 @@
   until the certified relative gap closes. Cuts at the water-filled (NLP-optimal) shares of an
   assignment make the MILP's value on that assignment at least its true value (the OA argument of
   Duran and Grossmann), so no assignment is visited twice and the loop terminates.
+* Both prompts start from the ``local_search`` baseline's decision as the first incumbent (a MIP
+  start), and ``min_latency`` takes its first cuts at that decision's shares too (``heuristic_start``):
+  cuts at a near-optimal assignment shape the relaxation where the optimum lies. At N = 200, M = 8
+  that took the certified gap after 60 s from about 0.8 % to 0-0.02 % (two instances); on the paper
+  cell and for ``min_energy`` it is neutral.
 
 Pyomo's persistent APPSI HiGHS interface is used (``pyomo.contrib.appsi.solvers.Highs``): cuts go to
 the live HiGHS model without rebuilding it, and it is the Pyomo 6.10 HiGHS interface that takes a MIP
@@ -46,6 +51,8 @@ from pyomo.contrib.appsi.solvers import Highs
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
 from lambo_ray.experts.exact_model import build_model, read_assignment, set_point
+from lambo_ray.experts.heuristics import descend, greedy_assignment
+from lambo_ray.experts.placement import build_tables
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
@@ -71,6 +78,7 @@ class ExactConfig:
     warm_start: bool = True  # hand the incumbent to HiGHS as a MIP start
     server_cuts: bool = True  # also the aggregated Cauchy-Schwarz cuts per server (see ExactSolver.add_server_cut)
     neighbour_cuts: bool = True  # per round, cuts where single-UE moves would put the shares
+    heuristic_start: bool = True  # local search's decision as first incumbent (and, min_latency, cuts there)
     highs_options: dict[str, Any] = field(default_factory=dict)  # any further HiGHS option
 
     def __post_init__(self) -> None:
@@ -318,6 +326,20 @@ class ExactSolver:
                 cuts.append(self.add_cut(i, j, a))
         return cuts
 
+    def heuristic_start(self) -> _Incumbent | None:
+        """The local_search baseline's decision as the first incumbent (cfg.heuristic_start)."""
+        if not self.cfg.heuristic_start:
+            return None
+        a, _ = greedy_assignment(build_tables(self.inst, self.prompt))
+        if not a.feasible:
+            return None
+        descend(a)
+        share = optimal_shares(self.inst, a.target)
+        if share is None:
+            return None
+        self.offer(a.target)
+        return _Incumbent(a.target.copy(), share, a.objective)
+
     # -- drivers -----------------------------------------------------------------------------
     def run(self) -> tuple[str, str]:
         """Solve; return (status, last HiGHS termination condition).
@@ -331,8 +353,15 @@ class ExactSolver:
         start = fallback_assignment(self.inst)
         if start is not None:
             self.offer(start)
+        heuristic = self.heuristic_start()
         if self.prompt == "min_latency":
             self.push_cuts(self.initial_cuts())
+            if heuristic is not None:
+                self.push_cuts(
+                    self.cuts_at(heuristic.target, heuristic.share)
+                    + self.server_cuts_at(heuristic.target)
+                    + self.neighbour_cuts(heuristic.target)
+                )
         last = "not_started"
         while True:
             if self.remaining() <= 0:
