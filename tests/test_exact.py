@@ -173,3 +173,22 @@ def test_deadline_drift_paper_size_proves_optimality() -> None:
     assert got.stats["status"] == "optimal" and got.stats["gap"] <= 1e-4
     assert evaluate(inst, got.target, got.share).feasible
     assert got.stats["lower_bound"] <= got.objective
+
+
+def test_a_near_optimal_mip_start_does_not_end_the_search_early():
+    """HiGHS 1.16 scores a MIP start in the presolved space without the objective offset of the columns
+    presolve removed: on these two tight-deadline instances, local search's decision (the exact expert's
+    first incumbent) then came back "optimal" 0.6-1.3 % above the optimum. The expert must notice the
+    mis-scored start, solve again without it, and prove the same optimum as a solve that had no start."""
+    from lambo_ray.experts.exact import ExactConfig, ExactExpert
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.mec.generator import generate_many
+    from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
+
+    cfg = apply_drift(ScenarioConfig(n_ues=50, n_servers=4, capacities_cps=default_capacities(4)), "deadline")
+    instances = generate_many(cfg, 6, 80400)[4:6]
+    for inst in instances:
+        started = ExactExpert(ExactConfig(heuristic_start=True)).solve(inst, "min_energy", 60.0)
+        cold = ExactExpert(ExactConfig(heuristic_start=False, warm_start=False)).solve(inst, "min_energy", 60.0)
+        assert started.stats["status"] == cold.stats["status"] == "optimal"
+        assert started.objective == pytest.approx(cold.objective, rel=1e-9)

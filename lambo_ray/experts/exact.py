@@ -28,7 +28,8 @@ Stats of a decision (besides the common ones of :mod:`lambo_ray.experts.base`): 
 ("optimal" = certified gap <= gap_tol; "time_limit"; "max_rounds"; "stalled"; "infeasible";
 "solver_error"; ``<status>_no_incumbent`` when no feasible decision was found at all), ``objective``
 (the evaluator's), ``lower_bound``, ``gap``, ``proven_optimal``, ``rounds``, ``n_cuts``,
-``termination`` (HiGHS's last) and ``terminations`` (one per round).
+``termination`` (HiGHS's last), ``terminations`` (one per round) and ``mip_starts_rejected`` (MIP starts
+HiGHS mis-scored, after which the round was solved again without one).
 
 Public API: ``get_expert("exact", **ExactConfig fields)`` or ``ExactExpert(ExactConfig(...))``, then
 ``.solve(instance, prompt, time_limit)``; :mod:`lambo_ray.experts.exact_model` (``build_model``,
@@ -173,6 +174,7 @@ class ExactSolver:
         self.rounds = 0
         self.n_cuts = 0
         self.terminations: list[str] = []
+        self.mip_starts_rejected = 0  # MIP starts HiGHS mis-scored (solve_milp); solved again without them
         self._cut_keys: set[tuple[int, int, float]] = set()
         self._users = {
             j: [i for i, jj in self.model.P if jj == j] if self.model is not None else [] for j in range(inst.n_servers)
@@ -205,14 +207,21 @@ class ExactSolver:
     # -- one MILP solve ----------------------------------------------------------------------
     def solve_milp(self) -> _RoundOutcome:
         self.rounds += 1
-        self.solver.config.time_limit = max(self.remaining(), 1e-3)
         loose = self.prompt == "min_latency" and self.rounds == 1
         self.solver.config.mip_gap = (
             max(self.cfg.first_round_mip_gap, self.cfg.mip_rel_gap) if loose else self.cfg.mip_rel_gap
         )
-        if self.incumbent is not None:
-            set_point(self.model, self.inst, self.incumbent.target, self.incumbent.share)
-        res = self.solver.solve(self.model)
+        warm = self.incumbent is not None and self.cfg.warm_start
+        res = self._solve(warm)
+        if warm and self._misscored(res):
+            # HiGHS 1.16 scores a MIP start in the presolved space without the objective offset of the
+            # columns presolve removed, so a near-optimal start looks better than the optimum and comes
+            # back "optimal" against a bound in that shifted space (seen on tight-deadline min_energy
+            # cells). Neither the solution's score nor the bound is trusted: solve again without it
+            # (highspy keeps a MIP start across runs until the solver data is cleared).
+            self.mip_starts_rejected += 1
+            self.solver._solver_model.clearSolver()
+            res = self._solve(False)
         tc = res.termination_condition
         self.terminations.append(tc.name)
         if tc not in _USABLE:
@@ -225,6 +234,21 @@ class ExactSolver:
             target = read_assignment(self.model, self.inst.n_ues)
         bound = float(res.best_objective_bound) if res.best_objective_bound is not None else -math.inf
         return _RoundOutcome(tc, bound, target, loose)
+
+    def _solve(self, warm: bool) -> Any:
+        self.solver.config.time_limit = max(self.remaining(), 1e-3)
+        self.solver.config.warmstart = warm
+        if warm and self.incumbent is not None:
+            set_point(self.model, self.inst, self.incumbent.target, self.incumbent.share)
+        return self.solver.solve(self.model)
+
+    def _misscored(self, res: Any) -> bool:
+        """HiGHS's objective for the solution it returned differs from the model's value at that solution."""
+        if res.termination_condition not in _USABLE or res.best_feasible_objective is None:
+            return False
+        self.solver.load_vars()
+        actual = float(pyo.value(self.model.objective))
+        return abs(actual - float(res.best_feasible_objective)) > 1e-7 * max(1.0, abs(actual))
 
     # -- cuts (min_latency) ------------------------------------------------------------------
     def add_cut(self, i: int, j: int, b: float) -> pyo.Constraint | None:
@@ -425,6 +449,7 @@ class ExactExpert(Expert):
             "rounds": s.rounds,
             "n_cuts": s.n_cuts,
             "terminations": s.terminations,
+            "mip_starts_rejected": s.mip_starts_rejected,
         }
         if inc is None:  # infeasible instance, or no feasible assignment found in time
             target = np.zeros(inst.n_ues, dtype=np.int64)
