@@ -52,7 +52,7 @@ from pyomo.contrib.appsi.solvers import Highs
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.base import Expert, register
 from lambo_ray.experts.exact_model import build_model, read_assignment, set_point
-from lambo_ray.experts.heuristics import descend, greedy_assignment
+from lambo_ray.experts.heuristics import local_search_assignment
 from lambo_ray.experts.placement import build_tables
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
@@ -354,10 +354,9 @@ class ExactSolver:
         """The local_search baseline's decision as the first incumbent (cfg.heuristic_start)."""
         if not self.cfg.heuristic_start:
             return None
-        a, _ = greedy_assignment(build_tables(self.inst, self.prompt))
-        if not a.feasible:
+        a = local_search_assignment(build_tables(self.inst, self.prompt))
+        if a is None:
             return None
-        descend(a)
         share = optimal_shares(self.inst, a.target)
         if share is None:
             return None

@@ -175,6 +175,17 @@ def descend(
     return stats
 
 
+def local_search_assignment(tables: PlacementTables) -> Assignment | None:
+    """The default ``local_search`` baseline's assignment: the greedy heuristic, then moves and swaps to a
+    local optimum; None when the heuristic finds nothing feasible. Also the floor of the policy's
+    ``search`` and the exact expert's first incumbent, so all three mean the same decision."""
+    a, _ = greedy_assignment(tables)
+    if not a.feasible:
+        return None
+    descend(a)
+    return a
+
+
 def improve(
     inst: Instance,
     prompt: str,

@@ -8,9 +8,9 @@ the policy's proposals) and behind training labels for cells too large for the e
    best-improvement descent over moves, swaps and ejection chains;
 2. ``min_energy``: the UEs on which the polished results disagree are re-decided exactly by a small
    MILP (:mod:`lambo_ray.experts.consensus`), the rest fixed; then the UEs on which the LP relaxation
-   disagrees with the best (relaxation-induced neighbourhoods: 0.13 points of gap on average, up to 0.4, at N = 200,
-   M = 8, where single moves and server pairs stall); then the UEs of two servers at a time, until no
-   pair improves or the budget ends;
+   disagrees with the best (relaxation-induced neighbourhoods: 0.13 points of gap on average, up to
+   0.4, at N = 200, M = 8, where single moves and server pairs stall); then the UEs of two servers at
+   a time, until no pair improves or the budget ends;
 3. ``kicks`` rounds from the best so far: relocate a few random UEs to random feasible targets, descend
    again, keep the result if it is better.
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lambo_ray.experts.heuristics import descend, greedy_assignment
+from lambo_ray.experts.heuristics import local_search_assignment
 from lambo_ray.experts.ils import IlsResult, iterated_local_search
-from lambo_ray.experts.placement import Assignment, PlacementTables, build_tables
+from lambo_ray.experts.placement import build_tables
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
 from lambo_ray.policy.decoding import (
@@ -61,23 +61,12 @@ def _starts(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[list[t
     return starts, best_raw
 
 
-def _local_search(tables: PlacementTables) -> Assignment | None:
-    """The ``local_search`` baseline's decision (greedy heuristic, then moves and swaps to a local
-    optimum), or None if the heuristic finds nothing feasible. It is both a start and a floor: with the
-    heuristic start on, ``search`` is never worse than local search, whatever the budget cuts short."""
-    a, _ = greedy_assignment(tables)
-    if not a.feasible:
-        return None
-    descend(a)
-    return a
-
-
 def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: DecodeRequest) -> Candidate:
     """Polish the proposals of one instance and perturb the best (module docstring)."""
     tables = build_tables(inst, prompt)
     starts, best_raw = _starts(inst, prompt, cands)
     starts = starts[:POLISH_TOP]
-    baseline = _local_search(tables) if req.heuristic_start else None
+    baseline = local_search_assignment(tables) if req.heuristic_start else None
     if baseline is not None:  # polished second: right after the policy's best proposal
         starts.insert(min(1, len(starts)), ("heuristic", baseline.target))
     rng = np.random.default_rng(instance_seed(req.seed, instance_key(inst), "search"))
