@@ -31,7 +31,7 @@ from lambo_ray.mec.instance import Instance
 CAP_TOL = 1e-12
 MILP_TIME_LIMIT_S = 2.0
 
-FEASIBLE_STATUSES = ("none_needed", "first_fit", "regret_fit", "milp", "label")
+FEASIBLE_STATUSES = ("none_needed", "first_fit", "regret_fit", "milp", "label", "local_search")
 
 
 @dataclass(frozen=True)
