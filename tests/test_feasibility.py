@@ -99,3 +99,28 @@ def test_search_is_never_worse_than_local_search_even_when_the_budget_cuts_it_sh
     got = decide(policy, [inst], prompt, "search", k=2, seed=seed, time_budget_s=1e-4)[0]
     assert evaluate(inst, got.target, got.share).feasible
     assert got.objective <= floor.objective * (1 + 1e-9), (got.stats, floor.objective)
+
+
+def test_the_decoders_must_offload_plan_is_local_searchs_placement():
+    """Where UEs must offload, the plan the decoder reserves capacity on is local search's placement of
+    exactly those UEs (and the decision says so); without such UEs there is nothing to plan."""
+    from lambo_ray.experts.heuristics import local_search_assignment
+    from lambo_ray.experts.placement import build_tables
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.mec.generator import generate_many
+    from lambo_ray.mec.scenario import PAPER
+    from lambo_ray.policy.decoding import decode_packing
+
+    torch.manual_seed(0)
+    policy = LamboPolicy(TINY).eval()
+    for inst in generate_many(apply_drift(PAPER, "deadline"), 3, 5):
+        must = ~inst.local_feasible()
+        assert must.any()
+        packing = decode_packing(inst, "min_energy")
+        placed = local_search_assignment(build_tables(inst, "min_energy")).target
+        assert packing.status == "local_search" and packing.feasible
+        assert np.array_equal(packing.plan, np.where(must, placed - 1, -1))
+        decision = decide(policy, [inst], "min_energy", "greedy")[0]
+        assert decision.stats["packing"] == "local_search" and evaluate(inst, decision.target, decision.share).feasible
+    relaxed = generate_many(PAPER, 1, 5)[0]
+    assert decode_packing(relaxed, "min_latency").status == "none_needed"
