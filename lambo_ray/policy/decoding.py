@@ -338,16 +338,17 @@ def refine(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
 def decode_packing(inst: Instance, prompt: str) -> Packing:
     """The plan on which the decoder holds capacity for the must-offload UEs still to decide.
 
-    The decoder follows its plan closely (teacher forcing trains it on each label's own plan), so the
-    plan is worth a good assignment: the ``local_search`` baseline's placement of those UEs. On 48
-    ``deadline``-drift instances it took greedy decoding from 2.97 % to 1.25 % (``min_energy``; 1.18 %
-    with the exact optimum's own plan) and from 0.99 % to 0.80 % (``min_latency``) above the optimum,
-    against the first-fit plan. Without must-offload UEs there is nothing to plan; where local search
-    finds no feasible decision, :func:`~lambo_ray.mec.packing.pack_must_offload` decides (first fit,
-    regret fit, HiGHS) and says why none exists.
+    The decoder follows its plan closely (teacher forcing trains it on each label's own plan), so for
+    ``min_energy`` the plan is local search's placement of those UEs: on 48 ``deadline``-drift
+    instances greedy decoding went from 2.97 % to 1.25 % above the optimum (1.18 % with the exact
+    optimum's own plan), and on the generalization benchmark's 8 from 2.61 % to 1.22 % (``search``:
+    0.22 % to 0.04 %). For ``min_latency`` the evidence went both ways (0.99 % -> 0.80 % on the 48,
+    1.05 % -> 1.66 % on the 8, and ``search`` lost the diversity of its proposals: 0.26 % -> 0.77 %),
+    so it keeps :func:`~lambo_ray.mec.packing.pack_must_offload`'s plan (first fit, regret fit,
+    HiGHS), which also decides wherever local search finds nothing and says why no plan exists.
     """
     must = ~inst.local_feasible()
-    if must.any():
+    if prompt == "min_energy" and must.any():
         found = local_search_assignment(build_tables(inst, prompt))
         if found is not None:
             return Packing(np.where(must, found.target - 1, -1).astype(np.int64), must, "local_search")
