@@ -13,7 +13,7 @@ never worse than the best proposal, which stays a feasible point of the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,11 +76,8 @@ def server_pair_rounds(
         free = np.concatenate([on, local])
         if free.size > MAX_FREE:
             free = rng.choice(free, MAX_FREE, replace=False)
-        found = resolve_subset(tables, best, free, 0.05 if left is None else max(min(left, 0.05), 0.005))
-        if found is not None and _energy(tables, found) < cost * (1 - 1e-12):
-            best, cost, wins, quiet = found, _energy(tables, found), wins + 1, 0
-        else:
-            quiet += 1
+        best, cost, won = _improve_subset(tables, best, cost, free, left, 0.05)
+        wins, quiet = (wins + 1, 0) if won else (wins, quiet + 1)
     return best, wins
 
 
@@ -93,10 +90,8 @@ def lp_relaxation(tables: PlacementTables) -> tuple[np.ndarray, float] | None:
 
     n, m = tables.n_ues, tables.n_servers
     room = np.ones(m)
-    cols = [(i, q) for i in range(n) for q in _options(tables, i, room)]
-    ue = np.array([i for i, _ in cols], dtype=np.int64)
-    opt = np.array([q for _, q in cols], dtype=np.int64)
-    h = _highs(len(cols), tables.fixed[ue, opt], integral=False, time_limit=None)
+    ue, opt = _columns(tables, range(n), room)
+    h = _highs(ue.size, tables.fixed[ue, opt], integral=False, time_limit=None)
     _add_assignment_rows(h, tables, ue, opt, room)
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
@@ -138,12 +133,20 @@ def lp_guided_rounds(
         rest = np.setdiff1d(on, first)
         fill = rng.permutation(rest)[: min(fill_size * draw, MAX_FREE - first.size)]
         free = np.concatenate([first, fill])
-        found = resolve_subset(tables, best, free, 0.1 if left is None else max(min(left, 0.1), 0.005))
-        if found is not None and _energy(tables, found) < cost * (1 - 1e-12):
-            best, cost, wins, quiet = found, _energy(tables, found), wins + 1, 0
-        else:
-            quiet += 1
+        best, cost, won = _improve_subset(tables, best, cost, free, left, 0.1)
+        wins, quiet = (wins + 1, 0) if won else (wins, quiet + 1)
     return best, wins
+
+
+def _improve_subset(
+    tables: PlacementTables, best: np.ndarray, cost: float, free: np.ndarray, left: float | None, cap: float
+) -> tuple[np.ndarray, float, bool]:
+    """One neighbourhood: re-decide ``free`` exactly (at most ``cap`` seconds, and what is ``left``) and
+    keep the result only if it lowers the energy; returns (assignment, energy, improved)."""
+    found = resolve_subset(tables, best, free, cap if left is None else max(min(left, cap), 0.005))
+    if found is not None and _energy(tables, found) < cost * (1 - 1e-12):
+        return found, _energy(tables, found), True
+    return best, cost, False
 
 
 def _energy(tables: PlacementTables, target: np.ndarray) -> float:
@@ -162,17 +165,15 @@ def resolve_subset(tables: PlacementTables, best: np.ndarray, free: np.ndarray, 
     on = fixed[best[fixed] > 0]
     np.add.at(load, best[on] - 1, tables.a_min[on, best[on] - 1])
     room = 1.0 - load
-    cols = [(i, q) for i in free for q in _options(tables, i, room)]
-    ue = np.array([i for i, _ in cols], dtype=np.int64)
-    opt = np.array([q for _, q in cols], dtype=np.int64)
-    h = _highs(len(cols), tables.fixed[ue, opt], integral=True, time_limit=time_limit)
+    ue, opt = _columns(tables, free, room)
+    h = _highs(ue.size, tables.fixed[ue, opt], integral=True, time_limit=time_limit)
     _add_assignment_rows(h, tables, ue, opt, room)
     sol = highspy.HighsSolution()
     sol.col_value = (best[ue] == opt).astype(float).tolist()  # the best proposal: a feasible point
     h.setSolution(sol)
     h.run()
     values = np.asarray(h.getSolution().col_value)
-    if values.size != len(cols) or h.getInfo().primal_solution_status != 2:
+    if values.size != ue.size or h.getInfo().primal_solution_status != 2:
         return None
     out = best.copy()
     chosen = values > 0.5
@@ -208,6 +209,12 @@ def _add_assignment_rows(h: Any, tables: PlacementTables, ue: np.ndarray, opt: n
         idx = np.flatnonzero(opt == j + 1).astype(np.int32)
         if idx.size:
             h.addRow(-highspy.kHighsInf, room[j] + CAP_TOL, idx.size, idx, tables.a_min[ue[idx], j])
+
+
+def _columns(tables: PlacementTables, rows: Iterable[int], room: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model's columns over ``rows``: (UE, option) pairs, one per option a UE can take within ``room``."""
+    cols = [(i, q) for i in rows for q in _options(tables, int(i), room)]
+    return np.array([i for i, _ in cols], dtype=np.int64), np.array([q for _, q in cols], dtype=np.int64)
 
 
 def _options(tables: PlacementTables, i: int, room: np.ndarray) -> list[int]:
