@@ -35,7 +35,7 @@ import torch
 
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts.heuristics import local_search_assignment
-from lambo_ray.experts.placement import build_tables
+from lambo_ray.experts.placement import Assignment, build_tables
 from lambo_ray.mec.evaluator import objectives_batch
 from lambo_ray.mec.instance import Decision, Instance, check_prompt
 from lambo_ray.mec.packing import Packing, infeasible_stats, pack_must_offload
@@ -63,7 +63,9 @@ class DecodeRequest:
 
     ``k``: samples (best_of_k, refine, search); ``seed``: per-instance noise and augmentations;
     ``time_budget_s``: wall-time cap per instance of refine/search's polishing (None: no cap);
-    ``heuristic_start``: search also polishes the greedy heuristic's decision.
+    ``heuristic_start``: search also polishes the greedy heuristic's decision. ``local_search``: the
+    ``local_search`` baseline's assignment where planning the must-offload UEs already computed it
+    (:func:`decode_packing`), so ``search`` reuses it as its floor; None elsewhere.
     """
 
     instances: list[Instance]
@@ -73,10 +75,19 @@ class DecodeRequest:
     seed: int = 0
     time_budget_s: float | None = None
     heuristic_start: bool = True
+    local_search: list[Assignment | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.local_search:
+            self.local_search = [None] * len(self.instances)
 
     def part(self, lo: int, hi: int) -> DecodeRequest:
         return dataclasses.replace(
-            self, instances=self.instances[lo:hi], prompts=self.prompts[lo:hi], packings=self.packings[lo:hi]
+            self,
+            instances=self.instances[lo:hi],
+            prompts=self.prompts[lo:hi],
+            packings=self.packings[lo:hi],
+            local_search=self.local_search[lo:hi],
         )
 
 
@@ -335,7 +346,7 @@ def refine(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-def decode_packing(inst: Instance, prompt: str) -> Packing:
+def decode_packing(inst: Instance, prompt: str) -> tuple[Packing, Assignment | None]:
     """The plan on which the decoder holds capacity for the must-offload UEs still to decide.
 
     The decoder follows its plan closely (teacher forcing trains it on each label's own plan), so for
@@ -346,13 +357,14 @@ def decode_packing(inst: Instance, prompt: str) -> Packing:
     1.05 % -> 1.66 % on the 8, and ``search`` lost the diversity of its proposals: 0.26 % -> 0.77 %),
     so it keeps :func:`~lambo_ray.mec.packing.pack_must_offload`'s plan (first fit, regret fit,
     HiGHS), which also decides wherever local search finds nothing and says why no plan exists.
+    Returns the plan and, where it was computed, local search's assignment.
     """
     must = ~inst.local_feasible()
     if prompt == "min_energy" and must.any():
         found = local_search_assignment(build_tables(inst, prompt))
         if found is not None:
-            return Packing(np.where(must, found.target - 1, -1).astype(np.int64), must, "local_search")
-    return pack_must_offload(inst)
+            return Packing(np.where(must, found.target - 1, -1).astype(np.int64), must, "local_search"), found
+    return pack_must_offload(inst), None
 
 
 def make_request(
@@ -376,8 +388,9 @@ def make_request(
         raise LamboInputError(f"{len(prompts)} prompts for {len(instances)} instances", where="prompt")
     for p in prompts:
         check_prompt(p)
-    packings = [decode_packing(inst, p) for inst, p in zip(instances, prompts)]
-    return DecodeRequest(instances, prompts, packings, k, seed, time_budget_s, heuristic_start)
+    planned = [decode_packing(inst, p) for inst, p in zip(instances, prompts)]
+    packings, found = [pk for pk, _ in planned], [a for _, a in planned]
+    return DecodeRequest(instances, prompts, packings, k, seed, time_budget_s, heuristic_start, found)
 
 
 def decide(

@@ -28,7 +28,7 @@ import numpy as np
 
 from lambo_ray.experts.heuristics import local_search_assignment
 from lambo_ray.experts.ils import IlsResult, iterated_local_search
-from lambo_ray.experts.placement import build_tables
+from lambo_ray.experts.placement import Assignment, build_tables
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.shares import optimal_shares
 from lambo_ray.policy.decoding import (
@@ -61,12 +61,17 @@ def _starts(inst: Instance, prompt: str, cands: list[Candidate]) -> tuple[list[t
     return starts, best_raw
 
 
-def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: DecodeRequest) -> Candidate:
-    """Polish the proposals of one instance and perturb the best (module docstring)."""
-    tables = build_tables(inst, prompt)
+def search_instance(
+    inst: Instance, prompt: str, cands: list[Candidate], req: DecodeRequest, known: Assignment | None = None
+) -> Candidate:
+    """Polish the proposals of one instance and perturb the best (module docstring). ``known``: local
+    search's assignment if the request already computed it (its tables are then reused too)."""
+    tables = build_tables(inst, prompt) if known is None else known.tables
     starts, best_raw = _starts(inst, prompt, cands)
     starts = starts[:POLISH_TOP]
-    baseline = local_search_assignment(tables) if req.heuristic_start else None
+    baseline = None
+    if req.heuristic_start:
+        baseline = local_search_assignment(tables) if known is None else known
     if baseline is not None:  # polished second: right after the policy's best proposal
         starts.insert(min(1, len(starts)), ("heuristic", baseline.target))
     rng = np.random.default_rng(instance_seed(req.seed, instance_key(inst), "search"))
@@ -85,6 +90,8 @@ def search_instance(inst: Instance, prompt: str, cands: list[Candidate], req: De
 @register_strategy("search")
 def search(policy: LamboPolicy, req: DecodeRequest) -> list[Candidate]:
     return [
-        search_instance(inst, prompt, cands, req)
-        for inst, prompt, cands in zip(req.instances, req.prompts, sampled_candidates(policy, req))
+        search_instance(inst, prompt, cands, req, known)
+        for inst, prompt, cands, known in zip(
+            req.instances, req.prompts, sampled_candidates(policy, req), req.local_search
+        )
     ]
