@@ -184,9 +184,10 @@ class ExactSolver:
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def offer(self, target: np.ndarray) -> bool:
-        """Complete an assignment with optimal shares, score it with the evaluator, keep it if better."""
-        share = optimal_shares(self.inst, target)
+    def offer(self, target: np.ndarray, share: np.ndarray | None = None) -> bool:
+        """Complete an assignment with optimal shares (``share``, if the caller has computed them), score
+        it with the evaluator, keep it if better."""
+        share = optimal_shares(self.inst, target) if share is None else share
         if share is None:
             return False
         ev = evaluate(self.inst, target, share)
@@ -360,7 +361,7 @@ class ExactSolver:
         share = optimal_shares(self.inst, a.target)
         if share is None:
             return None
-        self.offer(a.target)
+        self.offer(a.target, share)
         return _Incumbent(a.target.copy(), share, a.objective)
 
     # -- drivers -----------------------------------------------------------------------------
@@ -400,7 +401,7 @@ class ExactSolver:
                 share = optimal_shares(self.inst, out.target)
                 if share is None:
                     return "solver_error", last
-                self.offer(out.target)
+                self.offer(out.target, share)
             if self.gap() <= self.cfg.gap_tol:
                 return "optimal", last
             if out.termination == TerminationCondition.maxTimeLimit or self.remaining() <= 0:
