@@ -428,6 +428,39 @@ def test_imitation_loss_is_the_teacher_forced_likelihood(small_instances):
     assert float(il.target_ce) == pytest.approx(float(-logp.mean()), rel=1e-5)
 
 
+def test_labels_are_trained_on_the_plan_decoding_uses():
+    """label_plan="inference": each label is teacher-forced on the must-offload plan decoding will use
+    (decode_packing), not on its own placement of those UEs; label steps that plan's masks exclude are
+    left out of the loss and counted. label_plan="label" keeps the label's own plan (nothing masked)."""
+    from lambo_ray.alef.training import label_packings
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.policy.decoding import decode_packing
+    from lambo_ray.policy.features import featurize, label_packing
+    from lambo_ray.policy.imitation import MASKED_LOGP
+
+    insts = generate_many(apply_drift(ScenarioConfig(n_ues=40), "deadline"), 4, seed=11)
+    ex = exact_examples(insts, "min_energy")
+    inference, own = label_packings(ex, "inference"), label_packings(ex, "label")
+    for e, a, b in zip(ex, inference, own):
+        assert np.array_equal(a.plan, decode_packing(e.instance, "min_energy")[0].plan)
+        assert np.array_equal(b.plan, label_packing(e.instance, e.target).plan)
+    assert any(not np.array_equal(a.plan, b.plan) for a, b in zip(inference, own)), "no plan differs: weak test"
+    policy = tiny_policy(5)
+    batch = featurize(insts, "min_energy", packings=inference)
+    target = batch.to_decode_order(torch.as_tensor(np.stack([e.target for e in ex])))
+    share = batch.to_decode_order(torch.as_tensor(np.stack([e.share for e in ex])))
+    with torch.no_grad():
+        tf = policy.teacher_forced(batch, policy.encode(batch), target, share)
+        il, il_own = imitation_losses(policy, ex, "inference"), imitation_losses(policy, ex, "label")
+    logp = torch.log_softmax(tf.logits, -1).gather(-1, target[..., None])[..., 0]
+    keep = logp > MASKED_LOGP
+    assert il.masked_labels == int((~keep).sum()) and il_own.masked_labels == 0
+    assert float(il.target_ce) == pytest.approx(float(-logp[keep].mean()), rel=1e-5)
+    assert float(il.target_ce) != pytest.approx(float(il_own.target_ce), rel=1e-3)
+    with pytest.raises(LamboInputError, match="label_plan"):
+        AlefConfig(label_plan="optimal")
+
+
 def test_drift_streams_are_seeded_and_drifted():
     a = [inst.capacity_cps.copy() for inst, _ in zip(drift_stream(TINY, "outage", 4), range(3))]
     b = [inst.capacity_cps.copy() for inst, _ in zip(drift_stream(TINY, "outage", 4), range(3))]

@@ -94,6 +94,17 @@ class AlefConfig:
     n_heldout: int = field(
         default=32, metadata={"help": "held-out drifted instances (gap), and as many undrifted ones (forgetting)"}
     )
+    # The decoder holds capacity for the must-offload UEs still to come on a plan, and it learns to follow
+    # its plan closely. Teacher-forcing a label on its own placement of those UEs ("label") trains it on
+    # plans it never sees when deciding; "inference" trains on the plan decoding uses
+    # (policy.decoding.decode_packing), leaving out the label steps that plan's masks exclude.
+    label_plan: str = field(
+        default="inference",
+        metadata={
+            "help": "must-offload plan a label is trained with: the one decoding uses, or the label's own",
+            "choices": ("inference", "label"),
+        },
+    )
     target_weight: float = field(default=1.0, metadata={"help": "weight of the cross-entropy of the expert's targets"})
     share_weight: float = field(
         default=1.0, metadata={"help": "weight of the negative log-likelihood of the expert's shares"}
@@ -116,6 +127,8 @@ class AlefConfig:
         self.label_fallbacks = tuple(self.label_fallbacks)
         if not self.prompts:
             problems.append("at least one prompt is needed")
+        if self.label_plan not in ("inference", "label"):
+            problems.append(f"unknown label_plan {self.label_plan!r}; expected 'inference' or 'label'")
         if self.query not in query_strategies():
             problems.append(f"unknown query strategy {self.query!r}; expected one of {', '.join(query_strategies())}")
         for name in ("rounds", "pool_size", "budget", "experts", "epochs", "batch_size", "n_heldout"):

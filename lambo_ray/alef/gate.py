@@ -37,7 +37,7 @@ from lambo_ray.alef.buffer import Example
 from lambo_ray.alef.config import AlefConfig
 from lambo_ray.alef.metrics import decision_gaps
 from lambo_ray.alef.online import decide
-from lambo_ray.alef.training import imitation_losses
+from lambo_ray.alef.training import imitation_losses, label_packings
 from lambo_ray.mec.evaluator import evaluate
 
 
@@ -60,17 +60,19 @@ def _mean(x: Sequence[float]) -> float:
     return float(np.mean(x)) if len(x) else math.nan
 
 
-def teacher_forced_accuracy(policy: torch.nn.Module, examples: Sequence[Example], chunk: int = 64) -> float:
+def teacher_forced_accuracy(
+    policy: torch.nn.Module, examples: Sequence[Example], label_plan: str = "inference", chunk: int = 64
+) -> float:
     """Fraction of real UEs whose teacher-forced argmax target equals the expert's (in decode order, with
-    the labels' own packing of the must-offload UEs, exactly as the imitation loss sees them)."""
-    from lambo_ray.policy.features import featurize, label_packing
+    the must-offload plan the imitation loss uses, exactly as it sees them)."""
+    from lambo_ray.policy.features import featurize
     from lambo_ray.policy.imitation import pad_labels
 
     hits = total = 0
     with torch.no_grad():
         for lo in range(0, len(examples), chunk):
             part = examples[lo : lo + chunk]
-            packings = [label_packing(e.instance, e.target) for e in part]
+            packings = label_packings(part, label_plan)
             batch = featurize([e.instance for e in part], [e.prompt for e in part], packings=packings)
             target, share = pad_labels([e.target for e in part], [e.share for e in part], batch.n_max)
             target, share = batch.to_decode_order(target), batch.to_decode_order(share)
@@ -90,7 +92,7 @@ def labelled_fit(
     agree = sum(int((t == e.target).sum()) for e, t in zip(examples, dec.targets))
     feasible = [evaluate(e.instance, t, s).feasible for e, t, s in zip(examples, dec.targets, dec.shares)]
     with torch.no_grad():
-        il = imitation_losses(policy, examples)
+        il = imitation_losses(policy, examples, cfg.label_plan)
     return LabelledFit(
         gap=_mean(gaps),
         gap_drifted=_mean(gaps[: len(drifted)]),
@@ -99,7 +101,7 @@ def labelled_fit(
         loss=float(il.total(cfg.target_weight, cfg.share_weight)),
         target_ce=float(il.target_ce),
         share_nll=float(il.share_nll),
-        tf_accuracy=teacher_forced_accuracy(policy, examples),
+        tf_accuracy=teacher_forced_accuracy(policy, examples, cfg.label_plan),
         greedy_agreement=agree / max(sum(len(e.target) for e in examples), 1),
     )
 

@@ -13,6 +13,8 @@ import torch
 
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches
 from lambo_ray.alef.config import AlefConfig
+from lambo_ray.mec.instance import Instance
+from lambo_ray.mec.packing import Packing
 from lambo_ray.policy.imitation import ImitationLoss, imitation_loss, pad_labels
 
 
@@ -31,12 +33,44 @@ def make_optimizer(policy: torch.nn.Module, cfg: AlefConfig) -> torch.optim.Opti
     return torch.optim.Adam(freeze_encoder(policy), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def imitation_losses(policy: torch.nn.Module, examples: Sequence[Example]) -> ImitationLoss:
-    """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
-    encoder frozen: gradients reach only the decoder."""
-    from lambo_ray.policy.features import featurize, label_packing
+_PLANS: dict[tuple[int, str], tuple[Instance, Packing]] = {}  # (id(instance), prompt) -> decode-time plan
+_PLANS_MAX = 8192
 
-    packings = [label_packing(e.instance, e.target) for e in examples]
+
+def _inference_plan(inst: Instance, prompt: str) -> Packing:
+    """The must-offload plan decoding uses for ``inst`` (memoised per instance object: with a local
+    search inside, it would otherwise be recomputed for every minibatch of every epoch)."""
+    from lambo_ray.policy.decoding import decode_packing
+
+    key = (id(inst), prompt)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is inst:
+        return hit[1]
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    plan = decode_packing(inst, prompt)[0]
+    _PLANS[key] = (inst, plan)  # holding the instance keeps its id from being reused
+    return plan
+
+
+def label_packings(examples: Sequence[Example], label_plan: str = "inference") -> list[Packing | None]:
+    """The must-offload plan each label is teacher-forced with (:attr:`AlefConfig.label_plan`)."""
+    from lambo_ray.policy.features import label_packing
+
+    if label_plan == "label":
+        return [label_packing(e.instance, e.target) for e in examples]
+    return [_inference_plan(e.instance, e.prompt) for e in examples]
+
+
+def imitation_losses(
+    policy: torch.nn.Module, examples: Sequence[Example], label_plan: str = "inference"
+) -> ImitationLoss:
+    """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
+    encoder frozen: gradients reach only the decoder. Label steps the plan's masks exclude are left out
+    of the loss and counted (``masked_labels``)."""
+    from lambo_ray.policy.features import featurize
+
+    packings = label_packings(examples, label_plan)
     batch = featurize([e.instance for e in examples], [e.prompt for e in examples], packings=packings)
     target, share = pad_labels([e.target for e in examples], [e.share for e in examples], batch.n_max)
     return imitation_loss(policy, batch, target, share, train_encoder=False)
@@ -63,7 +97,7 @@ def train_decoder(
     for _ in range(cfg.epochs):
         total = n = 0.0
         for mb in epoch_minibatches(drifted, replay, cfg.batch_size, cfg.replay_fraction, rng):
-            il = imitation_losses(policy, mb)
+            il = imitation_losses(policy, mb, cfg.label_plan)
             masked += il.masked_labels
             loss = il.total(cfg.target_weight, cfg.share_weight)
             opt.zero_grad(set_to_none=True)
