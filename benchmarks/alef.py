@@ -89,6 +89,7 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         label_fallbacks=tuple(args.fallbacks),
         lr=args.lr,
         query_samples=args.query_samples,
+        label_plan=args.label_plan,
         scenario=scenario,
         **sizes,
     )
@@ -235,6 +236,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
     p.add_argument("--lr", type=float, default=AlefConfig.lr)
     p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
+    p.add_argument(
+        "--label-plan",
+        default=AlefConfig.label_plan,
+        choices=("inference", "label"),
+        help="must-offload plan labels are trained with: the one decoding uses, or each label's own",
+    )
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then each fallback)")
     p.add_argument(
         "--fallbacks",
