@@ -461,6 +461,25 @@ def test_labels_are_trained_on_the_plan_decoding_uses():
         AlefConfig(label_plan="optimal")
 
 
+def test_online_decisions_are_the_decisions_users_get():
+    """ALEF serves, queries, gates and reports with the policy's greedy decisions exactly as ``lambo
+    solve`` and Serve decide (same must-offload plan): on tight-deadline min_energy cells, where that
+    plan is local search's rather than first fit's, the two must agree decision for decision."""
+    from lambo_ray.alef.online import decide as online_decide
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.policy.decoding import decide as product_decide
+
+    insts = generate_many(apply_drift(ScenarioConfig(n_ues=40), "deadline"), 6, seed=11)
+    policy = tiny_policy(6)
+    for prompt in ("min_energy", "min_latency"):
+        online = online_decide(policy, insts, [prompt] * len(insts))
+        product = product_decide(policy, insts, prompt)
+        assert {d.stats["packing"] for d in product} == {"local_search" if prompt == "min_energy" else "first_fit"}
+        for t, s, d in zip(online.targets, online.shares, product):
+            assert np.array_equal(t, d.target)
+            np.testing.assert_allclose(s, d.share, rtol=0, atol=1e-9)
+
+
 def test_drift_streams_are_seeded_and_drifted():
     a = [inst.capacity_cps.copy() for inst, _ in zip(drift_stream(TINY, "outage", 4), range(3))]
     b = [inst.capacity_cps.copy() for inst, _ in zip(drift_stream(TINY, "outage", 4), range(3))]

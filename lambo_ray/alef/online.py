@@ -13,6 +13,7 @@ import torch
 from lambo_ray.alef.query import QueryInput
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
+from lambo_ray.mec.packing import Packing
 
 
 @dataclass
@@ -33,18 +34,20 @@ def decide(
     samples: int = 0,
     seed: int = 0,
 ) -> Decided:
-    """Greedy decisions and per-UE entropies of both heads, one encoder pass per instance; with
+    """Greedy decisions (on the must-offload plan users' decisions use: :func:`inference_plan`) and
+    per-UE entropies of both heads, one encoder pass per instance; with
     ``samples`` > 0 also the evaluator objectives of greedy and of the best of ``samples`` sampled
     decodes on augmented copies (seeded per instance: independent of the batch)."""
     from lambo_ray.policy.features import featurize
 
     start = time.perf_counter()
+    plans = [inference_plan(inst, p) for inst, p in zip(instances, prompts)]
     targets, shares, ent_t, ent_s, masks = [], [], [], [], []
     n_max = max(inst.n_ues for inst in instances)
     with torch.no_grad():
         for lo in range(0, len(instances), chunk):
             part = instances[lo : lo + chunk]
-            batch = featurize(part, list(prompts[lo : lo + chunk]), n_max=n_max)
+            batch = featurize(part, list(prompts[lo : lo + chunk]), n_max=n_max, packings=plans[lo : lo + chunk])
             out = policy.decode(batch, policy.encode(batch), "greedy")
             # What users get, in each instance's own UE order (the decoder works in its decode order;
             # the entropies are only averaged over real UEs, so their order does not matter).
@@ -62,6 +65,27 @@ def decide(
         sampled_obj = best_sampled_objectives(policy, instances, prompts, samples, seed)
     q = QueryInput(np.concatenate(ent_t), np.concatenate(ent_s), np.concatenate(masks), greedy_obj, sampled_obj)
     return Decided(targets, shares, q, time.perf_counter() - start)
+
+
+_PLANS: dict[tuple[int, str], tuple[Instance, Packing]] = {}  # (id(instance), prompt) -> decode-time plan
+_PLANS_MAX = 8192
+
+
+def inference_plan(inst: Instance, prompt: str) -> Packing:
+    """The must-offload plan the policy decodes ``inst`` with, as users get it from ``lambo solve`` and
+    Serve (:func:`lambo_ray.policy.decoding.decode_packing`). Memoised per instance object: ALEF decides
+    and trains on the same instances again and again, and the plan holds a local search."""
+    from lambo_ray.policy.decoding import decode_packing
+
+    key = (id(inst), prompt)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is inst:
+        return hit[1]
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    plan = decode_packing(inst, prompt)[0]
+    _PLANS[key] = (inst, plan)  # holding the instance keeps its id from being reused
+    return plan
 
 
 def objectives(

@@ -13,7 +13,7 @@ import torch
 
 from lambo_ray.alef.buffer import Example, LabelBuffer, epoch_minibatches
 from lambo_ray.alef.config import AlefConfig
-from lambo_ray.mec.instance import Instance
+from lambo_ray.alef.online import inference_plan
 from lambo_ray.mec.packing import Packing
 from lambo_ray.policy.imitation import ImitationLoss, imitation_loss, pad_labels
 
@@ -33,33 +33,13 @@ def make_optimizer(policy: torch.nn.Module, cfg: AlefConfig) -> torch.optim.Opti
     return torch.optim.Adam(freeze_encoder(policy), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-_PLANS: dict[tuple[int, str], tuple[Instance, Packing]] = {}  # (id(instance), prompt) -> decode-time plan
-_PLANS_MAX = 8192
-
-
-def _inference_plan(inst: Instance, prompt: str) -> Packing:
-    """The must-offload plan decoding uses for ``inst`` (memoised per instance object: with a local
-    search inside, it would otherwise be recomputed for every minibatch of every epoch)."""
-    from lambo_ray.policy.decoding import decode_packing
-
-    key = (id(inst), prompt)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0] is inst:
-        return hit[1]
-    if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.clear()
-    plan = decode_packing(inst, prompt)[0]
-    _PLANS[key] = (inst, plan)  # holding the instance keeps its id from being reused
-    return plan
-
-
 def label_packings(examples: Sequence[Example], label_plan: str = "inference") -> list[Packing | None]:
     """The must-offload plan each label is teacher-forced with (:attr:`AlefConfig.label_plan`)."""
     from lambo_ray.policy.features import label_packing
 
     if label_plan == "label":
         return [label_packing(e.instance, e.target) for e in examples]
-    return [_inference_plan(e.instance, e.prompt) for e in examples]
+    return [inference_plan(e.instance, e.prompt) for e in examples]
 
 
 def imitation_losses(
