@@ -583,6 +583,68 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     assert not all(torch.equal(a, b) for a, b in zip(policy2.decoder_parameters(), before))
 
 
+def test_paired_change_is_the_mean_relative_change_and_infeasible_is_infinite():
+    from lambo_ray.alef.gate import paired_change
+
+    assert paired_change(np.array([100.0, 200.0]), np.array([110.0, 190.0])) == pytest.approx((0.1 - 0.05) / 2)
+    assert paired_change(np.array([100.0, np.nan]), np.array([90.0, np.nan])) == pytest.approx(-0.1)
+    assert paired_change(np.array([100.0, 50.0]), np.array([90.0, np.nan])) == float("inf")
+    assert paired_change(np.array([]), np.array([])) == 0.0
+
+
+def test_gate_also_judges_on_unlabelled_arrivals(pool, monkeypatch):
+    """When the held-back labels see no harm (here: the labelled check is made blind), the gate still
+    rolls back an update whose greedy decisions on the next unlabelled drifted arrivals cost more, and
+    its record matches an independent recomputation of those decisions; the arrivals are consumed from
+    the stream, so the next round's instances come after them."""
+    import copy
+
+    import lambo_ray.alef.rounds as rounds
+    from lambo_ray.alef.config import run_seeds
+    from lambo_ray.alef.environment import drift_stream
+    from lambo_ray.alef.gate import LabelledFit, paired_change
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    blind = LabelledFit(0.01, 0.01, 0.01, 0, 1.0, 0.5, 0.5, 0.9, 0.9)
+    monkeypatch.setattr(rounds, "labelled_fit", lambda *a, **k: blind)
+    policy = tiny_policy(5)
+    base = tiny_policy(5)
+    before = [p.detach().clone() for p in policy.decoder_parameters()]
+
+    wrecked: list[dict] = []
+
+    def wreck(policy, opt, drifted, replay, cfg, rng):
+        with torch.no_grad():
+            for p in policy.decoder_parameters():
+                p.add_(torch.randn_like(p) * 5.0)
+        wrecked.append(copy.deepcopy(policy.decoder.state_dict()))
+        return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
+
+    monkeypatch.setattr(rounds, "train_decoder", wreck)
+    cfg = AlefConfig(
+        drift="outage", prompts=("min_energy",), rounds=2, pool_size=8, budget=8, experts=2, n_replay=4,
+        n_heldout=4, gate_instances=12, scenario=TINY, seed=2,
+    )  # fmt: skip
+    res = run_alef(policy, cfg, pool)
+    m = res.rounds[0]
+    assert not m.accepted and m.gate["diagnosis"] == "unlabelled_worse" and m.gate["n_unlabelled"] == 12
+    assert all(torch.equal(a, b) for a, b in zip(policy.decoder_parameters(), before))
+    # The gate's arrivals are stream positions 8..19 (after round 1's pool of 8); round 2's pool follows.
+    stream = [inst for _, inst in zip(range(20), drift_stream(TINY, "outage", run_seeds(cfg.seed)["stream"]))]
+    assert sorted({o.instance_id for o in res.online if o.round == 2}) == list(range(20, 28))
+    # Its number, recomputed with the product's decide and the evaluator: old vs wrecked decoder.
+    worse = tiny_policy(5)
+    worse.decoder.load_state_dict(wrecked[0])
+    old = np.array(
+        [d.objective if d.stats["feasible"] else np.nan for d in policy_decide(base, stream[8:], "min_energy")]
+    )
+    new = np.array(
+        [d.objective if d.stats["feasible"] else np.nan for d in policy_decide(worse, stream[8:], "min_energy")]
+    )
+    assert m.gate["unlabelled_change"] == pytest.approx(paired_change(old, new), rel=1e-9)
+    assert m.gate["unlabelled_change"] > 0
+
+
 # ---------------------------------------------------------------------------- crash and resume
 
 

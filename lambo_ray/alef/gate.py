@@ -19,7 +19,10 @@ A rolled-back round records enough to tell the usual causes apart (:func:`diagno
   given the expert's earlier ones) but greedy agreement with the expert did not: at decode time the
   decoder conditions on its own earlier decisions, and the errors compound;
 * ``objective_mismatch``: greedy decisions agree with the expert more often, yet cost more: the
-  UEs that still disagree (or the shares) matter more than the ones fixed.
+  UEs that still disagree (or the shares) matter more than the ones fixed;
+* ``unlabelled_worse``: the labelled check passed, but on the next drifted arrivals (unlabelled,
+  ``AlefConfig.gate_instances``) the new decoder's greedy decisions cost more on average than the old
+  one's, instance by instance. Held-back labels are few; this check needs none, so it can be large.
 """
 
 from __future__ import annotations
@@ -125,6 +128,19 @@ def diagnose(before: LabelledFit, after: LabelledFit) -> str:
     return "objective_mismatch"
 
 
+def paired_change(before: np.ndarray, after: np.ndarray) -> float:
+    """Mean relative change of the greedy objective from ``before`` to ``after`` on the same instances
+    (NaN marks an infeasible decision): +inf if the update made a feasible decision infeasible,
+    instances infeasible both times left out; 0.0 for no instances."""
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if np.any(np.isnan(after) & ~np.isnan(before)):
+        return math.inf
+    both = ~np.isnan(before) & ~np.isnan(after)
+    if not both.any():
+        return 0.0
+    return float(np.mean((after[both] - before[both]) / np.abs(before[both])))
+
+
 @dataclass
 class GateReport:
     accepted: bool
@@ -133,6 +149,8 @@ class GateReport:
     n_replay: int
     before: LabelledFit
     after: LabelledFit
+    n_unlabelled: int = 0  # unlabelled drifted arrivals the gate compared old and new decisions on
+    unlabelled_change: float | None = None  # their mean relative objective change (paired_change)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,10 +160,32 @@ class GateReport:
         return (
             f"labelled gap {b.gap:.4f} -> {a.gap:.4f}, loss {b.loss:.4f} -> {a.loss:.4f}, teacher-forced "
             f"accuracy {b.tf_accuracy:.3f} -> {a.tf_accuracy:.3f}, greedy agreement {b.greedy_agreement:.3f} -> "
-            f"{a.greedy_agreement:.3f} on {self.n_drifted}+{self.n_replay} labels ({self.diagnosis or 'ok'})"
+            f"{a.greedy_agreement:.3f} on {self.n_drifted}+{self.n_replay} labels"
+            + (
+                f", greedy objective {100 * self.unlabelled_change:+.3f} % on {self.n_unlabelled} unlabelled arrivals"
+                if self.unlabelled_change is not None
+                else ""
+            )
+            + f" ({self.diagnosis or 'ok'})"
         )
 
 
-def judge(before: LabelledFit, after: LabelledFit, n_drifted: int, n_replay: int, tolerance: float) -> GateReport:
-    accepted = after.gap <= before.gap + tolerance
-    return GateReport(accepted, diagnose(before, after), n_drifted, n_replay, before, after)
+def judge(
+    before: LabelledFit,
+    after: LabelledFit,
+    n_drifted: int,
+    n_replay: int,
+    tolerance: float,
+    unlabelled: tuple[np.ndarray, np.ndarray] | None = None,
+) -> GateReport:
+    """Accept when the labelled gap did not grow by more than ``tolerance`` and, given the greedy
+    objectives of unlabelled arrivals before and after the update, neither did their mean relative
+    change (:func:`paired_change`)."""
+    change = None if unlabelled is None or not len(unlabelled[0]) else paired_change(*unlabelled)
+    labelled_ok = after.gap <= before.gap + tolerance
+    unlabelled_ok = change is None or change <= tolerance
+    diagnosis = diagnose(before, after) or ("" if unlabelled_ok else "unlabelled_worse")
+    n_unlabelled = 0 if unlabelled is None else len(unlabelled[0])
+    return GateReport(
+        labelled_ok and unlabelled_ok, diagnosis, n_drifted, n_replay, before, after, n_unlabelled, change
+    )

@@ -23,7 +23,7 @@ from lambo_ray.alef.environment import cycle_prompts
 from lambo_ray.alef.gate import GateReport, judge, labelled_fit
 from lambo_ray.alef.labels import Label, Outcome
 from lambo_ray.alef.metrics import OnlineRecord, RoundMetrics, gap_report, label_quality
-from lambo_ray.alef.online import Decided, decide
+from lambo_ray.alef.online import Decided, decide, objectives
 from lambo_ray.alef.query import LabelBudget, Query, select
 from lambo_ray.alef.references import Labeller, References
 from lambo_ray.alef.training import train_decoder
@@ -120,24 +120,49 @@ def buy_labels(run: AlefRun, arr: Arrivals, round_no: int) -> tuple[list[Label],
     return [o for _, o in labels], len(outcomes) - len(labels), label_s
 
 
-def train_behind_gate(run: AlefRun) -> tuple[dict[str, float], GateReport | None]:
+def gate_arrivals(run: AlefRun) -> tuple[list[Instance], list[str]]:
+    """The next ``cfg.gate_instances`` drifted arrivals (unlabelled), on which the gate compares the
+    greedy decisions of the old and the new decoder; none without a gate."""
+    st, cfg = run.state, run.cfg
+    count = cfg.gate_instances if cfg.gate else 0
+    instances = list(itertools.islice(run.stream, count))
+    prompts = cycle_prompts(cfg.prompts, len(instances), offset=st.arrived)
+    st.arrived += len(instances)
+    return instances, prompts
+
+
+def _greedy_objectives(policy: torch.nn.Module, instances: list[Instance], prompts: list[str]) -> np.ndarray:
+    d = decide(policy, instances, prompts)
+    return objectives(instances, prompts, d.targets, d.shares)
+
+
+def train_behind_gate(
+    run: AlefRun, unlabelled: tuple[list[Instance], list[str]] = ([], [])
+) -> tuple[dict[str, float], GateReport | None]:
     """Train the decoder on the buffer (+ replay) without its held-back labels; with the gate on, keep
-    the update only if greedy decoding on the held-back labels (drifted + replay) did not get worse,
-    else restore decoder and optimiser exactly. Until a round has held back any label (a budget too
-    small to spare one) the gate judges on the training labels."""
+    the update only if greedy decoding on the held-back labels (drifted + replay) did not get worse, nor
+    on the ``unlabelled`` arrivals (old and new decisions compared instance by instance), else restore
+    decoder and optimiser exactly. Until a round has held back any label (a budget too small to spare
+    one) the labelled check judges on the training labels."""
     cfg, policy = run.cfg, run.policy
+    insts, prompts = unlabelled
     trained, held = split_validation(run.state.buffer.examples)
     if held:
         drifted, replay = held, run.replay_val
     else:
         drifted, replay = trained.examples, run.replay.examples + run.replay_val
     before = labelled_fit(policy, drifted, replay, cfg) if cfg.gate else None
+    objective_before = _greedy_objectives(policy, insts, prompts) if cfg.gate and insts else None
     decoder_state = copy.deepcopy(policy.decoder.state_dict())
     opt_state = copy.deepcopy(run.opt.state_dict())
     train = train_decoder(policy, run.opt, trained, run.replay, cfg, run.rng_train)
     if before is None:
         return train, None
-    report = judge(before, labelled_fit(policy, drifted, replay, cfg), len(drifted), len(replay), cfg.gate_tolerance)
+    paired = None
+    if objective_before is not None:
+        paired = (objective_before, _greedy_objectives(policy, insts, prompts))
+    after = labelled_fit(policy, drifted, replay, cfg)
+    report = judge(before, after, len(drifted), len(replay), cfg.gate_tolerance, paired)
     if not report.accepted:
         policy.decoder.load_state_dict(decoder_state)
         run.opt.load_state_dict(opt_state)
@@ -152,7 +177,7 @@ def run_round(run: AlefRun) -> RoundMetrics:
     cached_before = getattr(run.labeller, "cached", 0)
     labels, skipped, label_s = buy_labels(run, arr, round_no)
     t0 = time.perf_counter()
-    train, gate = train_behind_gate(run)
+    train, gate = train_behind_gate(run, gate_arrivals(run))
     train_s = time.perf_counter() - t0
     m = round_metrics(run, arr, labels, train, gate)
     m.skipped, m.label_s, m.train_s = skipped, label_s, train_s
@@ -210,9 +235,12 @@ def round_line(m: RoundMetrics, cfg: AlefConfig) -> str:
     )
     if m.gate and not m.accepted:
         b, a = m.gate["before"], m.gate["after"]
+        change = m.gate.get("unlabelled_change")
         line += (
             f" (update rolled back, {m.gate['diagnosis']}: labelled gap {b['gap']:.4f} -> {a['gap']:.4f}, "
-            f"loss {b['loss']:.4f} -> {a['loss']:.4f})"
+            f"loss {b['loss']:.4f} -> {a['loss']:.4f}"
+            + (f", unlabelled objective {100 * change:+.3f} %" if change is not None else "")
+            + ")"
         )
     return line
 
