@@ -436,6 +436,9 @@ def test_cli_sweep_prints_the_table_and_a_resume_of_a_finished_sweep_runs_nothin
     assert clobber.returncode == 2 and "already exists" in clobber.stderr
 
 
+CTRL_C_TRIALS = 8
+
+
 @pytest.mark.slow
 def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path):
     """Ctrl+C (SIGINT) on `lambo tune` once trials have reported: exit 130 with a --resume hint, the
@@ -444,7 +447,10 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     import time
 
     cmd, env = _cli_tune(tmp_path, "ctrlc")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # 8 trials one at a time: when the first has finished, most are still pending however fast the
+    # machine is (with 4 trials two at a time, a fast machine finished them all before the interrupt).
+    first = cmd + ["--num-samples", str(CTRL_C_TRIALS), "--max-concurrent", "1"]
+    proc = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     exp = tmp_path / "ctrlc"
     deadline = time.monotonic() + 400
     try:
@@ -473,7 +479,7 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = _trial_rows(exp)
-    assert len(after) == 4
+    assert len(after) == CTRL_C_TRIALS
     for t, text in done_text.items():
         assert next(exp.glob(f"*{t}*/result.json")).read_text() == text
     for t, rows in after.items():
@@ -483,4 +489,4 @@ def test_cli_ctrl_c_mid_sweep_then_resume_finishes_the_remaining_trials(tmp_path
         assert [r["iteration"] for r in rows] == its and its[0] == 1 and its[-1] <= 2, (t, its)
         assert all(b - a in (0, 1) for a, b in zip(its, its[1:])), (t, its)
     summary = json.loads((exp / "summary.json").read_text())
-    assert summary["unfinished"] == 0 and len(summary["trials"]) == 4
+    assert summary["unfinished"] == 0 and len(summary["trials"]) == CTRL_C_TRIALS
