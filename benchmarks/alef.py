@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.config import AlefConfig, make_pool
+from lambo_ray.alef.config import LABEL_PLANS, AlefConfig, make_pool
 from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
 from lambo_ray.alef.query import query_strategies
 from lambo_ray.alef.worker import fallback_names
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--label-plan",
         default=AlefConfig.label_plan,
-        choices=("inference", "label"),
+        choices=LABEL_PLANS,
         help="must-offload plan labels are trained with: the one decoding uses, or each label's own",
     )
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then each fallback)")

@@ -14,6 +14,9 @@ from lambo_ray.mec.drift import DRIFTS
 from lambo_ray.mec.instance import check_prompt
 from lambo_ray.mec.scenario import ScenarioConfig
 
+# Which must-offload plan a label is teacher-forced on (AlefConfig.label_plan).
+LABEL_PLANS = ("inference", "label")
+
 
 @dataclass
 class AlefConfig:
@@ -111,7 +114,7 @@ class AlefConfig:
         default="inference",
         metadata={
             "help": "must-offload plan a label is trained with: the one decoding uses, or the label's own",
-            "choices": ("inference", "label"),
+            "choices": LABEL_PLANS,
         },
     )
     target_weight: float = field(default=1.0, metadata={"help": "weight of the cross-entropy of the expert's targets"})
@@ -136,8 +139,8 @@ class AlefConfig:
         self.label_fallbacks = tuple(self.label_fallbacks)
         if not self.prompts:
             problems.append("at least one prompt is needed")
-        if self.label_plan not in ("inference", "label"):
-            problems.append(f"unknown label_plan {self.label_plan!r}; expected 'inference' or 'label'")
+        if self.label_plan not in LABEL_PLANS:
+            problems.append(f"unknown label_plan {self.label_plan!r}; expected one of {', '.join(LABEL_PLANS)}")
         if self.query not in query_strategies():
             problems.append(f"unknown query strategy {self.query!r}; expected one of {', '.join(query_strategies())}")
         for name in ("rounds", "pool_size", "budget", "experts", "epochs", "batch_size", "n_heldout"):
