@@ -284,17 +284,19 @@ def _reference_decode(pol: LamboPolicy, b: PolicyBatch, enc, noise=None) -> dict
     return {**out, "target": target, "share": output_shares(target, share, b.amin)}
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
+@pytest.mark.parametrize("kernel", ["numba", "torchscript", "eager"])
 @pytest.mark.parametrize("cfg", [TINY, TINY.replace(dec_layers=2)], ids=["dec1", "dec2"])
-def test_fast_decode_matches_a_straightforward_reference(cfg, compiled, paper_instances, mixed_instances, monkeypatch):
+def test_fast_decode_matches_a_straightforward_reference(cfg, kernel, paper_instances, mixed_instances, monkeypatch):
     """The optimised incremental decoder (precomputation, fused weights, K/V caches, scoring after the
-    loop; TorchScript-compiled or its eager fallback) decides exactly like the plain step-by-step
-    reference, greedy and sampled, with and without padding; greedy targets are also the argmax of the
-    teacher-forced logits of its own prefix."""
+    loop; the Numba CPU kernel, the TorchScript-compiled loop or its eager fallback) decides exactly like
+    the plain step-by-step reference, greedy and sampled, with and without padding; greedy targets are
+    also the argmax of the teacher-forced logits of its own prefix."""
     from lambo_ray.policy import fast_decode as model
 
     assert model.loop_fn() is not model.decode_loop, "TorchScript should compile the decode loop"
-    if not compiled:
+    monkeypatch.setenv(model.KERNEL_ENV, "numba" if kernel == "numba" else "torchscript")
+    assert model.kernel_for(torch.device("cpu"), 4) == ("numba" if kernel == "numba" else "torchscript")
+    if kernel == "eager":
         monkeypatch.setattr(model, "_SCRIPTED_LOOP", [None])
     pol = make_policy(cfg, seed=7)
     tight = generate_many(apply_drift(ScenarioConfig(n_ues=20), "deadline"), 3, seed=5)

@@ -26,6 +26,7 @@ under a second and no C++ toolchain, where Inductor would need one and minutes o
 """
 
 import math
+import os
 import warnings
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple  # noqa: UP035
 
@@ -267,6 +268,41 @@ def decode_loop(
     )
 
 
+KERNELS = ("numba", "torchscript")
+KERNEL_ENV = "LAMBO_DECODE_KERNEL"  # "numba", "torchscript" or unset (numba on a CPU when importable)
+
+
+NUMBA_MAX_ROWS = 32  # above this many rows the batched torch ops win (measured: 1.4 vs 1.7 ms per row at 64)
+
+
+def kernel_for(device: torch.device, rows: int) -> str:
+    """Which step loop decodes ``rows`` rows on ``device``: the Numba kernel on a CPU for small batches
+    (per-op dispatch is then the whole cost: one N = 50 instance 17 -> 4 ms), TorchScript for large
+    batches, other devices or where Numba cannot be imported. ``LAMBO_DECODE_KERNEL`` forces one
+    (``numba`` off a CPU still means TorchScript: the kernel reads host memory)."""
+    choice = os.environ.get(KERNEL_ENV, "")
+    if choice not in ("", *KERNELS):
+        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNELS)} (got {choice!r})")
+    if choice == "torchscript" or device.type != "cpu" or (not choice and rows > NUMBA_MAX_ROWS):
+        return "torchscript"
+    return "numba" if _numba_available() else "torchscript"
+
+
+def _numba_available() -> bool:
+    if not _NUMBA:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            warnings.warn(
+                "numba is not installed: decoding uses the slower TorchScript loop", RuntimeWarning, stacklevel=3
+            )
+            _NUMBA.append(False)
+        else:
+            _NUMBA.append(True)
+    return _NUMBA[0]
+
+
+_NUMBA: list = []  # [importable] once tried
 _SCRIPTED_LOOP: list = []  # [compiled function] once tried; [None] when TorchScript is unavailable
 
 
@@ -344,69 +380,82 @@ def layer_caches(dec: "Decoder", enc: "Encoded") -> List[LayerCache]:
     return out
 
 
-def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]) -> Steps:
+def step_tensors(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]):
+    """The per-step inputs stacked over positions, (B, N, ...) each, in :class:`Steps`' field order."""
     dec = policy.decoder
     # a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need no isfinite per
     # step; slot 0 of amin_ext stands for "local" (a_min = free = 0, so a local decision gets share 0).
     amin_full = torch.where(torch.isfinite(batch.amin), batch.amin, math.inf)
     amin_ext = F.pad(torch.where(torch.isfinite(amin_full), amin_full, 0.0), (1, 0))  # (B,N,M+1)
     srv_static = enc.server_mask[:, None, :] & batch.ue_mask[..., None] & torch.isfinite(amin_full)
+    return {
+        "srv_base": enc.server[:, None] + enc.pair + dec.dyn.bias,
+        "q_base": enc.ue + enc.prompt[:, None],
+        "k_loc": (dec.local_key + dec.local_ue(enc.ue))[:, :, None],
+        "ue_tok": enc.ue,
+        "amin": amin_full,
+        "amin_ext": amin_ext,
+        "srv_static": srv_static,
+        "local_real": batch.local_ok & batch.ue_mask,
+        "reserved": reserved_after(batch.reserve),
+        "future": future_demand(batch.amin),
+        "progress": policy.progress(batch),
+        "lat_base": batch.lat_base,
+        "sqrt_work_ext": F.pad(batch.sqrt_work, (1, 0)),
+        "local_lat": batch.local_lat[..., None].clamp_min(1e-9),
+    }
+
+
+def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]) -> Steps:
     uniform = normal = accept = []
     greedy_rows = torch.zeros(batch.batch_size, dtype=torch.bool, device=batch.amin.device)
     if noise is not None:
         uniform, normal, accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
         if noise.greedy is not None:
             greedy_rows = noise.greedy
-    return Steps(
-        srv_base=list((enc.server[:, None] + enc.pair + dec.dyn.bias).unbind(1)),
-        q_base=list((enc.ue + enc.prompt[:, None]).unbind(1)),
-        k_loc=list((dec.local_key + dec.local_ue(enc.ue))[:, :, None].unbind(1)),
-        ue_tok=list(enc.ue.unbind(1)),
-        amin=list(amin_full.unbind(1)),
-        amin_ext=list(amin_ext.unbind(1)),
-        srv_static=list(srv_static.unbind(1)),
-        local_real=list((batch.local_ok & batch.ue_mask).unbind(1)),
-        reserved=list(reserved_after(batch.reserve).unbind(1)),
-        future=list(future_demand(batch.amin).unbind(1)),
-        progress=list(policy.progress(batch).unbind(1)),
-        lat_base=list(batch.lat_base.unbind(1)),
-        sqrt_work_ext=list(F.pad(batch.sqrt_work, (1, 0)).unbind(1)),
-        local_lat=list(batch.local_lat[..., None].clamp_min(1e-9).unbind(1)),
-        greedy_rows=greedy_rows,
-        uniform=list(uniform),
-        normal=list(normal),
-        accept=list(accept),
-    )
+    per_step = {k: list(v.unbind(1)) for k, v in step_tensors(policy, batch, enc, noise).items()}
+    return Steps(**per_step, greedy_rows=greedy_rows, uniform=list(uniform), normal=list(normal), accept=list(accept))
 
 
-def run(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]):
-    """Everything :func:`decode_loop` needs, computed once, then the loop (compiled when possible)."""
+def statics_and_dims(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", greedy: bool) -> Tuple[Statics, Dims]:
     dec, cfg = policy.decoder, policy.cfg
     b = batch.batch_size
     d, h = cfg.d_model, cfg.n_heads
     dt = enc.ue.dtype
     smask = enc.server_mask.to(dt)
     ca_mask = torch.where(torch.cat([enc.ue_mask, enc.server_mask], 1), 0.0, NEG).to(dt)
-    n_ca = ca_mask.shape[1]
     statics = Statics(
         tok_table=torch.cat([dec.local_target.to(dt).expand(b, 1, d), dec.server_target(enc.server)], 1)
         + dec.share_emb.bias,
-        ca_mask=ca_mask[:, None, None, :].expand(b, h, 1, n_ca).reshape(b * h, 1, n_ca),
+        ca_mask=ca_mask[:, None, None, :],  # (B,1,1,N+M): expanded over heads by the caller that needs it
         pool_w=(smask / smask.sum(1, keepdim=True).clamp_min(1.0))[:, None, :],
         rem_ext=F.pad(torch.where(batch.server_mask, 1.0, 0.0).to(torch.float64), (1, 0)),
         load_ext=torch.zeros(b, batch.m_max + 1, dtype=torch.float64, device=batch.amin.device),
     )
     o_ptr = 2 * d * len(dec.layers)
     dims = Dims(
-        n=batch.n_max, d=d, h=h, greedy=noise is None, share_eps=float(cfg.share_eps),
+        n=batch.n_max, d=d, h=h, greedy=greedy, share_eps=float(cfg.share_eps),
         fit_scale=1.0 + FIT_RTOL, logit_clip=float(cfg.logit_clip), ptr_scale=1.0 / math.sqrt(d),
         att_scale=1.0 / math.sqrt(d // h), o_ptr=o_ptr, o_end=o_ptr + d,
     )  # fmt: skip
+    return statics, dims
+
+
+def run(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]):
+    """Everything the step loop needs, computed once, then the loop: the Numba CPU kernel on a CPU
+    (:mod:`lambo_ray.policy.cpu_kernel`), else the TorchScript-compiled :func:`decode_loop`."""
+    if kernel_for(enc.ue.device, batch.batch_size) == "numba":
+        from lambo_ray.policy import cpu_kernel
+
+        return cpu_kernel.run(policy, batch, enc, noise)
+    statics, dims = statics_and_dims(policy, batch, enc, noise is None)
+    b, h, n_ca = batch.batch_size, dims.h, statics.ca_mask.shape[-1]
+    statics = statics._replace(ca_mask=statics.ca_mask.expand(b, h, 1, n_ca).reshape(b * h, 1, n_ca))
     return loop_fn()(
         dims,
-        head_weights(dec),
-        [layer_weights(layer) for layer in dec.layers],
-        layer_caches(dec, enc),
+        head_weights(policy.decoder),
+        [layer_weights(layer) for layer in policy.decoder.layers],
+        layer_caches(policy.decoder, enc),
         step_inputs(policy, batch, enc, noise),
         statics,
     )
