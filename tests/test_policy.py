@@ -318,6 +318,21 @@ def test_fast_decode_matches_a_straightforward_reference(cfg, kernel, paper_inst
         assert (fast.target > 0).any() and (fast.target == 0).any()
 
 
+def test_the_numba_kernel_decodes_small_cpu_batches_and_torchscript_the_rest(monkeypatch):
+    from lambo_ray.policy import fast_decode
+
+    monkeypatch.delenv(fast_decode.KERNEL_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert fast_decode.kernel_for(cpu, 1) == "numba"
+    assert fast_decode.kernel_for(cpu, fast_decode.NUMBA_MAX_ROWS + 1) == "torchscript"
+    assert fast_decode.kernel_for(torch.device("meta"), 1) == "torchscript"
+    monkeypatch.setenv(fast_decode.KERNEL_ENV, "torchscript")
+    assert fast_decode.kernel_for(cpu, 1) == "torchscript"
+    monkeypatch.setenv(fast_decode.KERNEL_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match="LAMBO_DECODE_KERNEL must be one of numba, torchscript"):
+        fast_decode.kernel_for(cpu, 1)
+
+
 def test_expert_labels_are_never_masked_under_teacher_forcing():
     """ALEF trains on expert decisions: every feasible one (servers filled to exactly 1 by water-filling)
     must be an allowed path of the decoder, with finite log-probabilities, once the capacity reserved for

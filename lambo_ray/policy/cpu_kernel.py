@@ -155,150 +155,179 @@ def _gamma(alpha: float, normal: np.ndarray, accept: np.ndarray) -> float:
 
 
 @njit(cache=True, fastmath=FAST)
-def decode_kernel(
-    greedy, d, h, share_eps, fit_scale, logit_clip, ptr_scale, att_scale,
-    srv_base, q_base, k_loc, ue_tok, amin, amin_ext, srv_static, local_real, reserved, future, progress,
-    lat_base, sqrt_work_ext, local_lat, greedy_rows, uniform, normal, accept,
-    tok_table, ca_mask, pool_w, rem_ext, load_ext,
-    ue_k, ue_v, mem_k, mem_v,
-    ln_sa_w, ln_sa_b, sa_q_wt, sa_q_b, sa_out_wt, sa_out_b, ln_ca_w, ln_ca_b, ca_q_wt, ca_q_b,
-    ca_out_wt, ca_out_b, ln_ff_w, ln_ff_b, ff1_wt, ff1_b, ff2_wt, ff2_b, ln_mem_w, ln_mem_b, sa_kv_wt, sa_kv_b,
-    ln_eps, w_dyn, w_state_t, b_state, w_srv_t, b_srv, w_g_t, b_g, w_sh_t, w_h2_t, b_h2, w_on, b_on, w_share,
-    eps_on,
-):  # fmt: skip
-    """Decide every UE in position order (see ``fast_decode.decode_loop``). Per-step inputs are
-    step-major (N, B, ...); ``mem_k``/``mem_v`` (L, B, H, N, dh) hold BOS in slot 0 and are filled here.
-    Returns logits (B,N,M+1), allowed (B,N,M+1), target (B,N), u (B,N) and Beta concentrations (B,N,2)."""
-    n, b, m = amin.shape
-    n_layers = ln_sa_w.shape[0]
+def _server_tokens(i, steps, rem_ext, load_ext, fit_scale, w_dyn, feat, fits):
+    """The step's server tokens (``Decoder.dynamic_features`` on the MEC state) and which servers fit."""
+    srv_base, amin = steps[0], steps[4]
+    reserved, future, progress, lat_base, sqrt_work_ext, local_lat = steps[8:14]
+    b, m, d = srv_base.shape[1], srv_base.shape[2], srv_base.shape[3]
+    for r in range(b):
+        for j in range(m):
+            free = rem_ext[r, j + 1] - reserved[i, r, j]
+            a = amin[i, r, j]
+            fits[r, j] = a <= free * fit_scale
+            load_term = 2.0 * load_ext[r, j + 1] * sqrt_work_ext[i, r, j + 1] / local_lat[i, r]
+            row = r * m + j
+            feat[row, 0] = free
+            feat[row, 1] = min(max(a / max(free, 1e-12), 0.0), 2.0) if free > 0 else 2.0
+            feat[row, 2] = 1.0 if fits[r, j] else 0.0
+            feat[row, 3] = min(max(free - a, -1.0), 1.0)
+            feat[row, 4] = min(max(math.log1p(future[i, r, j] / max(free, 1e-2)), 0.0), 6.0)
+            feat[row, 5] = progress[i, r]
+            feat[row, 6] = min(max(math.log(lat_base[i, r, j] + load_term), -5.0), 5.0)
+    return srv_base[i].reshape(b * m, d) + np.dot(feat, w_dyn)
+
+
+@njit(cache=True, fastmath=FAST)
+def _query(i, srv, pool_w, q_base, w_state_t, b_state):
+    """The step's query: UE token + prompt + the MEC state (mean of the GELU'd server tokens)."""
+    b, m = pool_w.shape
+    d = srv.shape[1]
+    pooled = np.empty((b, d), np.float32)
+    for r in range(b):
+        for k in range(d):
+            acc = 0.0
+            for j in range(m):
+                acc += pool_w[r, j] * _gelu(srv[r * m + j, k])
+            pooled[r, k] = acc
+    return q_base[i] + _affine(pooled, w_state_t, b_state)
+
+
+@njit(cache=True, fastmath=FAST)
+def _layer(li, i, x, proj, ca_mask, caches, lw, h, att_scale, ln_eps):
+    """One decoder layer for the step's query rows (``fast_decode._attend``)."""
+    ue_k, ue_v, mem_k, mem_v = caches
+    b, d = x.shape
     dh = d // h
+    m = proj.shape[0] // b
     n_ue = ue_k.shape[3]
-    logits_out = np.empty((b, n, m + 1), np.float32)
-    allowed_out = np.empty((b, n, m + 1), np.bool_)
-    target_out = np.empty((b, n), np.int64)
-    u_out = np.empty((b, n), np.float32)
-    ab_out = np.empty((b, n, 2), np.float32)
+    att = np.empty((b, d), np.float32)
+    scores = np.empty(n_ue + m)
+    no_kv = np.empty((0, dh), np.float32)
+    q = _affine(_layer_norm(x, lw[0][li], lw[1][li], ln_eps), lw[2][li], lw[3][li])
+    for r in range(b):  # self-attention over BOS and the decisions so far
+        for hh in range(h):
+            heads = slice(hh * dh, (hh + 1) * dh)
+            sc = scores[: i + 1]
+            sc[:] = 0.0
+            kv = (mem_k[li, r, hh, : i + 1], mem_v[li, r, hh, : i + 1])
+            _attend(q[r, heads], kv[0], kv[1], no_kv, no_kv, att_scale, sc, scores[:0], att[r, heads])
+    x = x + _affine(att, lw[4][li], lw[5][li])
+    q = _affine(_layer_norm(x, lw[6][li], lw[7][li], ln_eps), lw[8][li], lw[9][li])
+    o = 2 * d * li
+    # Cross-attention over the UEs not decided yet (the torch loop gives UEs < i a score of -1e9:
+    # exactly zero weight) and the step's server tokens.
+    for r in range(b):
+        srv_rows = proj[r * m : (r + 1) * m]
+        for hh in range(h):
+            heads = slice(hh * dh, (hh + 1) * dh)
+            ue_sc, srv_sc = scores[: n_ue - i], scores[n_ue - i : n_ue - i + m]
+            ue_sc[:] = ca_mask[r, i:n_ue]
+            srv_sc[:] = ca_mask[r, n_ue:]
+            srv_k = srv_rows[:, o + hh * dh : o + (hh + 1) * dh]
+            srv_v = srv_rows[:, o + d + hh * dh : o + d + (hh + 1) * dh]
+            ue_kv = (ue_k[li, r, hh, i:], ue_v[li, r, hh, i:])
+            _attend(q[r, heads], ue_kv[0], ue_kv[1], srv_k, srv_v, att_scale, ue_sc, srv_sc, att[r, heads])
+    x = x + _affine(att, lw[10][li], lw[11][li])
+    y = _affine(_layer_norm(x, lw[12][li], lw[13][li], ln_eps), lw[14][li], lw[15][li])
+    for r in range(b):
+        for k in range(y.shape[1]):
+            y[r, k] = _gelu(y[r, k])
+    return x + _affine(y, lw[16][li], lw[17][li])
+
+
+@njit(cache=True, fastmath=FAST)
+def _decide_row(r, i, gq, srv, proj, fits, steps, noise, hw, dims, out):
+    """Pointer head over [local; servers], then the share head on the chosen server: (target, u);
+    the row's logits, allowed options and Beta concentrations go into ``out``."""
+    logits, allowed, ab = out[0][r, i], out[1][r, i], out[4][r, i]
+    greedy, d, _, share_eps, _, logit_clip, ptr_scale, _, _, _ = dims
+    k_loc, srv_static, local_real = steps[2], steps[6], steps[7]
+    greedy_rows, uniform, normal, accept = noise
+    m = fits.shape[1]
+    o_ptr = proj.shape[1] - d
+    any_ok = False
+    for j in range(m):
+        allowed[j + 1] = srv_static[i, r, j] and fits[r, j]
+        any_ok = any_ok or allowed[j + 1]
+    allowed[0] = local_real[i, r] or not any_ok
+    for j in range(m + 1):
+        acc = 0.0
+        for k in range(d):
+            acc += (k_loc[i, r, k] if j == 0 else proj[r * m + j - 1, o_ptr + k]) * gq[r, k]
+        logits[j] = np.float32(logit_clip * math.tanh(np.float32(acc) * ptr_scale)) if allowed[j] else NEG
+    sampled = not (greedy or greedy_rows[r])
+    t = _categorical(logits, allowed, uniform[i, r]) if sampled else int(np.argmax(logits))
+    hidden = gq[r, d:] + np.dot(srv[r * m + max(t - 1, 0)], hw[7])
+    for k in range(hidden.shape[0]):
+        hidden[k] = _gelu(hidden[k])
+    raw = np.dot(hidden, hw[8]) + hw[9]
+    for c in range(2):
+        ab[c] = (raw[c] if raw[c] > 20.0 else math.log1p(math.exp(raw[c]))) + 1.0
+    if sampled:
+        x_g = _gamma(ab[0], normal[i, r, 0], accept[i, r, 0])
+        u = np.float32(x_g / (x_g + _gamma(ab[1], normal[i, r, 1], accept[i, r, 1])))
+    else:
+        u = np.float32(ab[0] / (ab[0] + ab[1]))
+    return t, min(max(u, np.float32(share_eps)), np.float32(1.0 - share_eps))
+
+
+@njit(cache=True, fastmath=FAST)
+def _write_memory(i, tok, caches, lw, h, ln_eps):
+    """Self-attention K/V of the decision tokens of position i into slot i + 1 of every layer."""
+    mem_k, mem_v = caches[2], caches[3]
+    b, d = tok.shape
+    dh = d // h
+    for li in range(mem_k.shape[0]):
+        kv = _affine(_layer_norm(tok, lw[18][li], lw[19][li], ln_eps), lw[20][li], lw[21][li])
+        for r in range(b):
+            for hh in range(h):
+                mem_k[li, r, hh, i + 1] = kv[r, hh * dh : (hh + 1) * dh]
+                mem_v[li, r, hh, i + 1] = kv[r, d + hh * dh : d + (hh + 1) * dh]
+
+
+@njit(cache=True, fastmath=FAST)
+def decode_kernel(dims, steps, noise, statics, caches, lw, hw):
+    """Decide every UE in position order (see ``fast_decode.decode_loop``). ``dims``: greedy, d, h,
+    share_eps, fit_scale, logit_clip, ptr_scale, att_scale, layer-norm eps, output-norm eps; ``steps``:
+    ``fast_decode.step_tensors`` step-major (N, B, ...); ``noise``: greedy rows, uniform, normal,
+    accept; ``statics``: decision-token table, cross-attention mask, pooling weights, remaining
+    capacity and load (updated here); ``caches``: UE K/V and the self-attention K/V (L, B, H, N, dh,
+    BOS in slot 0, filled here); ``lw``/``hw``: layer and head weights (``_layer_arrays``,
+    ``_head_arrays``). Returns logits (B,N,M+1), allowed (B,N,M+1), target (B,N), u (B,N), Beta
+    concentrations (B,N,2)."""
+    h, fit_scale, att_scale, ln_eps, eps_on = dims[2], dims[4], dims[7], dims[8], dims[9]
+    tok_table, ca_mask, pool_w, rem_ext, load_ext = statics
+    amin_ext, sqrt_work_ext, ue_tok = steps[5], steps[12], steps[3]
+    n, b, m = steps[4].shape
+    d = dims[1]
+    out = (
+        np.empty((b, n, m + 1), np.float32),
+        np.empty((b, n, m + 1), np.bool_),
+        np.empty((b, n), np.int64),
+        np.empty((b, n), np.float32),
+        np.empty((b, n, 2), np.float32),
+    )
     feat = np.empty((b * m, 7), np.float32)
     fits = np.empty((b, m), np.bool_)
-    att = np.empty((b, d), np.float32)
-    sa_scores = np.empty(n)
-    ca_scores = np.empty(n_ue + m)
-    no_kv = np.empty((0, dh), np.float32)
-    pooled = np.empty((b, d), np.float32)
     tok = np.empty((b, d), np.float32)
     for i in range(n):
-        # Dynamic server tokens (Decoder.dynamic_features) and which servers fit.
+        srv = _server_tokens(i, steps, rem_ext, load_ext, fit_scale, hw[0], feat, fits)
+        proj = _affine(srv, hw[3], hw[4])
+        x = _query(i, srv, pool_w, steps[1], hw[1], hw[2])
+        for li in range(lw[0].shape[0]):
+            x = _layer(li, i, x, proj, ca_mask, caches, lw, h, att_scale, ln_eps)
+        gq = _affine(_layer_norm(x, hw[10], hw[11], eps_on), hw[5], hw[6])
         for r in range(b):
-            for j in range(m):
-                free = rem_ext[r, j + 1] - reserved[i, r, j]
-                a = amin[i, r, j]
-                fits[r, j] = a <= free * fit_scale
-                ratio = min(max(a / max(free, 1e-12), 0.0), 2.0) if free > 0 else 2.0
-                marginal = math.log(
-                    lat_base[i, r, j] + 2.0 * load_ext[r, j + 1] * sqrt_work_ext[i, r, j + 1] / local_lat[i, r]
-                )
-                row = r * m + j
-                feat[row, 0] = free
-                feat[row, 1] = ratio
-                feat[row, 2] = 1.0 if fits[r, j] else 0.0
-                feat[row, 3] = min(max(free - a, -1.0), 1.0)
-                feat[row, 4] = min(max(math.log1p(future[i, r, j] / max(free, 1e-2)), 0.0), 6.0)
-                feat[row, 5] = progress[i, r]
-                feat[row, 6] = min(max(marginal, -5.0), 5.0)
-        srv = srv_base[i].reshape(b * m, d) + np.dot(feat, w_dyn)
-        proj = _affine(srv, w_srv_t, b_srv)
-        for r in range(b):
-            for k in range(d):
-                acc = 0.0
-                for j in range(m):
-                    acc += pool_w[r, j] * _gelu(srv[r * m + j, k])
-                pooled[r, k] = acc
-        x = q_base[i] + _affine(pooled, w_state_t, b_state)
-        for li in range(n_layers):
-            q = _affine(_layer_norm(x, ln_sa_w[li], ln_sa_b[li], ln_eps), sa_q_wt[li], sa_q_b[li])
-            for r in range(b):
-                for hh in range(h):
-                    heads = slice(hh * dh, (hh + 1) * dh)
-                    sa_scores[: i + 1] = 0.0
-                    _attend(
-                        q[r, heads], mem_k[li, r, hh, : i + 1], mem_v[li, r, hh, : i + 1], no_kv, no_kv,
-                        att_scale, sa_scores[: i + 1], sa_scores[:0], att[r, heads],
-                    )  # fmt: skip
-            x = x + _affine(att, sa_out_wt[li], sa_out_b[li])
-            q = _affine(_layer_norm(x, ln_ca_w[li], ln_ca_b[li], ln_eps), ca_q_wt[li], ca_q_b[li])
-            o = 2 * d * li
-            # Cross-attention over the UEs not decided yet (the torch loop's scores of UEs < i are
-            # -1e9: exactly zero weight) and the step's server tokens.
-            for r in range(b):
-                srv_rows = proj[r * m : (r + 1) * m]
-                for hh in range(h):
-                    heads = slice(hh * dh, (hh + 1) * dh)
-                    srv_k = srv_rows[:, o + hh * dh : o + (hh + 1) * dh]
-                    srv_v = srv_rows[:, o + d + hh * dh : o + d + (hh + 1) * dh]
-                    ue_sc, srv_sc = ca_scores[: n_ue - i], ca_scores[n_ue - i : n_ue - i + m]
-                    ue_sc[:] = ca_mask[r, i:n_ue]
-                    srv_sc[:] = ca_mask[r, n_ue:]
-                    _attend(
-                        q[r, heads], ue_k[li, r, hh, i:], ue_v[li, r, hh, i:], srv_k, srv_v, att_scale, ue_sc, srv_sc,
-                        att[r, heads],
-                    )  # fmt: skip
-            x = x + _affine(att, ca_out_wt[li], ca_out_b[li])
-            y = _affine(_layer_norm(x, ln_ff_w[li], ln_ff_b[li], ln_eps), ff1_wt[li], ff1_b[li])
-            for r in range(y.shape[0]):
-                for k in range(y.shape[1]):
-                    y[r, k] = _gelu(y[r, k])
-            x = x + _affine(y, ff2_wt[li], ff2_b[li])
-        gq = _affine(_layer_norm(x, w_on, b_on, eps_on), w_g_t, b_g)
-        o_ptr = 2 * d * n_layers
-        for r in range(b):
-            logits = logits_out[r, i]
-            allowed = allowed_out[r, i]
-            any_ok = False
-            for j in range(m):
-                allowed[j + 1] = srv_static[i, r, j] and fits[r, j]
-                any_ok = any_ok or allowed[j + 1]
-            allowed[0] = local_real[i, r] or not any_ok
-            for j in range(m + 1):
-                acc = 0.0
-                for k in range(d):
-                    key = k_loc[i, r, k] if j == 0 else proj[r * m + j - 1, o_ptr + k]
-                    acc += key * gq[r, k]
-                logits[j] = np.float32(logit_clip * math.tanh(np.float32(acc) * ptr_scale)) if allowed[j] else NEG
-            if greedy or greedy_rows[r]:
-                t = int(np.argmax(logits))
-            else:
-                t = _categorical(logits, allowed, uniform[i, r])
-            chosen = srv[r * m + max(t - 1, 0)]
-            hidden = gq[r, d:] + np.dot(chosen, w_sh_t)
-            for k in range(hidden.shape[0]):
-                hidden[k] = _gelu(hidden[k])
-            raw = np.dot(hidden, w_h2_t) + b_h2
-            for c in range(2):
-                z = raw[c]
-                ab_out[r, i, c] = (z if z > 20.0 else math.log1p(math.exp(z))) + 1.0
-            alpha, beta = ab_out[r, i, 0], ab_out[r, i, 1]
-            if greedy or greedy_rows[r]:
-                u = np.float32(alpha / (alpha + beta))
-            else:
-                x_g = _gamma(alpha, normal[i, r, 0], accept[i, r, 0])
-                y_g = _gamma(beta, normal[i, r, 1], accept[i, r, 1])
-                u = np.float32(x_g / (x_g + y_g))
-            u_out[r, i] = min(max(u, np.float32(share_eps)), np.float32(1.0 - share_eps))
-            target_out[r, i] = t
+            t, u = _decide_row(r, i, gq, srv, proj, fits, steps, noise, hw, dims, out)
+            out[2][r, i], out[3][r, i] = t, u
             rem_ext[r, t] -= amin_ext[i, r, t]
             load_ext[r, t] += sqrt_work_ext[i, r, t]
-            if i + 1 < n:
-                s_share = u_out[r, i] if t > 0 else np.float32(0.0)
-                for k in range(d):
-                    tok[r, k] = ue_tok[i, r, k] + tok_table[r, t, k] + s_share * w_share[k]
+            s_share = u if t > 0 else np.float32(0.0)
+            for k in range(d):
+                tok[r, k] = ue_tok[i, r, k] + tok_table[r, t, k] + s_share * hw[12][k]
         if i + 1 < n:
-            for li in range(n_layers):
-                kv = _affine(_layer_norm(tok, ln_mem_w[li], ln_mem_b[li], ln_eps), sa_kv_wt[li], sa_kv_b[li])
-                for r in range(b):
-                    for hh in range(h):
-                        mem_k[li, r, hh, i + 1] = kv[r, hh * dh : (hh + 1) * dh]
-                        mem_v[li, r, hh, i + 1] = kv[r, d + hh * dh : d + (hh + 1) * dh]
-    return logits_out, allowed_out, target_out, u_out, ab_out
+            _write_memory(i, tok, caches, lw, h, ln_eps)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,13 +384,16 @@ def run(policy: LamboPolicy, batch: PolicyBatch, enc: Encoded, noise: DecodeNois
     ue_v = _np(torch.stack([c.ca_v.view(b, h, n_ca, dh)[:, :, :n] for c in caches]))
     mem_k = _np(torch.stack([c.sa_kt.view(b, h, dh, n).transpose(-1, -2) for c in caches]))
     mem_v = _np(torch.stack([c.sa_v.view(b, h, n, dh) for c in caches]))
-    layer_eps = float(policy.decoder.layers[0].norm_sa.eps)
-    out = decode_kernel(
+    dims_k = (
         dims.greedy, dims.d, h, dims.share_eps, dims.fit_scale, dims.logit_clip, dims.ptr_scale, dims.att_scale,
-        *steps, greedy_rows, uniform, normal, accept,
+        float(policy.decoder.layers[0].norm_sa.eps), float(policy.decoder.norm_out.eps),
+    )  # fmt: skip
+    statics_k = (
         _np(statics.tok_table), _np(statics.ca_mask[:, 0, 0]), _np(statics.pool_w[:, 0]),
         _np(statics.rem_ext), _np(statics.load_ext),
-        ue_k, ue_v, mem_k, mem_v,
-        *_layer_arrays(policy), layer_eps, *_head_arrays(policy), float(policy.decoder.norm_out.eps),
+    )  # fmt: skip
+    out = decode_kernel(
+        dims_k, tuple(steps), (greedy_rows, uniform, normal, accept), statics_k, (ue_k, ue_v, mem_k, mem_v),
+        tuple(_layer_arrays(policy)), tuple(_head_arrays(policy)),
     )  # fmt: skip
     return tuple(torch.from_numpy(a).to(enc.ue.device) for a in out)

@@ -16,7 +16,9 @@ The log-probabilities are still those of the exact categorical and Beta distribu
 :func:`categorical_from_uniform` and :func:`beta_from_noise` run inside the TorchScript-compiled decode
 loop (:func:`lambo_ray.policy.fast_decode.decode_loop`): keep them TorchScript-compatible (typed tensor code,
 no Python-side branching on tensor values); if they stop compiling, decoding falls back to eager with a
-warning, and ``test_fast_decode_matches_a_straightforward_reference`` fails on the compiled check.
+warning, and ``test_fast_decode_matches_a_straightforward_reference`` fails on the compiled check. The
+Numba CPU kernel (:mod:`lambo_ray.policy.cpu_kernel`) maps the same noise to the same actions
+(``_categorical``, ``_gamma``): a change here must be made there too (the same test pins both).
 """
 
 from __future__ import annotations
