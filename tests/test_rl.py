@@ -17,9 +17,10 @@ import torch
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.generator import generate_many
+from lambo_ray.mec.instance import PROMPTS
 from lambo_ray.mec.scenario import ScenarioConfig
 from lambo_ray.mec.shares import optimal_shares
-from lambo_ray.rl.env import MecEnv, best_shares, reward_parts, violation_measure
+from lambo_ray.rl.env import MecEnv, best_shares, observe, reward_parts, violation_measure
 
 SMALL = {"n_ues": 8, "n_servers": 2, "capacities_cps": [1.5e10, 3e10]}
 
@@ -106,6 +107,26 @@ def test_env_episode_steps_and_rewards_match_reward_parts():
         assert info["r_off"] + info["r_alloc"] == pytest.approx(r, abs=1e-12)
         assert not term and trunc == (k == 2)
         assert env.instance is not inst  # a fresh instance after every step
+
+
+def test_env_observations_reserve_capacity_with_the_plan_users_decode_with():
+    """RL trains the decoder on the must-offload plan ``lambo solve`` and Serve use (local search's for
+    min_energy), not on first fit's: same features as the product's featurize call, and they differ
+    from first fit's where the two plans differ."""
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.policy import featurize
+    from lambo_ray.policy.decoding import decode_packing
+
+    differs = 0
+    for inst in generate_many(apply_drift(ScenarioConfig(**{**SMALL, "n_ues": 10}), "deadline"), 8, seed=3):
+        for prompt in PROMPTS:
+            obs = observe(inst, prompt, 10, 2)
+            users = featurize([inst], [prompt], 10, 2, packings=[decode_packing(inst, prompt)[0]]).to_numpy_dict()
+            for key, value in users.items():
+                np.testing.assert_array_equal(obs[key], value[0], err_msg=key)
+            first_fit = featurize([inst], [prompt], 10, 2).to_numpy_dict()
+            differs += not np.array_equal(obs["reserve"], first_fit["reserve"][0])
+    assert differs > 0  # the test can tell the plans apart
 
 
 def test_env_streams_are_seeded_and_distinct_per_worker():

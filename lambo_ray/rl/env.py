@@ -265,9 +265,14 @@ class MecEnv(gym.Env):
 
 
 def observe(inst: Instance, prompt: str, n_max: int, m_max: int) -> dict[str, np.ndarray]:
+    """The policy's features of ``inst``, with the must-offload plan users' decisions are decoded with
+    (:func:`~lambo_ray.policy.decoding.decode_packing`: local search's for ``min_energy``), so RL trains
+    the decoder on the capacity reservations it meets in ``lambo solve`` and Serve."""
     from lambo_ray.policy import featurize
+    from lambo_ray.policy.decoding import decode_packing
 
-    batch = featurize([inst], [prompt], n_max, m_max).to_numpy_dict()
+    plan = decode_packing(inst, prompt)[0]
+    batch = featurize([inst], [prompt], n_max, m_max, packings=[plan]).to_numpy_dict()
     return {k: np.array(v[0]) for k, v in batch.items()}  # np.array keeps 0-d fields (prompt) arrays
 
 
