@@ -199,25 +199,29 @@ def _highs(n_cols: int, cost: np.ndarray, *, integral: bool, time_limit: float |
 
 
 def _add_assignment_rows(h: Any, tables: PlacementTables, ue: np.ndarray, opt: np.ndarray, room: np.ndarray) -> None:
-    """One option per UE of ``ue``; on every server, the minimum shares of its UEs within ``room``."""
+    """One option per UE of ``ue``; on every server, the minimum shares of its UEs within ``room``. All
+    rows in one ``addRows`` call (one call per row cost ~1 ms per model at N = 50)."""
     import highspy
 
-    for i in np.unique(ue):
-        idx = np.flatnonzero(ue == i).astype(np.int32)
-        h.addRow(1.0, 1.0, idx.size, idx, np.ones(idx.size))
-    for j in range(tables.n_servers):
-        idx = np.flatnonzero(opt == j + 1).astype(np.int32)
-        if idx.size:
-            h.addRow(-highspy.kHighsInf, room[j] + CAP_TOL, idx.size, idx, tables.a_min[ue[idx], j])
+    by_ue = np.argsort(ue, kind="stable")
+    counts = np.unique(ue[by_ue], return_counts=True)[1]
+    servers = [(j, np.flatnonzero(opt == j + 1)) for j in range(tables.n_servers)]
+    servers = [(j, cols) for j, cols in servers if cols.size]
+    lengths = np.concatenate([counts, [cols.size for _, cols in servers]]).astype(np.int64)
+    index = np.concatenate([by_ue, *(cols for _, cols in servers)]).astype(np.int32)
+    value = np.concatenate([np.ones(by_ue.size), *(tables.a_min[ue[cols], j] for j, cols in servers)])
+    lower = np.concatenate([np.ones(counts.size), np.full(len(servers), -highspy.kHighsInf)])
+    upper = np.concatenate([np.ones(counts.size), [room[j] + CAP_TOL for j, _ in servers]])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    h.addRows(lengths.size, lower, upper, index.size, starts, index, value.astype(float))
 
 
 def _columns(tables: PlacementTables, rows: Iterable[int], room: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The model's columns over ``rows``: (UE, option) pairs, one per option a UE can take within ``room``."""
-    cols = [(i, q) for i in rows for q in _options(tables, int(i), room)]
-    return np.array([i for i, _ in cols], dtype=np.int64), np.array([q for _, q in cols], dtype=np.int64)
-
-
-def _options(tables: PlacementTables, i: int, room: np.ndarray) -> list[int]:
-    opts = [0] if tables.local_ok[i] else []
-    ok = np.isfinite(tables.a_min[i]) & (tables.a_min[i] <= room + CAP_TOL)
-    return opts + (np.flatnonzero(ok) + 1).tolist()
+    """The model's columns over ``rows``: (UE, option) pairs, one per option a UE can take within ``room``,
+    UE by UE in the order given, options ascending (0 = local)."""
+    rows = np.fromiter(rows, dtype=np.int64)
+    amin = tables.a_min[rows]
+    with np.errstate(invalid="ignore"):
+        fits = np.isfinite(amin) & (amin <= room + CAP_TOL)
+    which, opt = np.nonzero(np.concatenate([tables.local_ok[rows][:, None], fits], axis=1))
+    return rows[which], opt.astype(np.int64)
