@@ -149,8 +149,13 @@ def test_time_limit_returns_feasible_uncertified_decision(paper_instance: Instan
     elapsed = time.perf_counter() - start
     assert got.stats["status"] == "time_limit" and got.stats["proven_optimal"] is False
     assert got.stats["feasible"] and evaluate(paper_instance, got.target, got.share).feasible
-    assert got.stats["gap"] is not None and got.stats["gap"] > 1e-4
-    assert got.stats["lower_bound"] <= got.objective
+    # Usually the first outer-approximation round ends inside the limit and certifies a bound; on a
+    # loaded machine it may not (seen once in the full suite): then neither a bound nor a gap is claimed.
+    if got.stats["lower_bound"] is None:
+        assert got.stats["gap"] is None
+    else:
+        assert got.stats["gap"] is not None and got.stats["gap"] > 1e-4
+        assert got.stats["lower_bound"] <= got.objective
     assert elapsed < limit + 2.0  # model build and the last HiGHS call's wind-down only
 
 
