@@ -262,11 +262,11 @@ def test_worker_falls_back_and_records_source_and_gap(small_instances):
 
 
 def test_time_limited_min_latency_label_keeps_a_certified_gap_and_beats_local_search(paper_instances):
-    """Exact min_latency at N = 50 needs seconds; with 0.3 s it stops on its incumbent. The label is the
-    best of that incumbent, iterated local search, local search and DE, with its gap certified against
-    exact's lower bound."""
+    """Exact min_latency at N = 50 needs about a second (it proved this instance within 0.3 s on a fast
+    machine); with 0.02 s it stops on its incumbent. The label is the best of that incumbent, iterated
+    local search, local search and DE, with its gap certified against exact's lower bound."""
     inst = paper_instances[0]
-    lab = LabelWorker(LabelWorkerConfig()).label(0, inst, "min_latency", 0.3)
+    lab = LabelWorker(LabelWorkerConfig()).label(0, inst, "min_latency", 0.02)
     ls = get_expert("local_search").solve(inst, "min_latency")
     assert lab.exact_status == "time_limit" and lab.source != "exact"
     assert lab.objective <= ls.objective * (1 + 1e-12)
