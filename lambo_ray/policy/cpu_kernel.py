@@ -5,8 +5,9 @@ batch sizes (one instance, or one instance's greedy row plus a few samples) the 
 ~200 us per UE, almost all of it per-op dispatch (~100 aten ops per step, a few microseconds each),
 so one N = 50 decision took ~10 ms of decoding while its arithmetic is ~0.1 MFLOP per step. Compiled
 to machine code the same step is tens of microseconds, which is what lets ``search`` (policy samples
-plus local search) stay a small fraction of DE's time. The TorchScript loop stays for every other
-device (a GPU) and as the fallback where Numba is missing.
+plus local search) stay a small fraction of DE's time. The TorchScript loop stays for batches over
+``fast_decode.NUMBA_MAX_ROWS`` rows (where batched torch ops win), for other devices (a GPU) and as the
+fallback where Numba is missing (``fast_decode.kernel_for`` chooses).
 
 It computes the same thing as ``decode_loop`` from the same prepared inputs (laid out step-major here:
 ``(N, B, ...)``, so a step's slice is contiguous), matrix products through BLAS (``np.dot`` on float32),
@@ -352,6 +353,9 @@ def _layer_arrays(policy: LamboPolicy) -> list[np.ndarray]:
 
 
 def _head_arrays(policy: LamboPolicy) -> list[np.ndarray]:
+    """``decode_kernel``'s ``hw``: 0 dynamic-feature weights, 1-2 MEC-state query, 3-4 fused server
+    projection, 5-6 fused output projection, 7 share head (chosen-server half), 8-9 share head output,
+    10-11 output norm, 12 share embedding; matrices transposed to (in, out)."""
     hw = head_weights(policy.decoder)
     return [
         _np(hw.w_dyn_t), _np(hw.w_state.t()), _np(hw.b_state), _np(hw.w_srv.t()), _np(hw.b_srv),
@@ -366,7 +370,7 @@ def run(policy: LamboPolicy, batch: PolicyBatch, enc: Encoded, noise: DecodeNois
     statics, dims = statics_and_dims(policy, batch, enc, noise is None)
     steps = [  # the network's tokens in float32, the MEC state in float64 (as the torch loop computes it)
         _step_major(t.float() if idx < 4 else t.double() if t.is_floating_point() else t)
-        for idx, t in enumerate(step_tensors(policy, batch, enc, noise).values())
+        for idx, t in enumerate(step_tensors(policy, batch, enc).values())
     ]
     steps[2] = steps[2][:, :, 0]  # k_loc (N,B,1,d) -> (N,B,d)
     steps[-1] = steps[-1][:, :, 0]  # local_lat (N,B,1) -> (N,B)

@@ -1,14 +1,16 @@
 # ruff: noqa: UP006, UP007, UP037, UP045  (TorchScript: typing.List/Tuple/Optional, no postponed annotations)
-"""The fast incremental decode kernel: the decoder's step loop, TorchScript-compiled.
+"""The fast incremental decode kernel: the decoder's step loop, TorchScript-compiled, and the choice
+between it and its Numba twin for small CPU batches (:func:`kernel_for`, :mod:`lambo_ray.policy.cpu_kernel`).
 
 It computes exactly what :meth:`lambo_ray.policy.model.LamboPolicy.teacher_forced` scores (tests pin it
 to that and to an uncached step-by-step reference), but at serving batch sizes the per-step cost is
 per-op overhead (dozens of tiny ops x N steps), so the loop is kept lean:
 
-* everything that does not depend on earlier decisions is computed once per batch (:func:`prepare`):
-  server + pair tokens, query base, cross-attention K/V of the UE tokens, pointer key of "local", the
-  decision-token table, static masks, the capacity reserved for later must-offload UEs; layer weights
-  are fetched once into named structures (no module calls in the loop);
+* everything that does not depend on earlier decisions is computed once per batch
+  (:func:`step_tensors`, :func:`statics_and_dims`): server + pair tokens, query base, cross-attention
+  K/V of the UE tokens, pointer key of "local", the decision-token table, static masks, the capacity
+  reserved for later must-offload UEs; layer weights are fetched once into named structures (no
+  module calls in the loop);
 * the only step-dependent input is the free capacity (remaining minus reserved), entering through the
   4 dynamic features; the linear maps of the dynamic server tokens (cross-attention K/V of every layer,
   pointer keys) are one fused matmul, and the share head's server half runs on the chosen server only;
@@ -380,7 +382,7 @@ def layer_caches(dec: "Decoder", enc: "Encoded") -> List[LayerCache]:
     return out
 
 
-def step_tensors(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]):
+def step_tensors(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded"):
     """The per-step inputs stacked over positions, (B, N, ...) each, in :class:`Steps`' field order."""
     dec = policy.decoder
     # a_min: inf (unreachable, padded) stays inf, so "fits" and the dynamic features need no isfinite per
@@ -413,7 +415,7 @@ def step_inputs(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noi
         uniform, normal, accept = noise.uniform.unbind(1), noise.normal.unbind(1), noise.accept.unbind(1)
         if noise.greedy is not None:
             greedy_rows = noise.greedy
-    per_step = {k: list(v.unbind(1)) for k, v in step_tensors(policy, batch, enc, noise).items()}
+    per_step = {k: list(v.unbind(1)) for k, v in step_tensors(policy, batch, enc).items()}
     return Steps(**per_step, greedy_rows=greedy_rows, uniform=list(uniform), normal=list(normal), accept=list(accept))
 
 
