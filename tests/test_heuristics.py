@@ -241,7 +241,8 @@ def test_lp_relaxation_bounds_the_optimum_and_lp_guided_rounds_only_improve(smal
     for inst in small_instances:
         tables = build_tables(inst, "min_energy")
         _, _, opt, _ = brute_force(inst, "min_energy")
-        x, bound = lp_relaxation(tables)
+        relaxed = lp_relaxation(tables)
+        x, bound = relaxed.x, relaxed.value
         assert np.allclose(x.sum(axis=1), 1.0) and x.min() >= -1e-9
         load = (x[:, 1:] * np.where(np.isfinite(tables.a_min), tables.a_min, 0.0)).sum(axis=0)
         assert np.all(load <= 1.0 + 1e-7)
@@ -250,9 +251,57 @@ def test_lp_relaxation_bounds_the_optimum_and_lp_guided_rounds_only_improve(smal
         start = fallback_assignment(inst)
         assert start is not None
         before = Assignment(tables, start)
-        target, wins = lp_guided_rounds(tables, start, x, np.random.default_rng(0), lambda: None, rounds=8)
+        target, wins = lp_guided_rounds(tables, start, relaxed, np.random.default_rng(0), lambda: None, rounds=8)
         after = Assignment(tables, target)
         assert after.feasible and after.cost <= before.cost * (1 + 1e-12)
         assert (wins > 0) == (after.cost < before.cost * (1 - 1e-12))
         reached += after.objective <= opt * (1 + 1e-9)
     assert reached == len(small_instances), reached
+
+
+def test_exact_polish_proves_the_brute_force_optimum_after_reduced_cost_fixing(small_instances):
+    """The whole min_energy model after reduced-cost fixing: from every start (all-local-where-possible,
+    and the optimum itself) it ends at the brute-force optimum and says it proved it, so the columns the
+    fixing drops never hold a better assignment; from the optimum it returns None (nothing better)."""
+    from lambo_ray.experts.consensus import exact_polish, lp_relaxation
+    from lambo_ray.experts.exact import fallback_assignment
+
+    dropped = 0
+    for inst in small_instances:
+        tables = build_tables(inst, "min_energy")
+        opt_target, _, opt, _ = brute_force(inst, "min_energy")
+        relaxed = lp_relaxation(tables)
+        start = fallback_assignment(inst)
+        assert start is not None
+        start_cost = Assignment(tables, start).objective
+        found, proved = exact_polish(tables, start, relaxed, None)
+        assert proved
+        final = Assignment(tables, start if found is None else found)
+        assert final.feasible and final.objective == pytest.approx(opt, rel=1e-6)
+        assert (found is None) == (start_cost <= opt * (1 + 1e-9))
+        again, proved = exact_polish(tables, np.asarray(opt_target), relaxed, None)
+        assert again is None and proved
+        slack = Assignment(tables, np.asarray(opt_target)).cost - relaxed.value
+        dropped += int(np.sum(np.isfinite(relaxed.reduced) & (relaxed.reduced > slack + 1e-9)))
+    assert dropped > 0  # the fixing did drop columns somewhere, so the test covers it
+
+
+def test_exact_polish_from_local_search_reaches_the_exact_experts_optimum(paper_instances):
+    """Paper cells, where the LP relaxation is fractional and the fixing drops about half the columns:
+    from local search's decision the polish proves the optimum the full exact expert (Pyomo on HiGHS, no
+    fixing) finds, so the dropped columns held no better assignment."""
+    from lambo_ray.experts import get_expert
+    from lambo_ray.experts.consensus import exact_polish, lp_relaxation
+    from lambo_ray.experts.heuristics import local_search_assignment
+
+    for inst in paper_instances[:3]:
+        tables = build_tables(inst, "min_energy")
+        start = local_search_assignment(tables)
+        relaxed = lp_relaxation(tables)
+        slack = start.cost - relaxed.value
+        assert np.sum(np.isfinite(relaxed.reduced) & (relaxed.reduced > slack)) > 0
+        found, proved = exact_polish(tables, start.target, relaxed, None)
+        final = Assignment(tables, start.target if found is None else found)
+        reference = get_expert("exact").solve(inst, "min_energy", 30)
+        assert proved and reference.stats.get("proven_optimal")
+        assert final.feasible and final.objective == pytest.approx(reference.objective, rel=2e-4)

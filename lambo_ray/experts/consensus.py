@@ -14,6 +14,7 @@ never worse than the best proposal, which stays a feasible point of the model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,19 @@ def server_pair_rounds(
     return best, wins
 
 
-def lp_relaxation(tables: PlacementTables) -> tuple[np.ndarray, float] | None:
-    """The LP relaxation of the whole ``min_energy`` model: x (N, M+1), the fractional assignment (0 =
-    local), and its value, a lower bound on the optimum; None if HiGHS does not solve it. A generalised
-    assignment LP has at most M fractional UEs at a vertex, so x is an almost integral map of where the
-    optimum lies: a few tens of milliseconds at N = 200, M = 8."""
+@dataclass(frozen=True)
+class Relaxation:
+    """The LP relaxation of the whole ``min_energy`` model (:func:`lp_relaxation`)."""
+
+    x: np.ndarray  # (N, M+1) fractional assignment, column 0 = local
+    value: float  # its objective: a lower bound on the optimum
+    reduced: np.ndarray  # (N, M+1) reduced costs, +inf where the option does not exist
+
+
+def lp_relaxation(tables: PlacementTables) -> Relaxation | None:
+    """The LP relaxation of the whole ``min_energy`` model, or None if HiGHS does not solve it. A
+    generalised assignment LP has at most M fractional UEs at a vertex, so x is an almost integral map
+    of where the optimum lies: a few tens of milliseconds at N = 200, M = 8, ~1 ms at N = 50."""
     import highspy
 
     n, m = tables.n_ues, tables.n_servers
@@ -96,15 +105,40 @@ def lp_relaxation(tables: PlacementTables) -> tuple[np.ndarray, float] | None:
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
+    sol = h.getSolution()
     x = np.zeros((n, m + 1))
-    x[ue, opt] = np.asarray(h.getSolution().col_value)
-    return x, float(h.getInfo().objective_function_value)
+    x[ue, opt] = np.asarray(sol.col_value)
+    reduced = np.full((n, m + 1), np.inf)
+    reduced[ue, opt] = np.asarray(sol.col_dual)
+    return Relaxation(x, float(h.getInfo().objective_function_value), reduced)
+
+
+def exact_polish(
+    tables: PlacementTables, best: np.ndarray, relaxed: Relaxation, time_limit: float | None
+) -> tuple[np.ndarray | None, bool]:
+    """The whole ``min_energy`` model solved from ``best``, after reduced-cost fixing: an option whose
+    reduced cost alone lifts the LP bound above ``best``'s energy cannot be part of any better
+    assignment, so its column is dropped (about half of them at N = 50 once ``best`` is polished).
+    Returns (a better assignment or None, whether HiGHS proved the result optimal, to its default
+    relative gap of 1e-4). At N = 50, M = 4 it proves in ~5 ms median, faster than the neighbourhood
+    rounds reach the same decisions; in larger cells the time limit usually ends it first and the
+    incumbent HiGHS returns is still never worse than ``best``."""
+    n = tables.n_ues
+    energy = _energy(tables, best)
+    slack = max(energy - relaxed.value, 0.0) + 1e-9 * max(abs(energy), 1.0)
+    keep = relaxed.reduced <= slack
+    keep[np.arange(n), best] = True
+    ue, opt = np.nonzero(keep)
+    found, proved = _solve_columns(tables, best, ue, opt.astype(np.int64), np.ones(tables.n_servers), time_limit)
+    if found is not None and _energy(tables, found) < energy * (1 - 1e-12):
+        return found, proved
+    return None, proved
 
 
 def lp_guided_rounds(
     tables: PlacementTables,
     best: np.ndarray,
-    x_lp: np.ndarray,
+    relaxed: Relaxation,
     rng: np.random.Generator,
     time_left: Callable[[], float | None],
     rounds: int = 4,
@@ -116,7 +150,7 @@ def lp_guided_rounds(
     without one. Where the LP and the incumbent agree the optimum almost always agrees too, so these
     sets hold the exchanges that single moves, swaps and server pairs cannot find."""
     best, cost, wins, quiet = best.copy(), _energy(tables, best), 0, 0
-    rows = np.arange(tables.n_ues)
+    rows, x_lp = np.arange(tables.n_ues), relaxed.x
     for draw in range(rounds):
         left = time_left()
         if quiet >= 2 or (left is not None and left <= 0):
@@ -156,8 +190,6 @@ def _energy(tables: PlacementTables, target: np.ndarray) -> float:
 def resolve_subset(tables: PlacementTables, best: np.ndarray, free: np.ndarray, time_limit: float) -> np.ndarray | None:
     """``best`` with the UEs ``free`` re-decided by the exact min_energy sub-model (module docstring), or
     None when HiGHS returns no feasible point in time."""
-    import highspy
-
     if free.size < 2:
         return None
     fixed = np.setdiff1d(np.arange(tables.n_ues), free)
@@ -166,19 +198,35 @@ def resolve_subset(tables: PlacementTables, best: np.ndarray, free: np.ndarray, 
     np.add.at(load, best[on] - 1, tables.a_min[on, best[on] - 1])
     room = 1.0 - load
     ue, opt = _columns(tables, free, room)
+    return _solve_columns(tables, best, ue, opt, room, time_limit)[0]
+
+
+def _solve_columns(
+    tables: PlacementTables,
+    best: np.ndarray,
+    ue: np.ndarray,
+    opt: np.ndarray,
+    room: np.ndarray,
+    time_limit: float | None,
+) -> tuple[np.ndarray | None, bool]:
+    """The assignment MILP over the columns (``ue``, ``opt``) within ``room``, ``best`` as the incumbent
+    (it must be a feasible point of the model); returns (``best`` with those UEs re-decided, or None
+    without a feasible point, and whether HiGHS proved optimality)."""
+    import highspy
+
     h = _highs(ue.size, tables.fixed[ue, opt], integral=True, time_limit=time_limit)
     _add_assignment_rows(h, tables, ue, opt, room)
     sol = highspy.HighsSolution()
-    sol.col_value = (best[ue] == opt).astype(float).tolist()  # the best proposal: a feasible point
+    sol.col_value = (best[ue] == opt).astype(float).tolist()
     h.setSolution(sol)
     h.run()
     values = np.asarray(h.getSolution().col_value)
     if values.size != ue.size or h.getInfo().primal_solution_status != 2:
-        return None
+        return None, False
     out = best.copy()
     chosen = values > 0.5
     out[ue[chosen]] = opt[chosen]
-    return out
+    return out, h.getModelStatus() == highspy.HighsModelStatus.kOptimal
 
 
 def _highs(n_cols: int, cost: np.ndarray, *, integral: bool, time_limit: float | None) -> Any:

@@ -9,10 +9,13 @@ The strongest decode mode, built the way neural combinatorial-optimisation syste
    second and kept as a floor: search is then never worse than local search, even when the budget ends
    early;
 2. *polish*: each distinct start, best raw objective first, goes through best-improvement local search
-   (single-UE moves, swaps and ejection chains, exact objective changes at water-filled shares:
-   :func:`lambo_ray.experts.heuristics.descend`);
+   (single-UE moves, swaps, and for ``min_latency`` ejection chains; exact objective changes at
+   water-filled shares: :func:`lambo_ray.experts.heuristics.descend`); for ``min_energy`` the best then
+   seeds an exact solve of the whole model after reduced-cost fixing, which usually proves the optimum
+   at the paper cell's size, and exact neighbourhoods where it does not
+   (:mod:`lambo_ray.experts.ils` step 2);
 3. *perturb*: ``kicks`` rounds of iterated local search from the best so far (relocate a few random
-   UEs to random feasible targets, descend again, keep it if it is better);
+   UEs to random feasible targets, descend again, keep it if it is better), skipped once optimal;
 4. the best assignment gets optimal shares (:func:`lambo_ray.mec.shares.optimal_shares`).
 
 Every step stays inside the feasible set, so the result is feasible whenever a start is (and the starts
