@@ -305,3 +305,30 @@ def test_exact_polish_from_local_search_reaches_the_exact_experts_optimum(paper_
         reference = get_expert("exact").solve(inst, "min_energy", 30)
         assert proved and reference.stats.get("proven_optimal")
         assert final.feasible and final.objective == pytest.approx(reference.objective, rel=2e-4)
+
+
+def test_the_compiled_latency_term_equals_water_filled_shares():
+    """The compiled server term (local search's inner loop) against the reference ``water_fill``: random
+    server groups, many with clamped minimum shares, some over capacity or with an impossible UE."""
+    from lambo_ray.experts.placement import CAP_TOL
+    from lambo_ray.experts.server_kernel import latency_term
+    from lambo_ray.mec.shares import water_fill
+
+    rng = np.random.default_rng(3)
+    clamped = infeasible = 0
+    for _ in range(400):
+        n = int(rng.integers(0, 12))
+        sqrt_c = rng.uniform(0.1, 3.0, n)
+        a_min = rng.uniform(0.0, 2.5 / max(n, 1), n) * rng.choice([0.0, 1.0], n, p=[0.3, 0.7])
+        if n and rng.random() < 0.05:
+            a_min[int(rng.integers(n))] = np.inf
+        work = rng.uniform(0.01, 1.0, n)
+        shares = water_fill(sqrt_c, a_min)
+        got = latency_term(sqrt_c, a_min, work, CAP_TOL)
+        if shares is None:
+            infeasible += 1
+            assert got == np.inf
+        else:
+            clamped += int(np.any(np.isclose(shares, a_min) & (a_min > 0)))
+            assert got == pytest.approx(float((work / shares).sum()) if n else 0.0, rel=1e-12)
+    assert clamped > 20 and infeasible > 20

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lambo_ray.experts.server_kernel import latency_term
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance, check_prompt
-from lambo_ray.mec.shares import water_fill
 
 # Same slack as water_fill's feasibility test, so "feasible here" == "optimal_shares is not None".
 CAP_TOL = 1e-12
@@ -67,10 +67,7 @@ class PlacementTables:
             return float("inf")
         if not self.latency:
             return 0.0
-        shares = water_fill(self.sqrt_c[idx], a_min)
-        if shares is None:
-            return float("inf")
-        return float((self.work[idx, j] / shares).sum())
+        return float(latency_term(self.sqrt_c[idx], a_min, self.work[idx, j], CAP_TOL))
 
     def assignment_cost(self, target: np.ndarray) -> float:
         """Total (unscaled) cost of an assignment; inf when infeasible."""
@@ -222,22 +219,25 @@ class Assignment:
         self._refresh()
 
     # ----------------------------------------------------------------- search
-    def move_bounds(self) -> np.ndarray:
-        """(N, M+1) lower bounds on every single move's cost change (exact for min_energy);
-        inf where the move is a no-op or cannot be feasible."""
+    def move_bounds(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), M+1) lower bounds on the single moves of UEs ``rows`` (default: all) on their cost
+        change (exact for min_energy); inf where the move is a no-op or cannot be feasible."""
         t = self.tables
-        n, m = t.n_ues, t.n_servers
-        rows = np.arange(n)
-        tgt = self.target
+        m = t.n_servers
+        rows = np.arange(t.n_ues) if rows is None else rows
+        tgt = self.target[rows]
+        a_min = t.a_min[rows]
         on = tgt[:, None] == np.arange(1, m + 1)[None, :]
-        fits = np.isfinite(t.a_min) & (self.load[None, :] + t.a_min <= 1.0 + CAP_TOL) & ~on
-        feasible = np.column_stack([t.local_ok & (tgt != 0), fits])
-        bound = t.fixed - t.fixed[rows, tgt][:, None]
+        fits = np.isfinite(a_min) & (self.load[None, :] + a_min <= 1.0 + CAP_TOL) & ~on
+        feasible = np.column_stack([t.local_ok[rows] & (tgt != 0), fits])
+        fixed = t.fixed[rows]
+        bound = fixed - fixed[np.arange(rows.size), tgt][:, None]
         if t.latency:
             p = np.maximum(tgt - 1, 0)
-            rest = np.maximum(self.sw_sum[p] - t.sqrt_work[rows, p], 0.0)
+            sqrt_work = t.sqrt_work[rows]
+            rest = np.maximum(self.sw_sum[p] - sqrt_work[np.arange(rows.size), p], 0.0)
             leave = np.where(tgt > 0, rest**2 - self.server[p], 0.0)
-            join = (self.sw_sum[None, :] + t.sqrt_work) ** 2 - self.server[None, :]
+            join = (self.sw_sum[None, :] + sqrt_work) ** 2 - self.server[None, :]
             bound = bound + leave[:, None]
             bound[:, 1:] += join
         return np.where(feasible, bound, np.inf)
@@ -295,7 +295,7 @@ class Assignment:
 
     def best_move_of(self, i: int, tol: float) -> tuple[float, int] | None:
         """Most improving new target q for UE i alone (exact delta), or None."""
-        best = self._best(self.move_bounds()[i : i + 1], lambda _, q: self.move_delta(i, q), tol)
+        best = self._best(self.move_bounds(np.array([i])), lambda _, q: self.move_delta(i, q), tol)
         return None if best is None else (best[0], best[1][1])
 
     def best_swap(self, tol: float) -> tuple[float, tuple[int, int]] | None:
