@@ -44,6 +44,7 @@ from lambo_ray.mec.instance import PROMPTS, Decision, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.references import JsonlLog, Reference, ReferenceCache, instance_digest
 from lambo_ray.results import print_table, write_results
+from lambo_ray.runtime import limit_compute_threads
 
 GRID_N = (20, 50, 100, 200)
 GRID_M = (2, 4, 8)
@@ -587,9 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     lambo = None
     if any(m in LAMBO_MODES for m in args.methods):
-        import torch
-
-        torch.set_num_threads(1)  # decision times comparable with the single-threaded baselines
+        limit_compute_threads(1)  # decision times comparable with the single-threaded baselines
         lambo = load_lambo(args.checkpoint)
     load_before = os.getloadavg()
     refs: dict[tuple[str, str], list[Reference]] = {}  # filled cell by cell (references cached as they come)

@@ -41,6 +41,7 @@ from lambo_ray.mec.packing import pack_must_offload  # noqa: E402
 from lambo_ray.mec.scenario import PAPER  # noqa: E402
 from lambo_ray.references import ReferenceCache  # noqa: E402
 from lambo_ray.results import print_table, write_results  # noqa: E402
+from lambo_ray.runtime import limit_compute_threads  # noqa: E402
 
 SEED = 70_000  # the paper cell's instances: seed 70_000 + 100 * 50 + 4
 FEASIBILITY_SEED = 90_000
@@ -133,6 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    limit_compute_threads(1)  # decision times comparable with the single-threaded baselines
     lambo = G.load_lambo(args.checkpoint)
     cache = ReferenceCache(args.cache, args.exact_time_limit)
     cell = G.Cell("paper N50-M4", 50, 4, None, SEED + 100 * 50 + 4)

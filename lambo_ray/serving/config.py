@@ -76,7 +76,7 @@ class ServeConfig:
         default=None, metadata=_help("replicas holding the policy (None: the deployment options decide)")
     )
     policy_num_cpus: float = field(default=1.0, metadata=_help("CPUs Ray reserves per replica"))
-    torch_threads: int = field(default=1, metadata=_help("intra-op torch threads per replica"))
+    torch_threads: int = field(default=1, metadata=_help("torch intra-op and BLAS threads per replica"))
     max_ongoing_requests: int = field(default=64, metadata=_help("requests one replica works on at once"))
     max_queued_requests: int = field(
         default=64, metadata=_help("requests waiting for a replica; beyond that 503 with Retry-After at once")

@@ -36,6 +36,7 @@ import torch
 
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.instance import Decision, Instance
+from lambo_ray.runtime import limit_compute_threads
 from lambo_ray.serving.config import BUDGETED_MODES, ServeConfig
 from lambo_ray.serving.decoders import DecoderEntry, LRUCache, public_meta
 
@@ -113,7 +114,7 @@ class PolicyEngine:
     def __init__(self, cfg: ServeConfig) -> None:
         from lambo_ray.policy.checkpoint import load_policy, policy_fingerprint, resolve_policy_dir
 
-        torch.set_num_threads(cfg.torch_threads)
+        limit_compute_threads(cfg.torch_threads)
         self.cfg = cfg
         self.policy, self.meta = load_policy(resolve_policy_dir(cfg.checkpoint))
         self.policy.eval()
