@@ -767,3 +767,23 @@ def test_greedy_row_of_a_sampled_pass_is_the_greedy_decision(mixed_instances):
     for cands, g in zip(mixed, plain):
         assert len(cands) == 4 and np.array_equal(cands[0].target, g.target)
         np.testing.assert_allclose(cands[0].share, g.share, rtol=1e-6)  # float32 head, other batch size
+
+
+def test_clipped_log_maps_nan_and_infinities_to_the_clip_bounds() -> None:
+    """Feature logs: NaN (0/0, inf/inf) and +inf -> +10, 0 -> -10, finite values log-then-clipped, the
+    reference computed value by value with math.log."""
+    import math
+
+    from lambo_ray.policy.features import _clog
+
+    xs = [0.0, -1.0, float("nan"), float("inf"), 1e-30, 1e30, 1.5, 0.3, math.exp(9.99), math.exp(-9.99)]
+
+    def reference(x: float) -> float:
+        if math.isnan(x) or x < 0 or x == float("inf"):
+            return 10.0
+        if x == 0:
+            return -10.0
+        return min(max(math.log(x), -10.0), 10.0)
+
+    got = _clog(np.array(xs))
+    assert got.tolist() == [reference(x) for x in xs]

@@ -65,9 +65,12 @@ _UNREACHABLE_LOG_SHARE = 3.0  # stands for log(a_min) of an impossible pair (> l
 
 
 def _clog(x: np.ndarray) -> np.ndarray:
+    """log(x) clipped to [-_LOG_CLIP, _LOG_CLIP]; NaN (0/0, inf/inf) counts as +_LOG_CLIP.
+
+    ``fmin`` replaces NaN by its other argument, so two ufuncs do what nan_to_num + clip did at a
+    fifth of the cost (17 calls per instance made them a quarter of featurisation)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.log(x)
-    return np.clip(np.nan_to_num(out, nan=_LOG_CLIP, posinf=_LOG_CLIP, neginf=-_LOG_CLIP), -_LOG_CLIP, _LOG_CLIP)
+        return np.maximum(np.fmin(np.log(x), _LOG_CLIP), -_LOG_CLIP)
 
 
 @dataclass
