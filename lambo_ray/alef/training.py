@@ -43,17 +43,18 @@ def label_packings(examples: Sequence[Example], label_plan: str = "inference") -
 
 
 def imitation_losses(
-    policy: torch.nn.Module, examples: Sequence[Example], label_plan: str = "inference"
+    policy: torch.nn.Module, examples: Sequence[Example], label_plan: str = "inference", train_encoder: bool = False
 ) -> ImitationLoss:
     """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
-    encoder frozen: gradients reach only the decoder. Label steps the plan's masks exclude are left out
-    of the loss and counted (``masked_labels``)."""
+    encoder frozen: gradients reach only the decoder (``train_encoder``: the whole model, a control the
+    capacity probe ``benchmarks/alef_ceiling.py`` compares with). Label steps the plan's masks exclude are
+    left out of the loss and counted (``masked_labels``)."""
     from lambo_ray.policy.features import featurize
 
     packings = label_packings(examples, label_plan)
     batch = featurize([e.instance for e in examples], [e.prompt for e in examples], packings=packings)
     target, share = pad_labels([e.target for e in examples], [e.share for e in examples], batch.n_max)
-    return imitation_loss(policy, batch, target, share, train_encoder=False)
+    return imitation_loss(policy, batch, target, share, train_encoder=train_encoder)
 
 
 def train_decoder(
@@ -63,6 +64,7 @@ def train_decoder(
     replay: LabelBuffer,
     cfg: AlefConfig,
     rng: np.random.Generator,
+    train_encoder: bool = False,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes over the drifted labels, each minibatch topped up with replay labels.
 
@@ -77,7 +79,7 @@ def train_decoder(
     for _ in range(cfg.epochs):
         total = n = 0.0
         for mb in epoch_minibatches(drifted, replay, cfg.batch_size, cfg.replay_fraction, rng):
-            il = imitation_losses(policy, mb, cfg.label_plan)
+            il = imitation_losses(policy, mb, cfg.label_plan, train_encoder)
             masked += il.masked_labels
             loss = il.total(cfg.target_weight, cfg.share_weight)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,186 @@
+"""How far can fine-tuning take LAMBO-S's greedy decisions on a drift when labels are not scarce?
+
+ALEF (``benchmarks/alef.py``) ends above 1.5x the undrifted gap on several drifts with <= 192 expert
+labels. This probe asks whether labels are what is missing. It labels ``--train`` drifted arrivals
+(the stream ALEF sees) with the policy's own ``search`` decode, which the search benchmark puts
+within ~0.01 % of the optimum and which costs no expert time, fine-tunes on them for several rounds
+far beyond ALEF's budget (decoder only, as ALEF does; ``full``: the whole model, as a control), and
+reports after every round the greedy gap on
+
+* the first ``--fit`` training instances themselves, to their labels (``fit``: can it fit them at all?),
+* held-out drifted instances and held-out undrifted ones, to the exact expert (ALEF's reference sets:
+  same scenario, drift and seeds).
+
+If the fit gap stays where the held-out one is, the limit is what greedy decoding of this model
+can express on the drift, not how many labels it was shown or which ones the query picked.
+
+    python benchmarks/alef_ceiling.py                                   # five drifts, min_energy
+    python benchmarks/alef_ceiling.py --prompts min_latency --drifts deadline
+    python benchmarks/alef_ceiling.py --markdown benchmarks/results/alef_ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lambo_ray.alef.buffer import Example, LabelBuffer
+from lambo_ray.alef.config import AlefConfig, run_seeds
+from lambo_ray.alef.environment import drift_stream, snapshot_set
+from lambo_ray.alef.metrics import labelled_gap
+from lambo_ray.alef.training import make_optimizer, train_decoder
+from lambo_ray.mec.drift import DRIFTS, apply_drift
+from lambo_ray.mec.instance import PROMPTS, Instance
+from lambo_ray.results import markdown_table, print_table, write_results
+from lambo_ray.runtime import limit_compute_threads
+
+OUT = Path("benchmarks/results/alef_ceiling.json")
+COLUMNS = [
+    "drift",
+    "prompt",
+    "variant",
+    "round",
+    "labels",
+    "fit_gap_pct",
+    "drifted_gap_pct",
+    "undrifted_gap_pct",
+    "target_pct",
+    "within_1_5x",
+]
+
+
+def exact_examples(instances: list[Instance], prompt: str, time_limit: float) -> list[Example]:
+    """Reference labels from the exact expert (its incumbent where the limit hits, with its gap)."""
+    from lambo_ray.experts.base import get_expert
+
+    expert = get_expert("exact")
+    out = []
+    for inst in instances:
+        d = expert.solve(inst, prompt, time_limit=time_limit)
+        out.append(Example(inst, prompt, d.target, d.share, "exact", d.objective, str(d.stats.get("status"))))
+    return out
+
+
+def search_examples(
+    policy: torch.nn.Module, instances: list[Instance], prompt: str, k: int, budget_s: float
+) -> list[Example]:
+    """Labels from the policy's own ``search`` decode (self-labels: no expert involved)."""
+    from lambo_ray.policy.decoding import decide
+
+    out = []
+    for lo in range(0, len(instances), 16):
+        part = instances[lo : lo + 16]
+        for inst, d in zip(part, decide(policy, part, prompt, mode="search", k=k, time_budget_s=budget_s)):
+            out.append(Example(inst, prompt, d.target, d.share, "self_search", d.objective))
+    return out
+
+
+def load_policy_fresh(checkpoint: Path | None) -> torch.nn.Module:
+    from lambo_ray.policy.checkpoint import default_checkpoint, load_policy, resolve_policy_dir
+
+    policy, _ = load_policy(resolve_policy_dir(checkpoint or default_checkpoint()))
+    return policy.eval()
+
+
+def optimizer_for(policy: torch.nn.Module, cfg: AlefConfig, variant: str) -> torch.optim.Optimizer:
+    if variant == "decoder":
+        return make_optimizer(policy, cfg)  # ALEF's own: only the decoder's parameters
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    return torch.optim.Adam(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, Any]]:
+    """Every variant x round of one drift and prompt (the labels are made once, by the base policy)."""
+    cfg = AlefConfig(
+        drift=drift, prompts=(prompt,), epochs=args.epochs, lr=args.lr, share_weight=args.share_weight, seed=args.seed
+    )
+    seeds = run_seeds(cfg.seed)
+    base = load_policy_fresh(args.checkpoint)
+    t0 = time.perf_counter()
+    held = exact_examples(
+        snapshot_set(apply_drift(cfg.scenario, drift), args.heldout, seeds["heldout_drifted"]), prompt, args.time_limit
+    )
+    undrifted = exact_examples(
+        snapshot_set(cfg.scenario, args.heldout, seeds["heldout_undrifted"]), prompt, args.time_limit
+    )
+    train = list(itertools.islice(drift_stream(cfg.scenario, drift, seeds["stream"], cfg.series_dt_s), args.train))
+    replay = snapshot_set(cfg.scenario, max(32, args.train // 4), seeds["replay"])
+    budget_s = args.search_budget_ms / 1e3
+    labels = LabelBuffer()
+    labels.add(search_examples(base, train, prompt, args.search_k, budget_s))
+    replay_labels = LabelBuffer()
+    replay_labels.add(search_examples(base, replay, prompt, args.search_k, budget_s))
+    print(f"{drift} / {prompt}: labels and references in {time.perf_counter() - t0:.0f} s", flush=True)
+    fit_set = labels.examples[: args.fit]
+    undrifted_before = 100 * labelled_gap(base, undrifted)
+    rows = []
+    for variant in args.variants:
+        policy = load_policy_fresh(args.checkpoint)
+        opt = optimizer_for(policy, cfg, variant)
+        rng = np.random.default_rng(cfg.seed)
+        for round_no in range(args.rounds + 1):
+            if round_no:
+                train_decoder(policy, opt, labels, replay_labels, cfg, rng, train_encoder=variant == "full")
+            drifted = 100 * labelled_gap(policy, held)
+            row = {
+                "drift": drift,
+                "prompt": prompt,
+                "variant": variant,
+                "round": round_no,
+                "labels": len(labels.examples),
+                "fit_gap_pct": 100 * labelled_gap(policy, fit_set),
+                "drifted_gap_pct": drifted,
+                "undrifted_gap_pct": 100 * labelled_gap(policy, undrifted),
+                "target_pct": 1.5 * undrifted_before,
+                "within_1_5x": bool(drifted <= 1.5 * undrifted_before),
+            }
+            rows.append(row)
+            print_table([row], COLUMNS)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
+    ap.add_argument("--prompts", nargs="+", default=["min_energy"], choices=list(PROMPTS))
+    ap.add_argument("--variants", nargs="+", default=["decoder", "full"], choices=["decoder", "full"])
+    ap.add_argument("--train", type=int, default=384, help="drifted arrivals labelled by search (self-labels)")
+    ap.add_argument("--fit", type=int, default=64, help="training instances the fit gap is measured on")
+    ap.add_argument("--heldout", type=int, default=32, help="held-out drifted and undrifted instances each")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10, help="passes over the labels per round")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--share-weight", type=float, default=0.1, help="weight of the share term of the loss")
+    ap.add_argument("--search-k", type=int, default=8)
+    ap.add_argument("--search-budget-ms", type=float, default=20.0)
+    ap.add_argument("--time-limit", type=float, default=5.0, help="exact expert's limit per reference label (s)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="policy to probe (default: the shipped LAMBO-S)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--markdown", type=Path, default=None, help="print the table of a results file and exit")
+    args = ap.parse_args(argv)
+    if args.markdown is not None:
+        doc = json.loads(args.markdown.read_text())
+        print(f"`{doc['command']}` (git {doc['git_revision']}, {doc['date'][:10]}, {doc['machine']}):\n")
+        print(markdown_table(doc["rows"], COLUMNS))
+        return
+    limit_compute_threads(1)
+    torch.manual_seed(args.seed)
+    rows: list[dict[str, Any]] = []
+    for prompt in args.prompts:
+        for drift in args.drifts:
+            rows += probe(args, drift, prompt)
+            write_results(args.out, rows, settings={k: str(v) for k, v in vars(args).items()})
+    print_table([r for r in rows if r["round"] in (0, args.rounds)], COLUMNS, title="first and last round")
+
+
+if __name__ == "__main__":
+    main()
