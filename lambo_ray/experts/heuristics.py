@@ -89,19 +89,24 @@ def _place_by_look_ahead(a: Assignment) -> bool:
 
 def repair(a: Assignment) -> bool:
     """Make an infeasible starting assignment feasible: UEs on a server that cannot meet their deadline
-    go local, overloaded servers shed their largest minimum shares, then UEs that must offload are
-    placed as in greedy. Returns whether the result is feasible."""
+    go local, overloaded servers shed UEs that may run locally (largest minimum share first) before any
+    that must offload, then UEs that must offload are placed as in greedy. If the offloaders that were
+    kept leave them no room, the must-offload UEs are placed from scratch (greedy's first phase), so
+    repair succeeds whenever they fit at all. Returns whether the result is feasible."""
     t = a.tables
     target = a.target.copy()
     off = np.flatnonzero(target > 0)
     target[off[~np.isfinite(t.a_min[off, target[off] - 1])]] = 0
     for j in range(t.n_servers):
         idx = np.flatnonzero(target == j + 1)
-        idx = idx[np.argsort(t.a_min[idx, j], kind="stable")]  # ascending: shed from the end
+        idx = idx[np.lexsort((t.a_min[idx, j], t.local_ok[idx]))]  # kept first: must-offload, then small shares
         while idx.size and t.a_min[idx, j].sum() > 1.0 + CAP_TOL:
             target[idx[-1]] = 0
             idx = idx[:-1]
     a.reset(target)
+    if _place_must_offload(a):
+        return True
+    a.reset(np.zeros(t.n_ues, dtype=np.int64))
     return _place_must_offload(a)
 
 
