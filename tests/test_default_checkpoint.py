@@ -33,3 +33,18 @@ def test_missing_default_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(checkpoint, "DEFAULT_CHECKPOINT", tmp_path / "nothing")
     with pytest.raises(LamboInputError, match="default checkpoint is missing"):
         checkpoint.default_checkpoint()
+
+
+def test_refine_reaches_the_optimum_where_local_search_packs_must_offload_ues_badly():
+    """A tight-deadline paper cell (15 of 50 UEs must offload) on which local search's packing of those
+    UEs leaves the big server nearly full: local search ends > 10 % above the proven optimum; refine,
+    polishing with the search engine (an exact solve after reduced-cost fixing for min_energy), ends at it."""
+    policy, _ = load_policy(default_checkpoint())
+    inst = generate_many(ScenarioConfig(deadline_factor=(0.6, 1.3)), 8, seed=991)[6]
+    exact = get_expert("exact").solve(inst, "min_energy", 30)
+    assert exact.stats["proven_optimal"]
+    local = get_expert("local_search").solve(inst, "min_energy")
+    assert local.objective > 1.10 * exact.objective
+    refined = decide(policy, [inst], "min_energy", "refine", k=1)[0]
+    assert refined.stats["feasible"]
+    assert refined.objective == pytest.approx(exact.objective, rel=2e-4)

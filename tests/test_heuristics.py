@@ -332,3 +332,30 @@ def test_the_compiled_latency_term_equals_water_filled_shares():
             clamped += int(np.any(np.isclose(shares, a_min) & (a_min > 0)))
             assert got == pytest.approx(float((work / shares).sum()) if n else 0.0, rel=1e-12)
     assert clamped > 20 and infeasible > 20
+
+
+def test_repair_succeeds_whenever_brute_force_finds_a_feasible_assignment():
+    """Repair from bad starts (every UE on one server; random targets) on small tight-deadline cells: it
+    makes the start feasible exactly when some feasible assignment exists (brute force), even when the
+    start's offloaders crowd out the UEs that must offload."""
+    from lambo_ray.experts.bruteforce import brute_force as enumerate_all
+    from lambo_ray.experts.heuristics import repair
+
+    cfg = ScenarioConfig(n_ues=7, n_servers=2, capacities_cps=(4e9, 6e9), deadline_factor=(0.5, 1.1))
+    rng = np.random.default_rng(5)
+    checked = 0
+    for inst in generate_many(cfg, 40, seed=77):
+        exists = enumerate_all(inst, "min_energy")[3] > 0
+        tables = build_tables(inst, "min_energy")
+        starts = [np.full(inst.n_ues, j + 1) for j in range(inst.n_servers)]
+        starts += [rng.integers(0, inst.n_servers + 1, inst.n_ues) for _ in range(3)]
+        for start in starts:
+            a = Assignment(tables, start.astype(np.int64))
+            if a.feasible:
+                continue
+            checked += 1
+            assert repair(a) == exists
+            assert a.feasible == exists
+            if exists:
+                assert evaluate(inst, a.target, optimal_shares(inst, a.target)).feasible
+    assert checked > 100
