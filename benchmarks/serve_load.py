@@ -15,7 +15,8 @@ of a row over the echo requests/s at the same concurrency in the same configurat
 what the machine (2 shared cores here) does to every request. Prints a table and writes
 ``benchmarks/results/serve_load.json``; ``--markdown`` prints the README table from such a file.
 
-    python benchmarks/serve_load.py                      # untrained S checkpoint, made on the fly
+    python benchmarks/serve_load.py                      # the shipped LAMBO-S (what `lambo serve` serves)
+    python benchmarks/serve_load.py --untrained          # an untrained S policy made on the fly
     python benchmarks/serve_load.py --checkpoint runs/pretrain_S --requests 160
     python benchmarks/serve_load.py --markdown benchmarks/results/serve_load.json
 """
@@ -234,7 +235,8 @@ def print_markdown(path: Path) -> None:
     doc = json.loads(path.read_text())
     print(
         f"`{doc['command']}` at {doc['git_revision']} on {doc['machine']}, {doc['date'][:10]}; N = {doc['n_ues']}, "
-        f"{doc['prompt']}, strongest mode `{doc['strong_mode']}` (k = {doc['search_k']}, budget "
+        f"{doc['prompt']}, policy {doc.get('checkpoint', '?')}, strongest mode `{doc['strong_mode']}` "
+        f"(k = {doc['search_k']}, budget "
         f"{doc['search_budget_ms']:g} ms), /v1/decide_batch carries {doc['batch']} instances per request; "
         f"load average at start {doc['load_average_at_start'][0]}.\n"
     )
@@ -243,7 +245,8 @@ def print_markdown(path: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="policy checkpoint (default: an untrained S policy)")
+    p.add_argument("--checkpoint", type=Path, help="policy checkpoint (default: the shipped LAMBO-S)")
+    p.add_argument("--untrained", action="store_true", help="serve an untrained S policy made on the fly")
     p.add_argument("--n-ues", type=int, default=50)
     p.add_argument("--prompt", default="min_latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -279,7 +282,12 @@ def main() -> None:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
-    checkpoint = args.checkpoint or _untrained_checkpoint(tmp / "ckpt")
+    from lambo_ray.policy.checkpoint import default_checkpoint
+
+    if args.untrained:
+        checkpoint = _untrained_checkpoint(tmp / "ckpt")
+    else:
+        checkpoint = args.checkpoint or default_checkpoint()
     instances_file = tmp / "instances.jsonl"
     write_instances(instances_file, generate_many(ScenarioConfig(n_ues=args.n_ues), 64, seed=4242))
     strong = strongest_mode()
@@ -314,8 +322,10 @@ def main() -> None:
         search_k=args.search_k,
         search_budget_ms=args.search_budget_ms,
         batch=args.batch,
-        checkpoint=str(checkpoint) if args.checkpoint else "untrained S (made on the fly)",
-        untrained=args.checkpoint is None,
+        checkpoint="untrained S (made on the fly)"
+        if args.untrained
+        else (str(args.checkpoint) if args.checkpoint else "shipped lambo-s"),
+        untrained=bool(args.untrained),
         load_average_at_start=[round(x, 2) for x in load_at_start],
         load_average_at_end=[round(x, 2) for x in os.getloadavg()],
         note="ratio_to_echo = req/s over /v1/echo req/s at the same concurrency in the same deployment; "
