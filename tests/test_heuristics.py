@@ -359,3 +359,27 @@ def test_repair_succeeds_whenever_brute_force_finds_a_feasible_assignment():
             if exists:
                 assert evaluate(inst, a.target, optimal_shares(inst, a.target)).feasible
     assert checked > 100
+
+
+def test_large_cell_branch_rounds_the_lp_and_stays_feasible(paper_instances, drifted_instances, monkeypatch):
+    """With the exact polish ruled out (as in cells too large for it), step 2 starts from the rounded LP
+    optimum: on paper and tight-deadline cells the result is feasible, never worse than the start, never
+    below the LP bound, and the rounded start wins somewhere (so the branch is exercised)."""
+    from lambo_ray.experts import ils
+    from lambo_ray.experts.consensus import lp_relaxation
+    from lambo_ray.experts.heuristics import local_search_assignment
+
+    monkeypatch.setattr(ils, "EXACT_MAX_FREE", 0)
+    winners = []
+    for inst in list(paper_instances) + list(drifted_instances["deadline"]):
+        tables = build_tables(inst, "min_energy")
+        start = local_search_assignment(tables)
+        res = ils.iterated_local_search(tables, [("ls", start.target)], np.random.default_rng(0), kicks=0)
+        final = Assignment(tables, res.target)
+        assert final.feasible
+        assert final.cost == pytest.approx(res.cost, rel=1e-9)
+        assert res.cost <= start.cost * (1 + 1e-12)
+        assert res.cost >= lp_relaxation(tables).value * (1 - 1e-9)
+        assert evaluate(inst, res.target, optimal_shares(inst, res.target)).feasible
+        winners.append(res.winner)
+    assert "lp_round" in winners, winners
