@@ -9,7 +9,9 @@ the policy's proposals) and behind training labels for cells too large for the e
    ``min_energy`` step 2 does their work faster);
 2. ``min_energy``: the whole model, solved exactly from the best so far after reduced-cost fixing
    (:func:`~lambo_ray.experts.consensus.exact_polish`). At N = 50, M = 4 it proves the optimum in ~5 ms
-   median, and the search stops there. Otherwise, in the time left: the UEs on which the polished
+   median, and the search stops there. Where the fixing leaves more than ``EXACT_MAX_FREE`` UEs with a
+   choice (N = 200 cells) it rarely finishes in a budget, and the rounded LP optimum becomes one more
+   start instead. Otherwise, in the time left: the UEs on which the polished
    results disagree re-decided exactly by a small MILP, the rest fixed; the UEs on which the LP
    relaxation disagrees with the best (relaxation-induced neighbourhoods); the UEs of two servers at a
    time, until no pair improves or the budget ends. Measured on tuning instances (seeds 61 000 /
