@@ -21,6 +21,8 @@ Writes benchmarks/results/search.json (command, git revision, machine, date) and
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,29 +113,80 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+LABELS = {
+    "exact": "exact (reference)",
+    "lambo_greedy": "LAMBO-S greedy",
+    "lambo_best_of_k": "LAMBO-S best-of-k",
+    "lambo_search": "**LAMBO-S search**",
+    "lambo_search_noheur": "LAMBO-S search, no heuristic start",
+    "local_search": "local search",
+    "greedy": "greedy heuristic",
+    "de": "DE",
+}
+
+
+def _budget(seconds: float | None) -> str:
+    return "none (exact polish capped at 0.2 s)" if seconds is None else f"{1e3 * seconds:g} ms"
+
+
+def readme_tables(doc: dict) -> str:
+    """The README's tables of a results file: gap (max) and ms per method and prompt, then the targets."""
+    by = {(r["prompt"], r["method"]): r for r in doc["rows"]}
+    lines = [
+        f"`{doc['command']}` (git {doc['git_revision']}, {doc['date'][:10]}, {doc['machine']}; k = "
+        f"{doc['settings']['k']}, search budget {_budget(doc['settings']['search_budget_s'])}):",
+        "",
+        "| method | min_latency gap % (max) | ms | budget hits | min_energy gap % (max) | ms | budget hits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, label in LABELS.items():
+        cells = []
+        for prompt in PROMPTS:
+            r = by.get((prompt, method))
+            if r is None:
+                cells += ["-", "-", "-"]
+                continue
+            cells += [f"{r['gap_pct']:.4f} ({r['gap_max_pct']:.2f})", f"{r['decision_ms']:.0f}", str(r["budget_hits"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| prompt | target | result |", "|---|---|---|"]
+    lines += [f"| {t['prompt']} | {t['target']} | {t['result']} |" for t in doc["targets"]]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, help="LAMBO policy checkpoint (default: the shipped model)")
     p.add_argument("--count", type=int, default=200, help="held-out paper instances")
     p.add_argument("--feasibility-count", type=int, default=200, help="instances per feasibility set")
     p.add_argument("--k", type=int, default=8, help="LAMBO best_of_k and search: samples per instance")
-    p.add_argument("--search-budget", type=float, default=0.1, help="LAMBO search: polishing seconds per instance")
+    p.add_argument(
+        "--search-budget",
+        type=float,
+        default=0.1,
+        help="LAMBO search: polishing seconds per instance; 0 = none (the CLI default: the min_energy exact "
+        "polish is then capped at 0.2 s)",
+    )
     p.add_argument("--decode-seed", type=int, default=0, help="seed of LAMBO's sampling and of DE")
     p.add_argument("--exact-time-limit", type=float, default=60.0, help="seconds per exact solve")
     p.add_argument("--cache", type=Path, default=Path("benchmarks/cache/references.jsonl"), help="exact references")
     p.add_argument("--runs-cache", type=Path, default=Path("benchmarks/cache/search_runs.jsonl"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/search.json"))
+    p.add_argument("--markdown", type=Path, help="print the README tables of a results file and exit")
     args = p.parse_args(argv)
     if args.count < 1 or args.feasibility_count < 1 or args.k < 1:
         raise LamboInputError("--count, --feasibility-count and --k must be >= 1")
-    if not args.search_budget > 0:
-        raise LamboInputError(f"--search-budget must be > 0 seconds (got {args.search_budget})")
+    if not (args.search_budget >= 0 and math.isfinite(args.search_budget)):
+        raise LamboInputError(f"--search-budget must be >= 0 seconds (got {args.search_budget})")
+    args.search_budget = args.search_budget or None
     args.prompts, args.methods = list(PROMPTS), list(G.METHODS)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown is not None:
+        print(readme_tables(json.loads(args.markdown.read_text())))
+        return 0
     limit_compute_threads(1)  # decision times comparable with the single-threaded baselines
     lambo = G.load_lambo(args.checkpoint)
     cache = ReferenceCache(args.cache, args.exact_time_limit)
