@@ -80,7 +80,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def exact_examples(instances: list[Instance], prompt: str, time_limit: float) -> list[Example]:
-    """Reference labels from the exact expert (its incumbent where the limit hits, with its gap)."""
+    """Reference labels from the exact expert (its incumbent where the limit hits; the status says which)."""
     from lambo_ray.experts.base import get_expert
 
     expert = get_expert("exact")
