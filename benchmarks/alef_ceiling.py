@@ -4,8 +4,9 @@ ALEF (``benchmarks/alef.py``) ends above 1.5x the undrifted gap on several drift
 labels. This probe asks whether labels are what is missing. It labels ``--train`` drifted arrivals
 (the stream ALEF sees) with the policy's own ``search`` decode, which the search benchmark puts
 within ~0.01 % of the optimum and which costs no expert time, fine-tunes on them for several rounds
-far beyond ALEF's budget (decoder only, as ALEF does; ``full``: the whole model, as a control), and
-reports after every round the greedy gap on
+far beyond ALEF's budget (decoder only, as ALEF does; ``full``: the whole model, as a control;
+``dagger``: decoder only, and every round also trains on DAgger-style relabels of the current policy's
+own greedy decisions, see :func:`prefix_completions`), and reports after every round the greedy gap on
 
 * the first ``--fit`` training instances themselves, to their labels (``fit``: can it fit them at all?),
 * held-out drifted instances and held-out undrifted ones, to the exact expert (ALEF's reference sets:
@@ -16,6 +17,7 @@ can express on the drift, not how many labels it was shown or which ones the que
 
     python benchmarks/alef_ceiling.py                                   # five drifts, min_energy
     python benchmarks/alef_ceiling.py --prompts min_latency --drifts deadline
+    python benchmarks/alef_ceiling.py --drifts mobility deadline --variants decoder dagger --out ...  # DAgger
     python benchmarks/alef_ceiling.py --markdown benchmarks/results/alef_ceiling.json   # the README table
 
 The JSON keeps every round of every variant.
@@ -38,6 +40,7 @@ from lambo_ray.alef.config import AlefConfig, run_seeds
 from lambo_ray.alef.environment import drift_stream, snapshot_set
 from lambo_ray.alef.metrics import labelled_gap
 from lambo_ray.alef.training import make_optimizer, train_decoder
+from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.results import markdown_table, print_table, write_results
@@ -105,6 +108,37 @@ def search_examples(
     return out
 
 
+def prefix_completions(
+    policy: torch.nn.Module, examples: list[Example], rng: np.random.Generator, time_limit: float
+) -> list[Example]:
+    """DAgger-style relabels against exposure bias (``min_energy``): decide each instance greedily with
+    the current policy, keep its first ``i`` decisions in decode order (``i`` uniform per instance) and
+    let the exact ``min_energy`` sub-model re-decide the rest given them. Trained with ``first_step = i``,
+    the loss sees only the expert's decisions, from states the policy itself reaches."""
+    from lambo_ray.alef.online import decide, inference_plan
+    from lambo_ray.experts.consensus import resolve_subset
+    from lambo_ray.experts.placement import build_tables
+    from lambo_ray.mec.evaluator import evaluate
+    from lambo_ray.mec.shares import optimal_shares
+    from lambo_ray.policy.features import featurize
+
+    insts, prompts = [e.instance for e in examples], [e.prompt for e in examples]
+    if set(prompts) != {"min_energy"}:
+        raise LamboInputError("the dagger variant relabels with the exact min_energy sub-model: --prompts min_energy")
+    greedy = decide(policy, insts, prompts)
+    order = featurize(insts, prompts, packings=[inference_plan(i, p) for i, p in zip(insts, prompts)]).order
+    out = []
+    for k, (inst, target) in enumerate(zip(insts, greedy.targets)):
+        first = int(rng.integers(0, inst.n_ues - 1))
+        free = np.sort(order[k, : inst.n_ues].numpy()[first:])
+        completed = resolve_subset(build_tables(inst, "min_energy"), np.asarray(target), free, time_limit)
+        share = None if completed is None else optimal_shares(inst, completed)
+        if share is not None:
+            energy = evaluate(inst, completed, share).objective("min_energy")
+            out.append(Example(inst, "min_energy", completed, share, "prefix_exact", energy, first_step=first))
+    return out
+
+
 def load_policy_fresh(checkpoint: Path | None) -> torch.nn.Module:
     from lambo_ray.policy.checkpoint import default_checkpoint, load_policy, resolve_policy_dir
 
@@ -113,7 +147,7 @@ def load_policy_fresh(checkpoint: Path | None) -> torch.nn.Module:
 
 
 def optimizer_for(policy: torch.nn.Module, cfg: AlefConfig, variant: str) -> torch.optim.Optimizer:
-    if variant == "decoder":
+    if variant != "full":
         return make_optimizer(policy, cfg)  # ALEF's own: only the decoder's parameters
     for p in policy.parameters():
         p.requires_grad_(True)
@@ -151,7 +185,10 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
         rng = np.random.default_rng(cfg.seed)
         for round_no in range(args.rounds + 1):
             if round_no:
-                train_decoder(policy, opt, labels, replay_labels, cfg, rng, train_encoder=variant == "full")
+                train_set = labels
+                if variant == "dagger":
+                    train_set = LabelBuffer(labels.examples + prefix_completions(policy, labels.examples, rng, 2.0))
+                train_decoder(policy, opt, train_set, replay_labels, cfg, rng, train_encoder=variant == "full")
             drifted = 100 * labelled_gap(policy, held)
             row = {
                 "drift": drift,
@@ -174,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
     ap.add_argument("--prompts", nargs="+", default=["min_energy"], choices=list(PROMPTS))
-    ap.add_argument("--variants", nargs="+", default=["decoder", "full"], choices=["decoder", "full"])
+    ap.add_argument("--variants", nargs="+", default=["decoder", "full"], choices=["decoder", "full", "dagger"])
     ap.add_argument("--train", type=int, default=384, help="drifted arrivals labelled by search (self-labels)")
     ap.add_argument("--fit", type=int, default=64, help="training instances the fit gap is measured on")
     ap.add_argument("--heldout", type=int, default=32, help="held-out drifted and undrifted instances each")
@@ -195,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"`{doc['command']}` (git {doc['git_revision']}, {doc['date'][:10]}, {doc['machine']}):\n")
         print(markdown_table(summary(doc["rows"])))
         return
+    if "dagger" in args.variants and args.prompts != ["min_energy"]:
+        ap.error("the dagger variant relabels with the exact min_energy sub-model: use --prompts min_energy")
     limit_compute_threads(1)
     torch.manual_seed(args.seed)
     rows: list[dict[str, Any]] = []

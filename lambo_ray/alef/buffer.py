@@ -36,6 +36,9 @@ class Example:
     instance_id: int | None = None  # position in the drifted stream (references: negative)
     round: int | None = None  # ALEF round that bought it (None: a reference label)
     validation: bool = False  # held back from training: only the gate judges on it (AlefConfig.gate_holdout)
+    # Decode positions before this one are the policy's own decisions, not the expert's (a completion of
+    # the policy's prefix, DAgger style): teacher-forced as given but left out of the loss.
+    first_step: int = 0
 
     @classmethod
     def from_label(cls, inst: Instance, lab: Label, round: int | None = None, validation: bool = False) -> Example:
@@ -59,7 +62,7 @@ class Example:
         """One line of a saved label file: the instance itself, the label and its provenance."""
         from lambo_ray.mec.io import instance_to_dict
 
-        return {
+        record = {
             "schema": LABEL_RECORD,
             "role": "validation" if self.validation else role,  # "query" (bought by a round, trained on),
             # "validation" (bought by a round, gate only), "heldout", "undrifted" or "replay"
@@ -76,6 +79,9 @@ class Example:
             "wall_s": self.wall_s,
             "instance": instance_to_dict(self.instance),
         }
+        if self.first_step:  # only prefix completions carry it; ALEF's own labels never do
+            record["first_step"] = self.first_step
+        return record
 
     @classmethod
     def from_record(cls, doc: dict[str, Any]) -> Example:
@@ -95,6 +101,7 @@ class Example:
             doc.get("instance_id"),
             doc.get("round"),
             doc.get("role") == "validation",
+            int(doc.get("first_step", 0)),
         )
 
 

@@ -48,13 +48,15 @@ def imitation_losses(
     """The imitation loss (:mod:`lambo_ray.policy.imitation`) on a minibatch of expert labels, with the
     encoder frozen: gradients reach only the decoder (``train_encoder``: the whole model, a control the
     capacity probe ``benchmarks/alef_ceiling.py`` compares with). Label steps the plan's masks exclude are
-    left out of the loss and counted (``masked_labels``)."""
+    left out of the loss and counted (``masked_labels``), and so are the steps before an example's
+    ``first_step``."""
     from lambo_ray.policy.features import featurize
 
     packings = label_packings(examples, label_plan)
     batch = featurize([e.instance for e in examples], [e.prompt for e in examples], packings=packings)
     target, share = pad_labels([e.target for e in examples], [e.share for e in examples], batch.n_max)
-    return imitation_loss(policy, batch, target, share, train_encoder=train_encoder)
+    first = torch.tensor([e.first_step for e in examples]) if any(e.first_step for e in examples) else None
+    return imitation_loss(policy, batch, target, share, train_encoder=train_encoder, first_step=first)
 
 
 def train_decoder(

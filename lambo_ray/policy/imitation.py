@@ -58,15 +58,19 @@ def imitation_loss(
     share: torch.Tensor,
     *,
     train_encoder: bool = True,
+    first_step: torch.Tensor | None = None,
 ) -> ImitationLoss:
     """Both loss terms on a padded batch of labels (``target``, ``share``: (B, N) in the instances' own UE
     order, shares as the expert gave them; the batch is in decode order). ``train_encoder=False`` runs the
-    encoder without gradient (ALEF)."""
+    encoder without gradient (ALEF). ``first_step`` (B,): decode positions before it are teacher-forced
+    but left out of both terms (a label that completes the policy's own first decisions)."""
     target, share = batch.to_decode_order(target), batch.to_decode_order(share)
     with contextlib.nullcontext() if train_encoder else torch.no_grad():
         enc = policy.encode(batch)
     tf = policy.teacher_forced(batch, enc, target, share)
     real = batch.ue_mask
+    if first_step is not None:
+        real = real & (torch.arange(batch.n_max)[None, :] >= first_step.to(torch.long)[:, None])
     masked = real & (tf.logp_target < MASKED_LOGP)
     keep = real & ~masked
     off = keep & (target > 0)
