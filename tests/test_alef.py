@@ -428,6 +428,30 @@ def test_imitation_loss_is_the_teacher_forced_likelihood(small_instances):
     assert float(il.target_ce) == pytest.approx(float(-logp.mean()), rel=1e-5)
 
 
+def test_first_step_leaves_the_policys_own_prefix_out_of_the_loss(small_instances):
+    """A label that completes the policy's first ``first_step`` decisions is scored on the rest only:
+    target_ce is -mean log-prob of the expert targets at decode positions >= first_step, recomputed
+    from the logits; first_step survives the label file."""
+    from lambo_ray.policy.features import featurize
+
+    policy = tiny_policy(3)
+    ex = exact_examples(small_instances[:3], "min_latency")
+    firsts = [0, 3, 7]
+    cut = [dataclasses.replace(e, first_step=f) for e, f in zip(ex, firsts)]
+    batch = featurize([e.instance for e in ex], [e.prompt for e in ex])
+    target = batch.to_decode_order(torch.as_tensor(np.stack([e.target for e in ex])))
+    with torch.no_grad():
+        share = batch.to_decode_order(torch.as_tensor(np.stack([e.share for e in ex])))
+        tf = policy.teacher_forced(batch, policy.encode(batch), target, share)
+        full, partial = imitation_losses(policy, ex), imitation_losses(policy, cut)
+    logp = torch.log_softmax(tf.logits, -1).gather(-1, target[..., None])[..., 0]
+    kept = torch.cat([logp[k, f:] for k, f in enumerate(firsts)])
+    assert float(partial.target_ce) == pytest.approx(float(-kept.mean()), rel=1e-5)
+    assert float(partial.target_ce) != pytest.approx(float(full.target_ce), rel=1e-3)
+    assert Example.from_record(cut[2].to_record("query")).first_step == 7
+    assert "first_step" not in ex[0].to_record("query")
+
+
 def test_labels_are_trained_on_the_plan_decoding_uses():
     """label_plan="inference": each label is teacher-forced on the must-offload plan decoding will use
     (decode_packing), not on its own placement of those UEs; label steps that plan's masks exclude are
