@@ -47,6 +47,7 @@ from lambo_ray.results import markdown_table, print_table, write_results
 from lambo_ray.runtime import limit_compute_threads
 
 OUT = Path("benchmarks/results/alef_ceiling.json")
+PREFIX_TIME_LIMIT_S = 2.0  # per completion; min_energy sub-models of N <= 200 solve in well under it
 COLUMNS = [
     "drift",
     "prompt",
@@ -191,7 +192,8 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
             if round_no:
                 train_set = labels
                 if variant == "dagger":
-                    train_set = LabelBuffer(labels.examples + prefix_completions(policy, labels.examples, rng, 2.0))
+                    relabels = prefix_completions(policy, labels.examples, rng, PREFIX_TIME_LIMIT_S)
+                    train_set = LabelBuffer(labels.examples + relabels)
                 train_decoder(policy, opt, train_set, replay_labels, cfg, rng, train_encoder=variant == "full")
             drifted = 100 * labelled_gap(policy, held)
             row = {
