@@ -51,6 +51,7 @@ PREFIX_TIME_LIMIT_S = 2.0  # per completion; min_energy sub-models of N <= 200 s
 COLUMNS = [
     "drift",
     "prompt",
+    "seed",
     "variant",
     "round",
     "labels",
@@ -66,14 +67,15 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per drift x prompt: held-out gaps before and after the last round of each variant, its
     best round (rounds swing by a few tenths of a point), the last round's fit gaps and the 1.5x target
     (the README table)."""
-    cells: dict[tuple[str, str], dict[tuple[str, int], dict[str, Any]]] = {}
+    cells: dict[tuple[str, str, int], dict[tuple[str, int], dict[str, Any]]] = {}
     for r in rows:
-        cells.setdefault((r["drift"], r["prompt"]), {})[(r["variant"], r["round"])] = r
+        cells.setdefault((r["drift"], r["prompt"], r.get("seed", 0)), {})[(r["variant"], r["round"])] = r
     out = []
-    for (drift, prompt), runs in cells.items():
+    for (drift, prompt, seed), runs in cells.items():
         last = max(k[1] for k in runs)
         first = next(r for (v, rnd), r in runs.items() if rnd == 0)
-        row: dict[str, Any] = {"drift": drift, "prompt": prompt, "drifted before %": first["drifted_gap_pct"]}
+        row: dict[str, Any] = {"drift": drift, "prompt": prompt, "seed": seed}
+        row["drifted before %"] = first["drifted_gap_pct"]
         for variant in ("decoder", "full", "dagger"):
             if (variant, last) in runs:
                 row[f"after, {variant} %"] = runs[(variant, last)]["drifted_gap_pct"]
@@ -199,6 +201,7 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
             row = {
                 "drift": drift,
                 "prompt": prompt,
+                "seed": args.seed,
                 "variant": variant,
                 "round": round_no,
                 "labels": len(labels.examples),
