@@ -912,3 +912,50 @@ def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(po
     assert metrics["pool_stats"]["labelled"] == 10 + 24 - journal
     assert metrics["pool_stats"]["from_journal"] == journal - restored
     assert (out / "decoder.pt").read_bytes() == (tmp_path / "whole" / "decoder.pt").read_bytes()
+
+
+def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(small_instances):
+    """The capacity probe's DAgger relabels (benchmarks/alef_ceiling.py): the UEs the policy decided
+    before ``first_step`` (decode order) keep its greedy targets, and the rest is the cheapest feasible
+    min_energy completion given them, checked against brute force over every completion."""
+    import importlib
+    import itertools
+    import sys
+    from pathlib import Path
+
+    from lambo_ray.alef.online import decide, inference_plan
+    from lambo_ray.mec.shares import optimal_shares
+    from lambo_ray.policy.features import featurize
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        ceiling = importlib.import_module("alef_ceiling")
+    finally:
+        sys.path.remove(bench)
+    policy, prompt = tiny_policy(5), "min_energy"
+    seeds = [Example(i, prompt, np.zeros(i.n_ues, np.int64), np.zeros(i.n_ues), "none", 0.0) for i in small_instances]
+    relabels = ceiling.prefix_completions(policy, seeds, np.random.default_rng(3), 5.0)
+    greedy = decide(policy, small_instances, [prompt] * len(small_instances)).targets
+    order = featurize(
+        small_instances, [prompt] * 6, packings=[inference_plan(i, prompt) for i in small_instances]
+    ).order
+    assert len(relabels) == len(small_instances)
+    improved = 0
+    for k, (inst, ex) in enumerate(zip(small_instances, relabels)):
+        assert 0 <= ex.first_step <= inst.n_ues - 2
+        kept = order[k, : ex.first_step].numpy()
+        assert np.array_equal(ex.target[kept], np.asarray(greedy[k])[kept])
+        free = np.setdiff1d(np.arange(inst.n_ues), kept)
+        best = np.inf
+        for choice in itertools.product(range(inst.n_servers + 1), repeat=free.size):
+            target = np.asarray(ex.target).copy()
+            target[free] = choice
+            share = optimal_shares(inst, target)
+            if share is not None and evaluate(inst, target, share).feasible:
+                best = min(best, evaluate(inst, target, share).objective(prompt))
+        assert evaluate(inst, ex.target, ex.share).feasible
+        assert ex.objective == pytest.approx(best, rel=1e-9)
+        greedy_share = optimal_shares(inst, np.asarray(greedy[k]))
+        improved += ex.objective < evaluate(inst, np.asarray(greedy[k]), greedy_share).objective(prompt) * (1 - 1e-9)
+    assert improved >= 1  # an untrained policy's own decisions are not already optimal everywhere
