@@ -70,7 +70,8 @@ def imitation_loss(
     tf = policy.teacher_forced(batch, enc, target, share)
     real = batch.ue_mask
     if first_step is not None:
-        real = real & (torch.arange(batch.n_max)[None, :] >= first_step.to(torch.long)[:, None])
+        position = torch.arange(batch.n_max, device=real.device)[None, :]
+        real = real & (position >= first_step.to(device=real.device, dtype=torch.long)[:, None])
     masked = real & (tf.logp_target < MASKED_LOGP)
     keep = real & ~masked
     off = keep & (target > 0)
