@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -331,6 +332,50 @@ def test_the_numba_kernel_decodes_small_cpu_batches_and_torchscript_the_rest(mon
     monkeypatch.setenv(fast_decode.KERNEL_ENV, "cuda-graphs")
     with pytest.raises(ValueError, match="LAMBO_DECODE_KERNEL must be one of numba, torchscript"):
         fast_decode.kernel_for(cpu, 1)
+
+
+def test_the_numba_kernel_sees_every_change_of_the_decoders_weights(paper_instances, monkeypatch):
+    """The kernel converts the decoder's weights once and keeps them while the parameters are unchanged;
+    an optimiser step or a load_state_dict in between must reach the next decode."""
+    pytest.importorskip("numba")
+    from lambo_ray.policy import fast_decode
+
+    monkeypatch.setenv(fast_decode.KERNEL_ENV, "numba")
+    pol, other = make_policy(TINY, seed=7), make_policy(TINY, seed=8)
+    b = featurize(list(paper_instances), "min_energy")
+
+    def decode_with(kernel: str) -> torch.Tensor:
+        monkeypatch.setenv(fast_decode.KERNEL_ENV, kernel)
+        with torch.no_grad():
+            return pol.decode(b, pol.encode(b), "greedy").logp_target
+
+    first = decode_with("numba")
+    torch.testing.assert_close(decode_with("numba"), first, atol=0, rtol=0)  # served from the cache
+    opt = torch.optim.SGD(pol.decoder.parameters(), lr=0.5)
+    pol.decoder.norm_out.weight.grad = torch.ones_like(pol.decoder.norm_out.weight)
+    opt.step()
+    stepped = decode_with("numba")
+    assert not torch.allclose(stepped, first)
+    torch.testing.assert_close(stepped, decode_with("torchscript"), atol=1e-5, rtol=0)
+    pol.decoder.load_state_dict(other.decoder.state_dict())
+    torch.testing.assert_close(decode_with("numba"), decode_with("torchscript"), atol=1e-5, rtol=0)
+
+
+def test_the_kernels_float32_erf_is_within_a_few_ulp_of_the_exact_one():
+    """The kernel's GELU uses a float32 rational erf instead of libm's double one (speed); it must stay
+    at float32 round-off, or the kernel's decisions would drift from the torch model's."""
+    pytest.importorskip("numba")
+    from lambo_ray.policy.cpu_kernel import _erf32, _gelu
+
+    xs = np.concatenate([np.linspace(-7, 7, 20_001), [0.0, 1e-30, -1e-8, 3.99, 4.0, 4.01]]).astype(np.float32)
+    exact = np.array([math.erf(float(x)) for x in xs])
+    got = np.array([_erf32(x) for x in xs], dtype=np.float64)
+    ulp = np.abs(np.spacing(exact.astype(np.float32))).astype(np.float64)
+    assert np.all(np.abs(got - exact) <= 6 * np.maximum(ulp, 1e-45)), np.max(np.abs(got - exact) / ulp)
+    x64 = xs.astype(np.float64)
+    gelu_exact = 0.5 * x64 * (1 + np.array([math.erf(x / math.sqrt(2)) for x in x64]))
+    gelu = np.array([_gelu(x) for x in xs], dtype=np.float64)
+    np.testing.assert_allclose(gelu, gelu_exact, rtol=1e-6, atol=1e-6)  # 1 + erf cancels for x << 0
 
 
 def test_expert_labels_are_never_masked_under_teacher_forcing():
