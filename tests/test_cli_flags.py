@@ -209,8 +209,30 @@ def test_serve_flags_map_onto_serve_config(tmp_path):
     argv = ["serve", "--checkpoint", str(tmp_path), "--no-batching", "--batch-wait-ms", "20", "--cache-size", "2"]
     cfg = config_from_args(build_parser("serve").parse_args(argv + ["--max-k", "9", "--decoders", str(tmp_path)]))
     assert cfg.batching is False and cfg.batch_wait_timeout_s == pytest.approx(0.02)
-    assert (cfg.decoder_cache_size, cfg.max_k, cfg.policy_replicas) == (2, 9, 1)
+    assert (cfg.decoder_cache_size, cfg.max_k, cfg.policy_replicas) == (2, 9, None)  # None: auto when it starts
     assert cfg.decoders_dir == str(tmp_path.resolve())
+    for replicas, expected in (("auto", None), ("3", 3)):
+        parsed = build_parser("serve").parse_args(argv + ["--replicas", replicas])
+        assert config_from_args(parsed).policy_replicas == expected
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "many", "1.5"])
+def test_serve_replicas_must_be_a_count_or_auto(bad, capsys):
+    assert main(["serve", f"--replicas={bad}"]) == 2
+    assert f"must be an integer >= 1 or auto (got {bad!r})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("free_cpus", "per_replica", "expected"),
+    [(2.0, 1.0, 2), (3.5, 1.0, 3), (0.5, 1.0, 1), (64.0, 1.0, 8), (4.0, 2.0, 2), (3.0, 0.0, 3)],
+)
+def test_auto_replicas_fill_the_free_cpus_up_to_a_cap(free_cpus, per_replica, expected, monkeypatch):
+    import ray
+
+    from lambo_ray.commands.serve import auto_replicas
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": free_cpus})
+    assert auto_replicas(per_replica) == expected
 
 
 LEGACY_FLAGS = {
