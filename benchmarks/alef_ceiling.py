@@ -6,7 +6,9 @@ labels. This probe asks whether labels are what is missing. It labels ``--train`
 within ~0.01 % of the optimum and which costs no expert time, fine-tunes on them for several rounds
 far beyond ALEF's budget (decoder only, as ALEF does; ``full``: the whole model, as a control;
 ``dagger``: decoder only, and every round also trains on DAgger-style relabels of the current policy's
-own greedy decisions, see :func:`prefix_completions`), and reports after every round the greedy gap on
+own greedy decisions, see :func:`prefix_completions`; ``rl``: decoder only, every round's imitation
+followed by a short policy-gradient phase on the drifted arrivals, see :func:`policy_gradient_phase`),
+and reports after every round the greedy gap on
 
 * the first ``--fit`` training instances themselves, to their labels (``fit``: can it fit them at all?),
 * held-out drifted instances and held-out undrifted ones, to the exact expert (ALEF's reference sets:
@@ -47,6 +49,7 @@ from lambo_ray.results import markdown_table, print_table, write_results
 from lambo_ray.runtime import limit_compute_threads
 
 OUT = Path("benchmarks/results/alef_ceiling.json")
+VARIANTS = ("decoder", "full", "dagger", "rl")
 PREFIX_TIME_LIMIT_S = 2.0  # per completion; min_energy sub-models of N <= 200 solve in well under it
 COLUMNS = [
     "drift",
@@ -76,7 +79,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = next(r for (v, rnd), r in runs.items() if rnd == 0)
         row: dict[str, Any] = {"drift": drift, "prompt": prompt, "seed": seed}
         row["drifted before %"] = first["drifted_gap_pct"]
-        for variant in ("decoder", "full", "dagger"):
+        for variant in VARIANTS:
             if (variant, last) in runs:
                 row[f"after, {variant} %"] = runs[(variant, last)]["drifted_gap_pct"]
                 row[f"best round, {variant} %"] = min(
@@ -146,6 +149,61 @@ def prefix_completions(
     return out
 
 
+def policy_gradient_phase(
+    policy: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    instances: list[Instance],
+    prompt: str,
+    rng: np.random.Generator,
+    epochs: int,
+    k: int = 8,
+    chunk: int = 16,
+) -> dict[str, float]:
+    """A short ACRL-style phase on drifted arrivals (no labels): each instance is decoded ``k`` times by
+    sampling (on the plan users' decisions use), every sample's advantage is how much cheaper it is than
+    the mean of its group (as a fraction of that mean; infeasible samples count as the group's worst
+    feasible one plus 10 %), and the decoder ascends advantage x log-probability of its offloading
+    choices (the share head is left to imitation: for ``min_energy`` the objective does not see it).
+    Returns the mean relative spread of the groups (how much there was to learn from)."""
+    from lambo_ray.alef.online import inference_plan, objectives
+    from lambo_ray.policy.features import featurize
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+    spreads = []
+    policy.train()
+    for _ in range(epochs):
+        perm = rng.permutation(len(instances))
+        for lo in range(0, len(instances), chunk):
+            part = [instances[i] for i in perm[lo : lo + chunk]]
+            rep = [inst for inst in part for _ in range(k)]
+            batch = featurize(rep, prompt, packings=[inference_plan(inst, prompt) for inst in rep])
+            with torch.no_grad():
+                enc = policy.encode(batch)
+                gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+                out = policy.decode(batch, enc, "sample", generator=gen)
+            target, share = batch.to_instance_order(out.target), batch.to_instance_order(out.share)
+            obj = objectives(
+                rep,
+                [prompt] * len(rep),
+                [target[r, : inst.n_ues].numpy() for r, inst in enumerate(rep)],
+                [share[r, : inst.n_ues].double().numpy() for r, inst in enumerate(rep)],
+            ).reshape(len(part), k)
+            feasible = np.isfinite(obj)
+            worst = np.max(np.where(feasible, obj, -np.inf), axis=1, keepdims=True)
+            obj = np.where(feasible, obj, 1.1 * np.where(np.isfinite(worst), worst, 1.0))
+            mean = obj.mean(axis=1, keepdims=True)
+            adv = torch.as_tensor(((mean - obj) / np.maximum(mean, 1e-12)).reshape(-1), dtype=torch.float32)
+            spreads.append(float(np.mean(obj.std(axis=1) / np.maximum(mean[:, 0], 1e-12))))
+            tf = policy.teacher_forced(batch, enc, out.target, out.share, u=out.u)
+            loss = -(adv * tf.logp_target.sum(-1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+    policy.eval()
+    return {"group_spread": float(np.mean(spreads)) if spreads else float("nan")}
+
+
 def load_policy_fresh(checkpoint: Path | None) -> torch.nn.Module:
     from lambo_ray.policy.checkpoint import default_checkpoint, load_policy, resolve_policy_dir
 
@@ -197,6 +255,9 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
                     relabels = prefix_completions(policy, labels.examples, rng, PREFIX_TIME_LIMIT_S)
                     train_set = LabelBuffer(labels.examples + relabels)
                 train_decoder(policy, opt, train_set, replay_labels, cfg, rng, train_encoder=variant == "full")
+                if variant == "rl":
+                    pg = policy_gradient_phase(policy, opt, train, prompt, rng, args.rl_epochs, args.rl_k)
+                    print(f"  round {round_no}: policy-gradient phase, group spread {pg['group_spread']:.4f}")
             drifted = 100 * labelled_gap(policy, held)
             row = {
                 "drift": drift,
@@ -220,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS))
     ap.add_argument("--prompts", nargs="+", default=["min_energy"], choices=list(PROMPTS))
-    ap.add_argument("--variants", nargs="+", default=["decoder", "full"], choices=["decoder", "full", "dagger"])
+    ap.add_argument("--variants", nargs="+", default=["decoder", "full"], choices=list(VARIANTS))
     ap.add_argument("--train", type=int, default=384, help="drifted arrivals labelled by search (self-labels)")
     ap.add_argument("--fit", type=int, default=64, help="training instances the fit gap is measured on")
     ap.add_argument("--heldout", type=int, default=32, help="held-out drifted and undrifted instances each")
@@ -228,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=10, help="passes over the labels per round")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--share-weight", type=float, default=0.1, help="weight of the share term of the loss")
+    ap.add_argument("--rl-epochs", type=int, default=2, help="rl variant: policy-gradient passes per round")
+    ap.add_argument("--rl-k", type=int, default=8, help="rl variant: samples per instance (the group)")
     ap.add_argument("--search-k", type=int, default=8)
     ap.add_argument("--search-budget-ms", type=float, default=20.0)
     ap.add_argument("--time-limit", type=float, default=5.0, help="exact expert's limit per reference label (s)")
