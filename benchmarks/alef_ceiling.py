@@ -149,6 +149,37 @@ def prefix_completions(
     return out
 
 
+def sampled_groups(policy: torch.nn.Module, instances: list[Instance], prompt: str, k: int, seed: int):
+    """``k`` sampled decodes of each instance (on the plan users' decisions use) and their evaluator
+    objectives, ``(len(instances), k)``, NaN where infeasible; with the batch, encoding and decode."""
+    from lambo_ray.alef.online import inference_plan, objectives
+    from lambo_ray.policy.features import featurize
+
+    rep = [inst for inst in instances for _ in range(k)]
+    batch = featurize(rep, prompt, packings=[inference_plan(inst, prompt) for inst in rep])
+    with torch.no_grad():
+        enc = policy.encode(batch)
+        out = policy.decode(batch, enc, "sample", generator=torch.Generator().manual_seed(seed))
+    target, share = batch.to_instance_order(out.target), batch.to_instance_order(out.share)
+    obj = objectives(
+        rep,
+        [prompt] * len(rep),
+        [target[r, : inst.n_ues].numpy() for r, inst in enumerate(rep)],
+        [share[r, : inst.n_ues].double().numpy() for r, inst in enumerate(rep)],
+    )
+    return obj.reshape(len(instances), k), batch, enc, out
+
+
+def group_advantages(obj: np.ndarray) -> np.ndarray:
+    """How much cheaper each sample is than the mean of its group, as a fraction of that mean;
+    infeasible samples (NaN) count as the group's worst feasible one plus 10 %."""
+    feasible = np.isfinite(obj)
+    worst = np.max(np.where(feasible, obj, -np.inf), axis=1, keepdims=True)
+    obj = np.where(feasible, obj, 1.1 * np.where(np.isfinite(worst), worst, 1.0))
+    mean = obj.mean(axis=1, keepdims=True)
+    return (mean - obj) / np.maximum(mean, 1e-12)
+
+
 def policy_gradient_phase(
     policy: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -160,14 +191,9 @@ def policy_gradient_phase(
     chunk: int = 16,
 ) -> dict[str, float]:
     """A short ACRL-style phase on drifted arrivals (no labels): each instance is decoded ``k`` times by
-    sampling (on the plan users' decisions use), every sample's advantage is how much cheaper it is than
-    the mean of its group (as a fraction of that mean; infeasible samples count as the group's worst
-    feasible one plus 10 %), and the decoder ascends advantage x log-probability of its offloading
-    choices (the share head is left to imitation: for ``min_energy`` the objective does not see it).
-    Returns the mean relative spread of the groups (how much there was to learn from)."""
-    from lambo_ray.alef.online import inference_plan, objectives
-    from lambo_ray.policy.features import featurize
-
+    sampling, and the decoder ascends advantage (:func:`group_advantages`) x log-probability of its
+    offloading choices (the share head is left to imitation: the ``min_energy`` objective does not see
+    it). Returns the mean relative spread of the groups' advantages (how much there was to learn from)."""
     params = [p for group in opt.param_groups for p in group["params"]]
     spreads = []
     policy.train()
@@ -175,27 +201,11 @@ def policy_gradient_phase(
         perm = rng.permutation(len(instances))
         for lo in range(0, len(instances), chunk):
             part = [instances[i] for i in perm[lo : lo + chunk]]
-            rep = [inst for inst in part for _ in range(k)]
-            batch = featurize(rep, prompt, packings=[inference_plan(inst, prompt) for inst in rep])
-            with torch.no_grad():
-                enc = policy.encode(batch)
-                gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-                out = policy.decode(batch, enc, "sample", generator=gen)
-            target, share = batch.to_instance_order(out.target), batch.to_instance_order(out.share)
-            obj = objectives(
-                rep,
-                [prompt] * len(rep),
-                [target[r, : inst.n_ues].numpy() for r, inst in enumerate(rep)],
-                [share[r, : inst.n_ues].double().numpy() for r, inst in enumerate(rep)],
-            ).reshape(len(part), k)
-            feasible = np.isfinite(obj)
-            worst = np.max(np.where(feasible, obj, -np.inf), axis=1, keepdims=True)
-            obj = np.where(feasible, obj, 1.1 * np.where(np.isfinite(worst), worst, 1.0))
-            mean = obj.mean(axis=1, keepdims=True)
-            adv = torch.as_tensor(((mean - obj) / np.maximum(mean, 1e-12)).reshape(-1), dtype=torch.float32)
-            spreads.append(float(np.mean(obj.std(axis=1) / np.maximum(mean[:, 0], 1e-12))))
+            obj, batch, enc, out = sampled_groups(policy, part, prompt, k, int(rng.integers(2**31)))
+            adv = group_advantages(obj)
+            spreads.append(float(adv.std(axis=1).mean()))
             tf = policy.teacher_forced(batch, enc, out.target, out.share, u=out.u)
-            loss = -(adv * tf.logp_target.sum(-1)).mean()
+            loss = -(torch.as_tensor(adv.reshape(-1), dtype=torch.float32) * tf.logp_target.sum(-1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

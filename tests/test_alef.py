@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -914,25 +915,30 @@ def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(po
     assert (out / "decoder.pt").read_bytes() == (tmp_path / "whole" / "decoder.pt").read_bytes()
 
 
+def alef_ceiling_module():
+    """benchmarks/alef_ceiling.py, the capacity probe (a script, not part of the package)."""
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module("alef_ceiling")
+    finally:
+        sys.path.remove(bench)
+
+
 def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(small_instances):
     """The capacity probe's DAgger relabels (benchmarks/alef_ceiling.py): the UEs the policy decided
     before ``first_step`` (decode order) keep its greedy targets, and the rest is the cheapest feasible
     min_energy completion given them, checked against brute force over every completion."""
-    import importlib
     import itertools
-    import sys
-    from pathlib import Path
 
     from lambo_ray.alef.online import decide, inference_plan
     from lambo_ray.mec.shares import optimal_shares
     from lambo_ray.policy.features import featurize
 
-    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        ceiling = importlib.import_module("alef_ceiling")
-    finally:
-        sys.path.remove(bench)
+    ceiling = alef_ceiling_module()
     policy, prompt = tiny_policy(5), "min_energy"
     seeds = [Example(i, prompt, np.zeros(i.n_ues, np.int64), np.zeros(i.n_ues), "none", 0.0) for i in small_instances]
     relabels = ceiling.prefix_completions(policy, seeds, np.random.default_rng(3), 5.0)
@@ -959,3 +965,33 @@ def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(sm
         greedy_share = optimal_shares(inst, np.asarray(greedy[k]))
         improved += ex.objective < evaluate(inst, np.asarray(greedy[k]), greedy_share).objective(prompt) * (1 - 1e-9)
     assert improved >= 1  # an untrained policy's own decisions are not already optimal everywhere
+
+
+def test_group_advantages_are_relative_to_the_group_mean_and_punish_infeasible_samples():
+    adv = alef_ceiling_module().group_advantages(np.array([[1.0, 2.0, 3.0, np.nan], [np.nan] * 4]))
+    filled = np.array([1.0, 2.0, 3.0, 3.3])  # infeasible: the worst feasible sample + 10 %
+    np.testing.assert_allclose(adv[0], (filled.mean() - filled) / filled.mean())
+    assert np.all(adv[1] == 0.0)  # nothing feasible: nothing to prefer
+
+
+def test_the_policy_gradient_phase_makes_sampled_decisions_cheaper(small_instances):
+    """The probe's policy-gradient phase ascends the advantage: a few passes on tiny cells lower the mean
+    objective of the policy's sampled decisions there, relative to the best sample seen before (a sign
+    error raises it), and the encoder stays as it was."""
+    from lambo_ray.alef.training import freeze_encoder
+
+    ceiling, prompt = alef_ceiling_module(), "min_energy"
+    policy = tiny_policy(5)
+    encoder_before = [p.detach().clone() for p in policy.encoder_parameters()]
+    opt = torch.optim.Adam(freeze_encoder(policy), lr=1e-2)
+
+    def relative_costs(ref: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        obj = ceiling.sampled_groups(policy, list(small_instances), prompt, 64, seed=11)[0]
+        ref = np.nanmin(obj, axis=1) if ref is None else ref
+        return np.where(np.isfinite(obj), obj / ref[:, None], 2.0).mean(), ref
+
+    before, ref = relative_costs()
+    ceiling.policy_gradient_phase(policy, opt, list(small_instances), prompt, np.random.default_rng(0), 8, k=16)
+    after, _ = relative_costs(ref)
+    assert after < before - 0.005, (before, after)
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, policy.encoder_parameters()))
