@@ -325,7 +325,10 @@ def test_the_numba_kernel_decodes_small_cpu_batches_and_torchscript_the_rest(mon
     monkeypatch.delenv(fast_decode.KERNEL_ENV, raising=False)
     cpu = torch.device("cpu")
     assert fast_decode.kernel_for(cpu, 1) == "numba"
-    assert fast_decode.kernel_for(cpu, fast_decode.NUMBA_MAX_ROWS + 1) == "torchscript"
+    assert fast_decode.kernel_for(cpu, 128, 64) == "numba"  # S: up to 128 rows
+    assert fast_decode.kernel_for(cpu, 129, 64) == "torchscript"
+    assert fast_decode.kernel_for(cpu, 2, 512) == "numba"  # M: two rows
+    assert fast_decode.kernel_for(cpu, 3, 512) == "torchscript"
     assert fast_decode.kernel_for(torch.device("meta"), 1) == "torchscript"
     monkeypatch.setenv(fast_decode.KERNEL_ENV, "torchscript")
     assert fast_decode.kernel_for(cpu, 1) == "torchscript"

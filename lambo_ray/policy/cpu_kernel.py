@@ -5,9 +5,9 @@ batch sizes (one instance, or one instance's greedy row plus a few samples) the 
 ~200 us per UE, almost all of it per-op dispatch (~100 aten ops per step, a few microseconds each),
 so one N = 50 decision took ~10 ms of decoding while its arithmetic is ~0.1 MFLOP per step. Compiled
 to machine code the same step is tens of microseconds, which is what lets ``search`` (policy samples
-plus local search) stay a small fraction of DE's time. The TorchScript loop stays for batches over
-``fast_decode.NUMBA_MAX_ROWS`` rows (where batched torch ops win), for other devices (a GPU) and as the
-fallback where Numba is missing (``fast_decode.kernel_for`` chooses).
+plus local search) stay a small fraction of DE's time. The TorchScript loop stays for larger work
+(``fast_decode.NUMBA_MAX_WORK``: rows x width^2, where batched torch ops win), for other devices (a
+GPU) and as the fallback where Numba is missing (``fast_decode.kernel_for`` chooses).
 
 It computes the same thing as ``decode_loop`` from the same prepared inputs (laid out step-major here:
 ``(N, B, ...)``, so a step's slice is contiguous), matrix products through BLAS (``np.dot`` on float32),

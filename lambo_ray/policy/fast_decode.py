@@ -274,18 +274,23 @@ KERNELS = ("numba", "torchscript")
 KERNEL_ENV = "LAMBO_DECODE_KERNEL"  # "numba", "torchscript" or unset (numba on a CPU when importable)
 
 
-NUMBA_MAX_ROWS = 32  # above this many rows the batched torch ops win (measured: 1.4 vs 1.7 ms per row at 64)
+# The Numba kernel decodes a batch while rows x d_model^2 (its matrix work per step) is at most this;
+# above it torch's batched ops win. Measured with one thread, N = 50: S (d = 64) numba / torch 33 / 59 ms
+# at 32 rows, 62 / 87 at 64, 145 / 160 at 128, 299 / 274 at 256; M (d = 512) 133 / 154 ms at 1 row,
+# 625 / 391 at 16.
+NUMBA_MAX_WORK = 128 * 64 * 64
 
 
-def kernel_for(device: torch.device, rows: int) -> str:
-    """Which step loop decodes ``rows`` rows on ``device``: the Numba kernel on a CPU for small batches
-    (per-op dispatch is then the whole cost: one N = 50 instance 17 -> 4 ms), TorchScript for large
-    batches, other devices or where Numba cannot be imported. ``LAMBO_DECODE_KERNEL`` forces one
-    (``numba`` off a CPU still means TorchScript: the kernel reads host memory)."""
+def kernel_for(device: torch.device, rows: int, width: int = 64) -> str:
+    """Which step loop decodes ``rows`` rows of a ``width``-wide decoder (d_model) on ``device``: the Numba
+    kernel on a CPU while per-op dispatch dominates (one N = 50 instance 17 -> 4 ms; S up to 128 rows, M
+    up to two), TorchScript for more work, other devices or where Numba cannot be imported.
+    ``LAMBO_DECODE_KERNEL`` forces one (``numba`` off a CPU still means TorchScript: the kernel reads
+    host memory)."""
     choice = os.environ.get(KERNEL_ENV, "")
     if choice not in ("", *KERNELS):
         raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNELS)} (got {choice!r})")
-    if choice == "torchscript" or device.type != "cpu" or (not choice and rows > NUMBA_MAX_ROWS):
+    if choice == "torchscript" or device.type != "cpu" or (not choice and rows * width * width > NUMBA_MAX_WORK):
         return "torchscript"
     return "numba" if _numba_available() else "torchscript"
 
@@ -446,7 +451,7 @@ def statics_and_dims(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded"
 def run(policy: "LamboPolicy", batch: "PolicyBatch", enc: "Encoded", noise: Optional[DecodeNoise]):
     """Everything the step loop needs, computed once, then the loop: the Numba CPU kernel on a CPU
     (:mod:`lambo_ray.policy.cpu_kernel`), else the TorchScript-compiled :func:`decode_loop`."""
-    if kernel_for(enc.ue.device, batch.batch_size) == "numba":
+    if kernel_for(enc.ue.device, batch.batch_size, policy.cfg.d_model) == "numba":
         from lambo_ray.policy import cpu_kernel
 
         return cpu_kernel.run(policy, batch, enc, noise)
