@@ -193,6 +193,27 @@ def remove_worktree(tmp: Path, path: Path) -> None:
     subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
 
 
+def readme_table(doc: dict[str, Any]) -> str:
+    """The README's table: CPU time of the decoding tasks against the same-run baseline."""
+    from lambo_ray.results import markdown_table
+
+    rows = [
+        {
+            "scale": r["scale"],
+            "B": r["B"],
+            "task": r["task"],
+            "cpu_ms": r["cpu_ms"],
+            "baseline_cpu_ms": r.get("baseline_cpu_ms", "-"),
+            "speedup": r.get("speedup", "-"),
+            "same_targets": r.get("same_target", "-"),
+        }
+        for r in doc["rows"]
+        if r["task"] != "encode"
+    ]
+    head = f"`{doc['command']}` (git {doc['git_revision']}, {doc['date'][:10]}, {doc['machine']})\n\n"
+    return head + markdown_table(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -202,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per task (median reported); M uses half")
     ap.add_argument("--baseline-rev", default=None, help="git revision to time in the same run (via a worktree)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    ap.add_argument("--markdown", type=Path, default=None, help="print the README table of a results file and exit")
     args = ap.parse_args(argv)
     if args.worker:
         worker_main()
+        return 0
+    if args.markdown is not None:
+        print(readme_table(json.loads(args.markdown.read_text())))
         return 0
 
     from lambo_ray.results import print_table, write_results
