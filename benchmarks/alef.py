@@ -89,6 +89,7 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         label_fallbacks=tuple(args.fallbacks),
         lr=args.lr,
         query_samples=args.query_samples,
+        pg_epochs=args.pg_epochs,
         label_plan=args.label_plan,
         scenario=scenario,
         **sizes,
@@ -236,6 +237,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
     p.add_argument("--lr", type=float, default=AlefConfig.lr)
     p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
+    p.add_argument(
+        "--pg-epochs",
+        type=int,
+        default=AlefConfig.pg_epochs,
+        help="policy-gradient passes over each round's drifted instances after imitation (0: off)",
+    )
     p.add_argument(
         "--label-plan",
         default=AlefConfig.label_plan,

@@ -7,7 +7,8 @@ within ~0.01 % of the optimum and which costs no expert time, fine-tunes on them
 far beyond ALEF's budget (decoder only, as ALEF does; ``full``: the whole model, as a control;
 ``dagger``: decoder only, and every round also trains on DAgger-style relabels of the current policy's
 own greedy decisions, see :func:`prefix_completions`; ``rl``: decoder only, every round's imitation
-followed by a short policy-gradient phase on the drifted arrivals, see :func:`policy_gradient_phase`),
+followed by a short policy-gradient phase on the drifted arrivals,
+:func:`lambo_ray.alef.policy_gradient.policy_gradient_phase`),
 and reports after every round the greedy gap on
 
 * the first ``--fit`` training instances themselves, to their labels (``fit``: can it fit them at all?),
@@ -41,6 +42,7 @@ from lambo_ray.alef.buffer import Example, LabelBuffer
 from lambo_ray.alef.config import AlefConfig, run_seeds
 from lambo_ray.alef.environment import drift_stream, snapshot_set
 from lambo_ray.alef.metrics import labelled_gap
+from lambo_ray.alef.policy_gradient import policy_gradient_phase
 from lambo_ray.alef.training import make_optimizer, train_decoder
 from lambo_ray.errors import LamboInputError
 from lambo_ray.mec.drift import DRIFTS, apply_drift
@@ -149,71 +151,6 @@ def prefix_completions(
     return out
 
 
-def sampled_groups(policy: torch.nn.Module, instances: list[Instance], prompt: str, k: int, seed: int):
-    """``k`` sampled decodes of each instance (on the plan users' decisions use) and their evaluator
-    objectives, ``(len(instances), k)``, NaN where infeasible; with the batch, encoding and decode."""
-    from lambo_ray.alef.online import inference_plan, objectives
-    from lambo_ray.policy.features import featurize
-
-    rep = [inst for inst in instances for _ in range(k)]
-    batch = featurize(rep, prompt, packings=[inference_plan(inst, prompt) for inst in rep])
-    with torch.no_grad():
-        enc = policy.encode(batch)
-        out = policy.decode(batch, enc, "sample", generator=torch.Generator().manual_seed(seed))
-    target, share = batch.to_instance_order(out.target), batch.to_instance_order(out.share)
-    obj = objectives(
-        rep,
-        [prompt] * len(rep),
-        [target[r, : inst.n_ues].numpy() for r, inst in enumerate(rep)],
-        [share[r, : inst.n_ues].double().numpy() for r, inst in enumerate(rep)],
-    )
-    return obj.reshape(len(instances), k), batch, enc, out
-
-
-def group_advantages(obj: np.ndarray) -> np.ndarray:
-    """How much cheaper each sample is than the mean of its group, as a fraction of that mean;
-    infeasible samples (NaN) count as the group's worst feasible one plus 10 %."""
-    feasible = np.isfinite(obj)
-    worst = np.max(np.where(feasible, obj, -np.inf), axis=1, keepdims=True)
-    obj = np.where(feasible, obj, 1.1 * np.where(np.isfinite(worst), worst, 1.0))
-    mean = obj.mean(axis=1, keepdims=True)
-    return (mean - obj) / np.maximum(mean, 1e-12)
-
-
-def policy_gradient_phase(
-    policy: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    instances: list[Instance],
-    prompt: str,
-    rng: np.random.Generator,
-    epochs: int,
-    k: int = 8,
-    chunk: int = 16,
-) -> dict[str, float]:
-    """A short ACRL-style phase on drifted arrivals (no labels): each instance is decoded ``k`` times by
-    sampling, and the decoder ascends advantage (:func:`group_advantages`) x log-probability of its
-    offloading choices (the share head is left to imitation: the ``min_energy`` objective does not see
-    it). Returns the mean relative spread of the groups' advantages (how much there was to learn from)."""
-    params = [p for group in opt.param_groups for p in group["params"]]
-    spreads = []
-    policy.train()
-    for _ in range(epochs):
-        perm = rng.permutation(len(instances))
-        for lo in range(0, len(instances), chunk):
-            part = [instances[i] for i in perm[lo : lo + chunk]]
-            obj, batch, enc, out = sampled_groups(policy, part, prompt, k, int(rng.integers(2**31)))
-            adv = group_advantages(obj)
-            spreads.append(float(adv.std(axis=1).mean()))
-            tf = policy.teacher_forced(batch, enc, out.target, out.share, u=out.u)
-            loss = -(torch.as_tensor(adv.reshape(-1), dtype=torch.float32) * tf.logp_target.sum(-1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-    policy.eval()
-    return {"group_spread": float(np.mean(spreads)) if spreads else float("nan")}
-
-
 def load_policy_fresh(checkpoint: Path | None) -> torch.nn.Module:
     from lambo_ray.policy.checkpoint import default_checkpoint, load_policy, resolve_policy_dir
 
@@ -266,8 +203,9 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
                     train_set = LabelBuffer(labels.examples + relabels)
                 train_decoder(policy, opt, train_set, replay_labels, cfg, rng, train_encoder=variant == "full")
                 if variant == "rl":
-                    pg = policy_gradient_phase(policy, opt, train, prompt, rng, args.rl_epochs, args.rl_k)
-                    print(f"  round {round_no}: policy-gradient phase, group spread {pg['group_spread']:.4f}")
+                    prompts = [prompt] * len(train)
+                    pg = policy_gradient_phase(policy, opt, train, prompts, rng, args.rl_epochs, args.rl_k)
+                    print(f"  round {round_no}: policy-gradient phase, group spread {pg['pg_group_spread']:.4f}")
             drifted = 100 * labelled_gap(policy, held)
             row = {
                 "drift": drift,

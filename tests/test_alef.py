@@ -546,6 +546,34 @@ def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     assert all(o.gap >= -1e-4 for o in queried if o.gap is not None)
 
 
+def test_finetune_with_a_policy_gradient_phase_runs_it_every_round_behind_the_gate(pool):
+    """--pg-epochs: every round samples on its drifted instances after imitation (both prompts), the
+    steps are recorded with the round, and the gate still guards the update."""
+    policy = tiny_policy(4)
+    cfg = AlefConfig(
+        drift="outage",
+        rounds=2,
+        pool_size=12,
+        budget=8,
+        experts=2,
+        epochs=2,
+        batch_size=8,
+        n_replay=4,
+        n_heldout=6,
+        gate_instances=8,
+        pg_epochs=2,
+        pg_samples=4,
+        scenario=TINY,
+        seed=5,
+    )
+    res = run_alef(policy, cfg, pool)
+    for r in res.rounds:
+        assert r.train["pg_steps"] >= 2 * 2  # 2 passes over >= 9 instances in chunks of 8
+        assert np.isfinite(r.train["pg_group_spread"])
+        assert r.gate  # judged
+    assert res.after["drifted"]["feasible"] >= res.before["drifted"]["feasible"]
+
+
 def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
     """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate judges on the
     held-back labels only (never trained on), and its gaps are the greedy gaps to those labels
@@ -968,30 +996,58 @@ def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(sm
 
 
 def test_group_advantages_are_relative_to_the_group_mean_and_punish_infeasible_samples():
-    adv = alef_ceiling_module().group_advantages(np.array([[1.0, 2.0, 3.0, np.nan], [np.nan] * 4]))
+    from lambo_ray.alef.policy_gradient import group_advantages
+
+    adv = group_advantages(np.array([[1.0, 2.0, 3.0, np.nan], [np.nan] * 4]))
     filled = np.array([1.0, 2.0, 3.0, 3.3])  # infeasible: the worst feasible sample + 10 %
     np.testing.assert_allclose(adv[0], (filled.mean() - filled) / filled.mean())
     assert np.all(adv[1] == 0.0)  # nothing feasible: nothing to prefer
 
 
-def test_the_policy_gradient_phase_makes_sampled_decisions_cheaper(small_instances):
-    """The probe's policy-gradient phase ascends the advantage: a few passes on tiny cells lower the mean
-    objective of the policy's sampled decisions there, relative to the best sample seen before (a sign
-    error raises it), and the encoder stays as it was."""
+@pytest.mark.parametrize("prompt", ["min_energy", "min_latency"])
+def test_the_policy_gradient_phase_makes_sampled_decisions_cheaper(small_instances, prompt):
+    """A few policy-gradient passes on tiny cells lower the mean objective of the policy's sampled
+    decisions there, relative to the best sample seen before (a sign error raises it), for either
+    prompt, and the encoder stays as it was."""
+    from lambo_ray.alef.policy_gradient import policy_gradient_phase, sampled_groups
     from lambo_ray.alef.training import freeze_encoder
 
-    ceiling, prompt = alef_ceiling_module(), "min_energy"
+    instances, prompts = list(small_instances), [prompt] * len(small_instances)
     policy = tiny_policy(5)
     encoder_before = [p.detach().clone() for p in policy.encoder_parameters()]
     opt = torch.optim.Adam(freeze_encoder(policy), lr=1e-2)
 
-    def relative_costs(ref: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        obj = ceiling.sampled_groups(policy, list(small_instances), prompt, 64, seed=11)[0]
+    def relative_cost(ref: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        obj = sampled_groups(policy, instances, prompts, 64, seed=11)[0]
         ref = np.nanmin(obj, axis=1) if ref is None else ref
-        return np.where(np.isfinite(obj), obj / ref[:, None], 2.0).mean(), ref
+        return float(np.where(np.isfinite(obj), obj / ref[:, None], 2.0).mean()), ref
 
-    before, ref = relative_costs()
-    ceiling.policy_gradient_phase(policy, opt, list(small_instances), prompt, np.random.default_rng(0), 8, k=16)
-    after, _ = relative_costs(ref)
+    before, ref = relative_cost()
+    stats = policy_gradient_phase(policy, opt, instances, prompts, np.random.default_rng(0), 8, k=16)
+    after, _ = relative_cost(ref)
+    assert stats["pg_steps"] == 8 and stats["pg_group_spread"] > 0
     assert after < before - 0.005, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, policy.encoder_parameters()))
+
+
+def test_the_policy_gradient_phase_never_samples_on_what_the_gate_judges(small_instances):
+    """ALEF's phase runs on the round's arrivals and the trained labels' instances, once each, and never
+    on a held-back label's instance (the gate's labelled check would then judge on trained data)."""
+    from lambo_ray.alef.rounds import Arrivals, RunState, policy_gradient_set
+
+    a, b, c, d, e, f = small_instances
+    zero = np.zeros(5, np.int64)
+    state = RunState()
+    state.buffer.add(
+        [
+            Example(a, "min_energy", zero, np.zeros(5), "exact", 1.0, validation=False),
+            Example(b, "min_latency", zero, np.zeros(5), "exact", 1.0, validation=True),
+            Example(e, "min_energy", zero, np.zeros(5), "exact", 1.0, validation=False),  # an earlier round's
+        ]
+    )
+    run = type("Run", (), {"state": state})()
+    arr = Arrivals([a, b, c, d], [0, 1, 2, 3], ["min_energy", "min_latency"] * 2, None, [], np.array([0, 1]))
+    instances, prompts = policy_gradient_set(run, arr)
+    assert [id(i) for i in instances] == [id(a), id(c), id(d), id(e)]
+    assert prompts == ["min_energy", "min_energy", "min_latency", "min_energy"]
+    assert id(f) not in {id(i) for i in instances}

@@ -117,6 +117,15 @@ class AlefConfig:
             "choices": LABEL_PLANS,
         },
     )
+    # After each round's imitation, an optional label-free policy-gradient phase on the drifted
+    # instances (lambo_ray.alef.policy_gradient): k sampled decodes per instance, group baseline. The
+    # capacity probe measured it lowering the held-out greedy gap after imitation on deadline, outage and
+    # density and raising it on mobility; the gate judges the round's whole update.
+    pg_epochs: int = field(
+        default=0,
+        metadata={"help": "policy-gradient passes over the round's drifted instances after imitation (0: off)"},
+    )
+    pg_samples: int = field(default=8, metadata={"help": "sampled decodes per instance in the policy-gradient phase"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the cross-entropy of the expert's targets"})
     share_weight: float = field(
         default=1.0, metadata={"help": "weight of the negative log-likelihood of the expert's shares"}
@@ -148,6 +157,8 @@ class AlefConfig:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.label_attempts < 1 or self.query_samples < 1:
             problems.append("label_attempts and query_samples must be >= 1")
+        if self.pg_epochs < 0 or self.pg_samples < 2:
+            problems.append(f"pg_epochs must be >= 0 and pg_samples >= 2 (got {self.pg_epochs}, {self.pg_samples})")
         if self.n_replay < 0 or self.gate_instances < 0:
             problems.append(f"n_replay and gate_instances must be >= 0 (got {self.n_replay}, {self.gate_instances})")
         if not (0.0 <= self.gate_holdout < 1.0):

@@ -24,6 +24,7 @@ from lambo_ray.alef.gate import GateReport, judge, labelled_fit
 from lambo_ray.alef.labels import Label, Outcome
 from lambo_ray.alef.metrics import OnlineRecord, RoundMetrics, gap_report, label_quality
 from lambo_ray.alef.online import Decided, decide, objectives
+from lambo_ray.alef.policy_gradient import policy_gradient_phase
 from lambo_ray.alef.query import LabelBudget, Query, select
 from lambo_ray.alef.references import Labeller, References
 from lambo_ray.alef.training import train_decoder
@@ -136,14 +137,33 @@ def _greedy_objectives(policy: torch.nn.Module, instances: list[Instance], promp
     return objectives(instances, prompts, d.targets, d.shares)
 
 
+def policy_gradient_set(run: AlefRun, arr: Arrivals) -> tuple[list[Instance], list[str]]:
+    """The drifted instances the policy-gradient phase samples on: the round's arrivals and the
+    instances of the labels trained on so far, but none the gate judges on (held-back labels)."""
+    examples = run.state.buffer.examples
+    held = {id(e.instance) for e in examples if e.validation}
+    pairs = list(zip(arr.instances, arr.prompts)) + [(e.instance, e.prompt) for e in examples if not e.validation]
+    seen: set[int] = set()
+    instances, prompts = [], []
+    for inst, prompt in pairs:
+        if id(inst) not in held and id(inst) not in seen:
+            seen.add(id(inst))
+            instances.append(inst)
+            prompts.append(prompt)
+    return instances, prompts
+
+
 def train_behind_gate(
-    run: AlefRun, unlabelled: tuple[list[Instance], list[str]] = ([], [])
+    run: AlefRun,
+    unlabelled: tuple[list[Instance], list[str]] = ([], []),
+    pg_set: tuple[list[Instance], list[str]] = ([], []),
 ) -> tuple[dict[str, float], GateReport | None]:
-    """Train the decoder on the buffer (+ replay) without its held-back labels; with the gate on, keep
-    the update only if greedy decoding on the held-back labels (drifted + replay) did not get worse, nor
-    on the ``unlabelled`` arrivals (old and new decisions compared instance by instance), else restore
-    decoder and optimiser exactly. Until a round has held back any label (a budget too small to spare
-    one) the labelled check judges on the training labels."""
+    """Train the decoder on the buffer (+ replay) without its held-back labels, then (``pg_epochs`` > 0)
+    by policy gradient on ``pg_set``; with the gate on, keep the update only if greedy decoding on the
+    held-back labels (drifted + replay) did not get worse, nor on the ``unlabelled`` arrivals (old and
+    new decisions compared instance by instance), else restore decoder and optimiser exactly. Until a
+    round has held back any label (a budget too small to spare one) the labelled check judges on the
+    training labels."""
     cfg, policy = run.cfg, run.policy
     insts, prompts = unlabelled
     trained, held = split_validation(run.state.buffer.examples)
@@ -156,6 +176,13 @@ def train_behind_gate(
     decoder_state = copy.deepcopy(policy.decoder.state_dict())
     opt_state = copy.deepcopy(run.opt.state_dict())
     train = train_decoder(policy, run.opt, trained, run.replay, cfg, run.rng_train)
+    if cfg.pg_epochs > 0:
+        insts_pg, prompts_pg = pg_set
+        pg = policy_gradient_phase(
+            policy, run.opt, insts_pg, prompts_pg, run.rng_train, cfg.pg_epochs, k=cfg.pg_samples,
+            chunk=cfg.batch_size, grad_clip=cfg.grad_clip,
+        )  # fmt: skip
+        train = {**train, **pg}
     if before is None:
         return train, None
     paired = None
@@ -177,7 +204,7 @@ def run_round(run: AlefRun) -> RoundMetrics:
     cached_before = getattr(run.labeller, "cached", 0)
     labels, skipped, label_s = buy_labels(run, arr, round_no)
     t0 = time.perf_counter()
-    train, gate = train_behind_gate(run, gate_arrivals(run))
+    train, gate = train_behind_gate(run, gate_arrivals(run), policy_gradient_set(run, arr))
     train_s = time.perf_counter() - t0
     m = round_metrics(run, arr, labels, train, gate)
     m.skipped, m.label_s, m.train_s = skipped, label_s, train_s
