@@ -399,8 +399,10 @@ def _weight_arrays(policy: LamboPolicy) -> tuple[tuple[np.ndarray, ...], tuple[n
 
     Converting them is ~40 small tensor ops, about a third of a one-instance decode outside the kernel.
     Every in-place change of a parameter (an optimiser step, ``load_state_dict``) bumps its version
-    counter and a new tensor has new storage, so either invalidates the cached arrays."""
-    key = tuple((p.data_ptr(), p._version) for p in policy.decoder.parameters())
+    counter and a new tensor has new storage, so either invalidates the cached arrays. Inference
+    tensors (Serve's decoder views are loaded under inference mode) have no version counter; they can
+    only be changed in place inside inference mode, which nothing here does, so their storage is the key."""
+    key = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in policy.decoder.parameters())
     hit = _WEIGHTS.get(policy)
     if hit is None or hit[0] != key:
         hit = (key, tuple(_layer_arrays(policy)), tuple(_head_arrays(policy)))
