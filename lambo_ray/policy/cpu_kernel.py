@@ -54,10 +54,10 @@ ERF_DEN = (
 
 @njit(cache=True, fastmath=FAST, inline="always")
 def _erf32(x: float) -> float:
-    """erf in float32 as a rational function of x^2 (the minimax fit Eigen and XLA use; within 6 ulp of
-    the exact value on every float32 input). libm's double ``erf`` costs ~25 ns a call and a decoder
-    step makes ~580 of them per row (server pooling, the FFN, the share head): it was more than half of
-    the kernel's time. This one is a few multiply-adds that vectorise."""
+    """erf in float32 as a rational function of x^2 (a minimax fit of the kind Eigen uses; within 6 ulp
+    of the exact value on a dense grid, tested). libm's double ``erf`` costs ~25 ns a call and a decoder
+    step makes ~580 of them per row (server pooling, the FFN, the share head); this one is a few
+    multiply-adds (~4 ns) that vectorise: decoding 1.1-1.2x faster at batches up to 16."""
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
     p = np.float32(-2.72614225801306e-10)
