@@ -90,6 +90,7 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         lr=args.lr,
         query_samples=args.query_samples,
         pg_epochs=args.pg_epochs,
+        gate_instances=args.gate_instances,
         label_plan=args.label_plan,
         scenario=scenario,
         **sizes,
@@ -237,6 +238,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
     p.add_argument("--lr", type=float, default=AlefConfig.lr)
     p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
+    p.add_argument(
+        "--gate-instances",
+        type=int,
+        default=AlefConfig.gate_instances,
+        help="unlabelled drifted arrivals the gate compares old and new greedy decisions on",
+    )
     p.add_argument(
         "--pg-epochs",
         type=int,
