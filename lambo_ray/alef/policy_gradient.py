@@ -17,6 +17,7 @@ imitation + policy-gradient update of a round as one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,12 +25,16 @@ import torch
 from lambo_ray.alef.online import inference_plan, objectives
 from lambo_ray.mec.instance import Instance
 
+if TYPE_CHECKING:
+    from lambo_ray.policy.features import PolicyBatch
+    from lambo_ray.policy.model import DecodeOut, Encoded
+
 INFEASIBLE_PENALTY = 1.1  # an infeasible sample counts as its group's worst feasible one times this
 
 
 def sampled_groups(
     policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], k: int, seed: int
-) -> tuple[np.ndarray, object, object, object]:
+) -> tuple[np.ndarray, PolicyBatch, Encoded, DecodeOut]:
     """``k`` sampled decodes of each instance (on the must-offload plan users' decisions use) and their
     evaluator objectives, ``(len(instances), k)`` with NaN where infeasible; plus the batch, encoding
     and decode, in group-major row order (instance 0's ``k`` rows first)."""

@@ -134,7 +134,6 @@ def start(cfg, host: str, port: int, *, num_cpus: int | None = None) -> tuple[st
     from lambo_ray.serving.proxy import PROXY_ENV, start_serve
 
     check_checkpoint(cfg, load_weights=True)  # a bad checkpoint is one line, before anything starts
-    build_app(cfg)  # every other config error too
     os.environ.update(PROXY_ENV)  # an embedded Ray's processes inherit it
     init_ray(num_cpus=num_cpus)
     if cfg.policy_replicas is None:

@@ -41,14 +41,15 @@ NEG = np.float32(-1e9)
 # pairs carry a_min = inf and the comparisons on them must stay exact.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 SQRT1_2 = 0.7071067811865476
-# _erf32's numerator (odd, after its leading x^12 term) and denominator (even, after x^8) coefficients.
+# _erf32's coefficients, highest power first: numerator in x^2 (times x), denominator in x^2.
 ERF_NUM = (
-    np.float32(2.77068142495902e-08), np.float32(-2.10102402082508e-06), np.float32(-5.69250639462346e-05),
-    np.float32(-7.34990630326855e-04), np.float32(-2.95459980854025e-03), np.float32(-1.60960333262415e-02),
+    np.float32(-2.72614225801306e-10), np.float32(2.77068142495902e-08), np.float32(-2.10102402082508e-06),
+    np.float32(-5.69250639462346e-05), np.float32(-7.34990630326855e-04), np.float32(-2.95459980854025e-03),
+    np.float32(-1.60960333262415e-02),
 )  # fmt: skip
 ERF_DEN = (
-    np.float32(-2.13374055278905e-04), np.float32(-1.68282697438203e-03), np.float32(-7.37332916720468e-03),
-    np.float32(-1.42647390514189e-02),
+    np.float32(-1.45660718464996e-05), np.float32(-2.13374055278905e-04), np.float32(-1.68282697438203e-03),
+    np.float32(-7.37332916720468e-03), np.float32(-1.42647390514189e-02),
 )  # fmt: skip
 
 
@@ -60,10 +61,9 @@ def _erf32(x: float) -> float:
     multiply-adds (~4 ns) that vectorise: decoding 1.1-1.2x faster at batches up to 16."""
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
-    p = np.float32(-2.72614225801306e-10)
+    p = q = np.float32(0.0)  # Horner from zero: the first step gives the leading coefficient exactly
     for c in ERF_NUM:
         p = p * x2 + c
-    q = np.float32(-1.45660718464996e-05)
     for c in ERF_DEN:
         q = q * x2 + c
     return x * p / q
