@@ -38,12 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.config import LABEL_PLANS, AlefConfig, make_pool
+from lambo_ray.alef.config import LABEL_PLANS, AlefConfig, make_pool, run_seeds
+from lambo_ray.alef.environment import cycle_prompts, snapshot_set
 from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
+from lambo_ray.alef.gate import confidence_z, paired_change
+from lambo_ray.alef.online import greedy_objectives
 from lambo_ray.alef.query import query_strategies
 from lambo_ray.alef.worker import fallback_names
-from lambo_ray.mec.drift import DRIFTS
-from lambo_ray.mec.instance import PROMPTS
+from lambo_ray.mec.drift import DRIFTS, apply_drift
+from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.results import print_table, write_results
 from lambo_ray.runtime import init_ray
@@ -91,6 +94,7 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
         query_samples=args.query_samples,
         pg_epochs=args.pg_epochs,
         gate_instances=args.gate_instances,
+        gate_confidence=args.gate_confidence,
         label_plan=args.label_plan,
         scenario=scenario,
         **sizes,
@@ -126,6 +130,37 @@ def run_row(drift: str, prompt: str, seed: int, query: str, res: AlefResult) -> 
     }
 
 
+def check_sets(cfg: AlefConfig, count: int) -> dict[str, tuple[list[Instance], list[str]]]:
+    """Fresh drifted and undrifted instances from a seed of their own (no run sees them), on which the
+    decoder a run ships is compared with the one it started from. The held-out sets are labelled and
+    so small; per-instance changes are heavy-tailed, and whether a run shipped a worse decoder needs
+    no label, only many instances."""
+    seed = run_seeds(cfg.seed)["check"]
+    prompts = cycle_prompts(cfg.prompts, count)
+    return {
+        "drifted": (snapshot_set(apply_drift(cfg.scenario, cfg.drift), count, seed), prompts),
+        "undrifted": (snapshot_set(cfg.scenario, count, seed + 1), prompts),
+    }
+
+
+def shipped_change(
+    start: dict[str, np.ndarray], policy: torch.nn.Module, sets: dict[str, tuple[list[Instance], list[str]]]
+) -> dict[str, float]:
+    """Paired change of the greedy objective from the starting decoder (``start``: its objectives on
+    ``sets``) to ``policy``'s: mean relative change and its standard error per set."""
+    out: dict[str, float] = {}
+    for name, (instances, prompts) in sets.items():
+        c = paired_change(start[name], greedy_objectives(policy, instances, prompts))
+        out[f"change_{name}"] = math.inf if c.new_infeasible else c.mean
+        out[f"change_{name}_se"] = c.se
+    return out
+
+
+def shown_worse(row: dict[str, Any], z: float = confidence_z(0.95)) -> bool:
+    """The shipped decoder is worse than the start with 95 % one-sided confidence on either check set."""
+    return any(row[f"change_{k}"] - z * row[f"change_{k}_se"] > 0 for k in ("drifted", "undrifted"))
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95 % Student-t interval (NaN values dropped; 0 width for one value)."""
     from scipy import stats
@@ -158,6 +193,10 @@ def summarise(runs: list[dict[str, Any]], queries: list[str]) -> list[dict[str, 
             row["skipped"] = sum(r["skipped"] for r in mine)
             row["rounds_kept"] = f"{sum(r['rounds_kept'] for r in mine)}/{sum(r['rounds'] for r in mine)}"
             row["within_1_5x_undrifted"] = bool(row["gap_after"] <= 1.5 * row["undrifted_gap_before"])
+            if all("change_drifted" in r for r in mine):
+                for key in ("change_drifted", "change_undrifted"):
+                    row[key], row[f"{key}_ci"] = mean_ci([r[key] for r in mine])
+                row["shown_worse"] = sum(shown_worse(r) for r in mine)
             if q != "random" and rnd:
                 diff = [rnd[r["seed"]] - r["gap_after"] for r in mine if r["seed"] in rnd]
                 row["gain_vs_random"], row["gain_vs_random_ci"] = mean_ci(diff)
@@ -181,6 +220,15 @@ def run_key(drift: str, prompt: str, seed: int, query: str) -> str:
     return f"{drift}/{prompt}/{seed}/{query}"
 
 
+def run_line(row: dict[str, Any]) -> str:
+    return (
+        f"  {row['drift']:9s} {row['prompt']:11s} seed {row['seed']} {row['query']:7s}: gap {row['gap_before']:.4f} "
+        f"-> {row['gap_after']:.4f}, {row['labels']} labels ({row['skipped']} skipped), kept {row['rounds_kept']}/"
+        f"{row['rounds']}, shipped vs start on {row['check_instances']} fresh drifted instances "
+        f"{100 * row['change_drifted']:+.3f} % (se {100 * row['change_drifted_se']:.3f}), {row['wall_s']:.1f} s"
+    )
+
+
 def run_all(
     args: argparse.Namespace,
     base: torch.nn.Module,
@@ -201,21 +249,20 @@ def run_all(
                         continue
                     cfg = dataclasses.replace(cfg0, drift=drift, prompts=(prompt,), seed=seed)
                     refs = prepare_references(cfg, pool)
+                    checks = check_sets(cfg, args.check_instances)
+                    start = {k: greedy_objectives(base, *v) for k, v in checks.items()}
                     for q in todo:
-                        res = run_alef(copy.deepcopy(base), dataclasses.replace(cfg, query=q), pool, references=refs)
+                        policy = copy.deepcopy(base)
+                        res = run_alef(policy, dataclasses.replace(cfg, query=q), pool, references=refs)
                         row = run_row(drift, prompt, seed, q, res)
+                        row |= shipped_change(start, policy, checks) | {"check_instances": args.check_instances}
                         row["reference_skipped"] = refs.skipped
                         runs.append(row)
                         # every served decision of a run (res.online) is too much for a committed results file:
                         # the per-round metrics and the gate's reports are kept
                         kept = {k: v for k, v in res.to_dict().items() if k not in ("online", "config")}
                         details[run_key(drift, prompt, seed, q)] = kept | {"reference_sources": refs.sources()}
-                        print(
-                            f"  {drift:9s} {prompt:11s} seed {seed} {q:7s}: gap {row['gap_before']:.4f} -> "
-                            f"{row['gap_after']:.4f}, {row['labels']} labels ({row['skipped']} skipped), "
-                            f"kept {row['rounds_kept']}/{row['rounds']}, {row['wall_s']:.1f} s",
-                            flush=True,
-                        )
+                        print(run_line(row), flush=True)
                         save(False)
         details["pool_stats"] = dataclasses.asdict(pool.stats)
 
@@ -235,6 +282,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=96)
     p.add_argument("--heldout", type=int, default=32)
     p.add_argument("--n-replay", type=int, default=32)
+    p.add_argument(
+        "--check-instances",
+        type=int,
+        default=1024,
+        help="fresh drifted and undrifted instances (unlabelled) on which each run's shipped decoder is compared "
+        "with the one it started from (paired objective change)",
+    )
     p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
     p.add_argument("--lr", type=float, default=AlefConfig.lr)
     p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
@@ -243,6 +297,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=AlefConfig.gate_instances,
         help="unlabelled drifted arrivals the gate compares old and new greedy decisions on",
+    )
+    p.add_argument(
+        "--gate-confidence",
+        type=float,
+        default=AlefConfig.gate_confidence,
+        help="one-sided confidence with which the gate must see an update not worse (0.5: the mean decides)",
     )
     p.add_argument(
         "--pg-epochs",
@@ -271,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--queries must include random (every strategy is compared with it)")
     if args.seeds is None:
         args.seeds = [0, 1] if args.quick else [0, 1, 2]
+    if args.quick:
+        args.check_instances = min(args.check_instances, 64)
     if args.quick and args.time_limit == 10.0:
         args.time_limit = 1.0  # density's 80-UE min_latency labels: time-limited, with provenance
     return args
@@ -292,6 +354,9 @@ COLUMNS = [
     "gain_vs_random",
     "gain_vs_random_ci",
     "within_1_5x_undrifted",
+    "change_drifted",
+    "change_undrifted",
+    "shown_worse",
 ]
 
 
@@ -313,6 +378,14 @@ def pct(value: float | None, ci: float | None = None) -> str:
     return f"{100 * value:.2f}" + (f" ± {100 * ci:.2f}" if ci is not None and math.isfinite(ci) and ci > 0 else "")
 
 
+def signed_pct(row: dict[str, Any], key: str) -> str:
+    """A relative change in % with 3 decimals and its CI over seeds; "-" in files from before the check."""
+    if key not in row or not math.isfinite(row[key]):
+        return "-" if key not in row else "inf"
+    ci = row.get(f"{key}_ci")
+    return f"{100 * row[key]:+.3f}" + (f" ± {100 * ci:.3f}" if ci and math.isfinite(ci) else "")
+
+
 def markdown(paths: list[Path]) -> str:
     """The README table of one or more result files (gaps in %, 95 % CI half-widths over seeds)."""
     out = []
@@ -327,16 +400,19 @@ def markdown(paths: list[Path]) -> str:
         )
         out.append(
             "| drift | prompt | query | seeds | gap before % | gap after % | undrifted before % | undrifted after % "
-            "| feasible after | rounds kept | gain vs random (pp) | within 1.5x undrifted |"
+            "| feasible after | rounds kept | gain vs random (pp) | within 1.5x undrifted "
+            "| shipped vs start, drifted % | shipped vs start, undrifted % | runs shown worse |"
         )
-        out.append("|" + "---|" * 12)
+        out.append("|" + "---|" * 15)
         for r in doc["rows"]:
             gain = pct(r.get("gain_vs_random"), r.get("gain_vs_random_ci")) if "gain_vs_random" in r else "-"
             out.append(
                 f"| {r['drift']} | {r['prompt']} | {r['query']} | {r['seeds']} | {pct(r['gap_before'])} "
                 f"| {pct(r['gap_after'], r['gap_after_ci'])} | {pct(r['undrifted_gap_before'])} "
                 f"| {pct(r['undrifted_gap_after'], r['undrifted_gap_after_ci'])} | {r['feasible_after']:.3f} "
-                f"| {r['rounds_kept']} | {gain} | {'yes' if r['within_1_5x_undrifted'] else 'no'} |"
+                f"| {r['rounds_kept']} | {gain} | {'yes' if r['within_1_5x_undrifted'] else 'no'} "
+                f"| {signed_pct(r, 'change_drifted')} | {signed_pct(r, 'change_undrifted')} "
+                f"| {r.get('shown_worse', '-')} |"
             )
         out.append(f"\nDrifts where a strategy beat random: {doc.get('wins_vs_random')}\n")
     return "\n".join(out)

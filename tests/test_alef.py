@@ -4,6 +4,7 @@ frozen-encoder training, and a short end-to-end fine-tune on a tiny drifted cell
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -636,13 +637,66 @@ def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monke
     assert not all(torch.equal(a, b) for a, b in zip(policy2.decoder_parameters(), before))
 
 
-def test_paired_change_is_the_mean_relative_change_and_infeasible_is_infinite():
+def test_paired_change_is_the_mean_relative_change_with_its_standard_error():
     from lambo_ray.alef.gate import paired_change
 
-    assert paired_change(np.array([100.0, 200.0]), np.array([110.0, 190.0])) == pytest.approx((0.1 - 0.05) / 2)
-    assert paired_change(np.array([100.0, np.nan]), np.array([90.0, np.nan])) == pytest.approx(-0.1)
-    assert paired_change(np.array([100.0, 50.0]), np.array([90.0, np.nan])) == float("inf")
-    assert paired_change(np.array([]), np.array([])) == 0.0
+    c = paired_change(np.array([100.0, 200.0, 50.0]), np.array([110.0, 190.0, 50.0]))
+    rel = np.array([0.1, -0.05, 0.0])
+    assert (c.mean, c.n, c.new_infeasible) == (pytest.approx(rel.mean()), 3, 0)
+    assert c.se == pytest.approx(np.sqrt(np.sum((rel - rel.mean()) ** 2) / 2 / 3))
+    assert c.upper(2.0) == pytest.approx(rel.mean() + 2 * c.se) and c.lower(2.0) == pytest.approx(rel.mean() - 2 * c.se)
+    # infeasible both times: left out; feasible -> infeasible: counted, and no bound can pass
+    c = paired_change(np.array([100.0, np.nan, 80.0]), np.array([90.0, np.nan, np.nan]))
+    assert (c.mean, c.n, c.new_infeasible) == (pytest.approx(-0.1), 1, 1)
+    assert c.upper(0.0) == c.lower(0.0) == float("inf")
+    assert paired_change(np.array([]), np.array([])) == paired_change([], [])
+    assert paired_change([], []).mean == 0.0 and paired_change([], []).se == 0.0
+
+
+def test_gate_keeps_an_update_only_when_the_arrivals_show_it_not_worse_with_confidence():
+    """The unlabelled arrivals' upper bound decides (a mean just below zero with a wide spread is not
+    enough at 95 %, is at 50 %); held-back labels veto only what they show worse with confidence, and
+    decide alone (by their upper bound) when there are no arrivals; a new infeasible decision always
+    rejects. Bounds recomputed by hand: mean +- 1.6449 * sample sd / sqrt(n)."""
+    from lambo_ray.alef.gate import LabelledFit, judge
+
+    def fit(objectives, gap=0.01):
+        return LabelledFit(gap, gap, gap, int(np.isnan(objectives).sum()), 1.0, 0.5, 0.5, 0.9, 0.9, list(objectives))
+
+    z95 = 1.6448536269514722
+    rng = np.random.default_rng(0)
+    old = rng.uniform(100, 200, 400)
+    noise = rng.normal(0, 0.01, 400)
+    noise -= noise.mean()  # exactly mean 0, sd about 1 %: se about 0.05 %
+    se = noise.std(ddof=1) / np.sqrt(400)
+    labelled = fit(np.array([100.0, 100.0, 100.0, 100.0]))
+    slightly_worse = fit(np.array([101.0, 99.5, 100.6, 100.0]), gap=0.012)  # mean +0.275 %, se 0.33 %
+    shift = -0.5 * z95 * se  # mean below zero, upper bound above
+    unproven = (old, old * (1 + noise + shift))
+    r = judge(labelled, slightly_worse, 4, 0, 0.0, unproven)
+    assert not r.accepted and r.diagnosis == "not_fitted"  # the labelled gap grew: its diagnosis comes first
+    r = judge(labelled, labelled, 4, 0, 0.0, unproven)
+    assert not r.accepted and r.diagnosis == "unlabelled_unproven"
+    assert r.unlabelled_change == pytest.approx(shift) and r.unlabelled_se == pytest.approx(se)
+    assert r.z == pytest.approx(z95)
+    assert judge(labelled, labelled, 4, 0, 0.0, unproven, confidence=0.5).accepted
+    shown = (old, old * (1 + noise - 1.1 * z95 * se))
+    assert judge(labelled, slightly_worse, 4, 0, 0.0, shown).accepted  # the labels do not show it worse
+    assert judge(labelled, labelled, 4, 0, 0.0, (old, old * (1 + noise + 0.01))).diagnosis == "unlabelled_worse"
+    # held-back labels clearly worse (every one +1 %, se 0): vetoed although the arrivals improved
+    r = judge(labelled, fit(np.array([101.0, 101.0, 101.0, 101.0]), gap=0.02), 4, 0, 0.0, shown)
+    assert not r.accepted and r.labelled_change == pytest.approx(0.01) and r.labelled_se == pytest.approx(0.0)
+    # a decision made infeasible, on either set
+    broken = old * (1 + noise - 1.1 * z95 * se)
+    broken[3] = np.nan
+    r = judge(labelled, labelled, 4, 0, 0.0, (old, broken))
+    assert not r.accepted and r.diagnosis == "unlabelled_worse" and r.unlabelled_change == float("inf")
+    r = judge(labelled, fit(np.array([99.0, np.nan, 99.0, 99.0]), gap=0.26), 4, 0, 0.0, shown)
+    assert not r.accepted and r.diagnosis == "infeasible"
+    # no arrivals: the labels' upper bound decides (slightly worse is not shown better)
+    assert not judge(labelled, slightly_worse, 4, 0, 0.0).accepted
+    assert judge(labelled, slightly_worse, 4, 0, 0.01).accepted  # within a 1 % tolerance at 95 %
+    assert judge(labelled, fit(np.array([99.0, 99.0, 99.0, 99.0]), gap=0.0), 4, 0, 0.0).accepted
 
 
 def test_gate_also_judges_on_unlabelled_arrivals(pool, monkeypatch):
@@ -694,7 +748,7 @@ def test_gate_also_judges_on_unlabelled_arrivals(pool, monkeypatch):
     new = np.array(
         [d.objective if d.stats["feasible"] else np.nan for d in policy_decide(worse, stream[8:], "min_energy")]
     )
-    assert m.gate["unlabelled_change"] == pytest.approx(paired_change(old, new), rel=1e-9)
+    assert m.gate["unlabelled_change"] == pytest.approx(paired_change(old, new).mean, rel=1e-9)
     assert m.gate["unlabelled_change"] > 0
 
 
@@ -943,17 +997,56 @@ def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(po
     assert (out / "decoder.pt").read_bytes() == (tmp_path / "whole" / "decoder.pt").read_bytes()
 
 
-def alef_ceiling_module():
-    """benchmarks/alef_ceiling.py, the capacity probe (a script, not part of the package)."""
+def benchmark_module(name: str = "alef_ceiling"):
+    """A script of benchmarks/ (not part of the package), e.g. the capacity probe."""
     import importlib
     import sys
 
     bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
     sys.path.insert(0, bench)
     try:
-        return importlib.import_module("alef_ceiling")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(bench)
+
+
+def alef_ceiling_module():
+    return benchmark_module("alef_ceiling")
+
+
+def test_alef_benchmark_compares_the_shipped_decoder_with_the_start_on_fresh_instances():
+    """benchmarks/alef.py's check: instances no run sees (not the stream's, not the held-out sets'),
+    and the paired change of the greedy objective, recomputed with the product's decide."""
+    from lambo_ray.alef.config import run_seeds
+    from lambo_ray.alef.environment import drift_stream, snapshot_set
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    bench = benchmark_module("alef")
+    cfg = AlefConfig(drift="outage", prompts=("min_energy",), scenario=TINY, seed=3)
+    sets = bench.check_sets(cfg, 24)
+    drifted = sets["drifted"][0]
+    seen = list(itertools.islice(drift_stream(TINY, "outage", run_seeds(3)["stream"]), 200))
+    seen += snapshot_set(apply_drift(TINY, "outage"), 32, run_seeds(3)["heldout_drifted"])
+    assert not {i.cycles.tobytes() for i in drifted} & {i.cycles.tobytes() for i in seen}
+    base, moved = tiny_policy(5), tiny_policy(5)
+    with torch.no_grad():
+        for p in moved.decoder_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    start = {k: np.array([d.objective for d in policy_decide(base, *v)]) for k, v in sets.items()}
+    assert bench.shipped_change(start, base, sets) == {
+        "change_drifted": 0.0, "change_drifted_se": 0.0, "change_undrifted": 0.0, "change_undrifted_se": 0.0
+    }  # fmt: skip
+    change = bench.shipped_change(start, moved, sets)
+    after = np.array([d.objective for d in policy_decide(moved, *sets["drifted"])])
+    rel = after / start["drifted"] - 1
+    assert change["change_drifted"] == pytest.approx(rel.mean(), rel=1e-9)
+    assert change["change_drifted_se"] == pytest.approx(rel.std(ddof=1) / np.sqrt(24), rel=1e-9)
+    # worse with 95 % one-sided confidence on either set: mean - 1.645 se > 0
+    zero = {"change_drifted": 0.0, "change_drifted_se": 0.0, "change_undrifted": 0.0, "change_undrifted_se": 0.0}
+    assert bench.shown_worse(zero | {"change_undrifted": 0.002, "change_undrifted_se": 0.0012})
+    assert not bench.shown_worse(zero | {"change_undrifted": 0.002, "change_undrifted_se": 0.0013})
+    assert bench.shown_worse(zero | {"change_drifted": float("inf")})
 
 
 def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(small_instances):

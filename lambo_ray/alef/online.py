@@ -99,6 +99,12 @@ def objectives(
     return np.asarray(out, dtype=float)
 
 
+def greedy_objectives(policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str]) -> np.ndarray:
+    """Evaluator objective of the policy's greedy decision on each instance (NaN where infeasible)."""
+    d = decide(policy, instances, prompts)
+    return objectives(instances, prompts, d.targets, d.shares)
+
+
 def best_sampled_objectives(
     policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], samples: int, seed: int
 ) -> np.ndarray:

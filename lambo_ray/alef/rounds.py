@@ -23,7 +23,7 @@ from lambo_ray.alef.environment import cycle_prompts
 from lambo_ray.alef.gate import GateReport, judge, labelled_fit
 from lambo_ray.alef.labels import Label, Outcome
 from lambo_ray.alef.metrics import OnlineRecord, RoundMetrics, gap_report, label_quality
-from lambo_ray.alef.online import Decided, decide, objectives
+from lambo_ray.alef.online import Decided, decide, greedy_objectives
 from lambo_ray.alef.policy_gradient import policy_gradient_phase
 from lambo_ray.alef.query import LabelBudget, Query, select
 from lambo_ray.alef.references import Labeller, References
@@ -132,11 +132,6 @@ def gate_arrivals(run: AlefRun) -> tuple[list[Instance], list[str]]:
     return instances, prompts
 
 
-def _greedy_objectives(policy: torch.nn.Module, instances: list[Instance], prompts: list[str]) -> np.ndarray:
-    d = decide(policy, instances, prompts)
-    return objectives(instances, prompts, d.targets, d.shares)
-
-
 def policy_gradient_set(run: AlefRun, arr: Arrivals) -> tuple[list[Instance], list[str]]:
     """The drifted instances the policy-gradient phase samples on: the round's arrivals and the
     instances of the labels trained on so far, but none the gate judges on (held-back labels)."""
@@ -159,9 +154,10 @@ def train_behind_gate(
     pg_set: tuple[list[Instance], list[str]] = ([], []),
 ) -> tuple[dict[str, float], GateReport | None]:
     """Train the decoder on the buffer (+ replay) without its held-back labels, then (``pg_epochs`` > 0)
-    by policy gradient on ``pg_set``; with the gate on, keep the update only if greedy decoding on the
-    held-back labels (drifted + replay) did not get worse, nor on the ``unlabelled`` arrivals (old and
-    new decisions compared instance by instance), else restore decoder and optimiser exactly. Until a
+    by policy gradient on ``pg_set``; with the gate on, keep the update only if it passes
+    :func:`~lambo_ray.alef.gate.judge` on the held-back labels (drifted + replay) and the
+    ``unlabelled`` arrivals (old and new decisions compared instance by instance), else restore
+    decoder and optimiser exactly. Until a
     round has held back any label (a budget too small to spare one) the labelled check judges on the
     training labels."""
     cfg, policy = run.cfg, run.policy
@@ -172,7 +168,7 @@ def train_behind_gate(
     else:
         drifted, replay = trained.examples, run.replay.examples + run.replay_val
     before = labelled_fit(policy, drifted, replay, cfg) if cfg.gate else None
-    objective_before = _greedy_objectives(policy, insts, prompts) if cfg.gate and insts else None
+    objective_before = greedy_objectives(policy, insts, prompts) if cfg.gate and insts else None
     decoder_state = copy.deepcopy(policy.decoder.state_dict())
     opt_state = copy.deepcopy(run.opt.state_dict())
     train = train_decoder(policy, run.opt, trained, run.replay, cfg, run.rng_train)
@@ -187,9 +183,9 @@ def train_behind_gate(
         return train, None
     paired = None
     if objective_before is not None:
-        paired = (objective_before, _greedy_objectives(policy, insts, prompts))
+        paired = (objective_before, greedy_objectives(policy, insts, prompts))
     after = labelled_fit(policy, drifted, replay, cfg)
-    report = judge(before, after, len(drifted), len(replay), cfg.gate_tolerance, paired)
+    report = judge(before, after, len(drifted), len(replay), cfg.gate_tolerance, paired, cfg.gate_confidence)
     if not report.accepted:
         policy.decoder.load_state_dict(decoder_state)
         run.opt.load_state_dict(opt_state)
@@ -266,7 +262,11 @@ def round_line(m: RoundMetrics, cfg: AlefConfig) -> str:
         line += (
             f" (update rolled back, {m.gate['diagnosis']}: labelled gap {b['gap']:.4f} -> {a['gap']:.4f}, "
             f"loss {b['loss']:.4f} -> {a['loss']:.4f}"
-            + (f", unlabelled objective {100 * change:+.3f} %" if change is not None else "")
+            + (
+                f", unlabelled objective {100 * change:+.3f} % (se {100 * m.gate['unlabelled_se']:.3f})"
+                if change is not None
+                else ""
+            )
             + ")"
         )
     return line
