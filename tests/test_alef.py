@@ -1144,3 +1144,17 @@ def test_the_policy_gradient_phase_never_samples_on_what_the_gate_judges(small_i
     assert [id(i) for i in instances] == [id(a), id(c), id(d), id(e)]
     assert prompts == ["min_energy", "min_energy", "min_latency", "min_energy"]
     assert id(f) not in {id(i) for i in instances}
+
+
+def test_alef_config_round_trips_through_its_json_and_rejects_a_bad_confidence():
+    """A run's metrics.json config rebuilds the same AlefConfig (benchmarks/finetune_check.py relies on it);
+    fields missing from an older file take their defaults."""
+    import json
+
+    cfg = AlefConfig(drift="deadline", prompts=("min_energy",), gate_confidence=0.9, scenario=TINY, seed=4)
+    doc = json.loads(json.dumps(cfg.to_dict()))
+    assert AlefConfig.from_dict(doc) == cfg
+    del doc["gate_confidence"]
+    assert AlefConfig.from_dict(doc).gate_confidence == AlefConfig.gate_confidence
+    with pytest.raises(LamboInputError, match="gate_confidence must be in"):
+        AlefConfig(gate_confidence=0.3)

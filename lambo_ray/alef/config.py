@@ -74,13 +74,13 @@ class AlefConfig:
     replay_fraction: float = field(
         default=0.25, metadata={"help": "share of each minibatch drawn from the pre-drift replay set"}
     )
-    # Keep a round's decoder update only if greedy decoding on held-back labelled data (drifted labels +
-    # replay, see gate_holdout) does not get worse: imitation loss can fall while greedy decisions get worse (exposure
-    # bias), and a fine-tuning run must never ship a decoder worse than the one it started from on
-    # the data it has. The held-out sets stay untouched by this choice.
+    # Keep a round's decoder update only if greedy decoding did not get worse (lambo_ray.alef.gate: paired
+    # changes on unlabelled arrivals and held-back labels, with confidence bounds): imitation loss can
+    # fall while greedy decisions get worse (exposure bias), and a fine-tuning run must never ship a
+    # decoder worse than the one it started from. The held-out sets stay untouched by this choice.
     gate: bool = field(
         default=True,
-        metadata={"help": "keep a round's update only if greedy decisions on held-back labels did not get worse"},
+        metadata={"help": "keep a round's update only if its greedy decisions are shown not worse (else roll back)"},
     )
     gate_tolerance: float = field(
         default=0.0,
@@ -190,6 +190,11 @@ class AlefConfig:
         d = dataclasses.asdict(self)
         d["scenario"] = self.scenario.to_dict()
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlefConfig:
+        """The config :meth:`to_dict` wrote (e.g. a run's metrics.json); fields it lacks take their defaults."""
+        return cls(**{**data, "scenario": ScenarioConfig.from_dict(data.get("scenario") or {})})
 
     def held_back_share(self) -> float:
         """Share of labels the gate keeps for itself: none without a gate (nothing would judge on them)."""
