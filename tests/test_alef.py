@@ -693,6 +693,13 @@ def test_gate_keeps_an_update_only_when_the_arrivals_show_it_not_worse_with_conf
     assert not r.accepted and r.diagnosis == "unlabelled_worse" and r.unlabelled_change == float("inf")
     r = judge(labelled, fit(np.array([99.0, np.nan, 99.0, 99.0]), gap=0.26), 4, 0, 0.0, shown)
     assert not r.accepted and r.diagnosis == "infeasible"
+    # forgetting: fresh undrifted instances must not show the update worse (lower bound), on top of the rest
+    assert judge(labelled, labelled, 4, 0, 0.0, shown, undrifted=unproven).accepted  # mean < 0
+    drift_cost = (old, old * (1 + noise + 1.1 * z95 * se))  # lower bound just above 0
+    r = judge(labelled, labelled, 4, 0, 0.0, shown, undrifted=drift_cost)
+    assert not r.accepted and r.diagnosis == "forgetting" and r.n_undrifted == 400
+    assert r.undrifted_change == pytest.approx(1.1 * z95 * se) and r.undrifted_se == pytest.approx(se)
+    assert judge(labelled, labelled, 4, 0, 0.0, shown, undrifted=(old, old * (1 + noise + 0.9 * z95 * se))).accepted
     # no arrivals: the labels' upper bound decides (slightly worse is not shown better)
     assert not judge(labelled, slightly_worse, 4, 0, 0.0).accepted
     assert judge(labelled, slightly_worse, 4, 0, 0.01).accepted  # within a 1 % tolerance at 95 %
@@ -750,6 +757,16 @@ def test_gate_also_judges_on_unlabelled_arrivals(pool, monkeypatch):
     )
     assert m.gate["unlabelled_change"] == pytest.approx(paired_change(old, new).mean, rel=1e-9)
     assert m.gate["unlabelled_change"] > 0
+    # ... and the forgetting check's: 12 fresh undrifted instances of the run's own seed
+    from lambo_ray.alef.finetune import gate_undrifted
+
+    undrifted, prompts = gate_undrifted(cfg, run_seeds(cfg.seed)["gate_undrifted"])
+    assert m.gate["n_undrifted"] == len(undrifted) == 12 and set(prompts) == {"min_energy"}
+    old, new = (
+        np.array([d.objective if d.stats["feasible"] else np.nan for d in policy_decide(p, undrifted, prompts)])
+        for p in (base, worse)
+    )
+    assert m.gate["undrifted_change"] == pytest.approx(paired_change(old, new).mean, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------- crash and resume

@@ -211,7 +211,8 @@ class AlefConfig:
 def run_seeds(seed: int) -> dict[str, int]:
     """Independent child seeds of a run's seed, one per random stream: a run that queries differently
     still sees the same arrivals and reference sets."""
-    names = ("stream", "heldout_drifted", "heldout_undrifted", "replay", "query", "train", "check")  # append only
+    # append only: a child's seed depends on its position
+    names = ("stream", "heldout_drifted", "heldout_undrifted", "replay", "query", "train", "check", "gate_undrifted")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children)}
 

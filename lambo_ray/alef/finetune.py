@@ -41,6 +41,7 @@ from lambo_ray.alef.references import Labeller, References, prepare_references, 
 from lambo_ray.alef.rounds import AlefRun, RunState, run_round, state_doc, trainer_doc
 from lambo_ray.alef.store import CachedLabeller, RunStore, SavedRound, policy_digest
 from lambo_ray.alef.training import freeze_encoder, imitation_losses, make_optimizer, train_decoder
+from lambo_ray.mec.instance import Instance
 
 __all__ = [
     "AlefConfig",
@@ -98,8 +99,16 @@ def _start(
         stream=drift_stream(cfg.scenario, cfg.drift, seeds["stream"], cfg.series_dt_s),
         budget=LabelBudget(cfg.budget, cfg.rounds, cfg.budget_per_round),
         seeds=seeds,
+        gate_undrifted=gate_undrifted(cfg, seeds["gate_undrifted"]),
         log=log,
     )
+
+
+def gate_undrifted(cfg: AlefConfig, seed: int) -> tuple[list[Instance], list[str]]:
+    """Fresh instances of the undrifted (pretraining) regime on which the gate watches forgetting: the same
+    set every round, unlabelled; none without a gate."""
+    count = cfg.gate_instances if cfg.gate else 0
+    return snapshot_set(cfg.scenario, count, seed), cycle_prompts(cfg.prompts, count)
 
 
 def _restore(run: AlefRun, saved: SavedRound) -> dict[str, Any]:

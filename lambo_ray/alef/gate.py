@@ -16,6 +16,9 @@ and the gate looks at the per-instance relative changes of the evaluator's objec
   never sees, ``AlefConfig.gate_holdout``; the replay part watches forgetting), which are few, the
   update must not be *shown* to be worse: the lower bound must be at most ``gate_tolerance``.
   Without unlabelled arrivals this set is all the gate has, and its upper bound must pass instead;
+* on as many fresh instances of the undrifted regime (``AlefConfig.scenario``, unlabelled, the same
+  set every round) the update must not be shown worse either: adapting to the drift may cost nothing
+  measurable on the regime the policy was trained for;
 * any decision the update makes infeasible that was feasible before rolls it back.
 
 Why bounds and not means: per-instance changes are heavy-tailed. On ``deadline`` / ``min_energy``
@@ -43,7 +46,9 @@ A rolled-back round records enough to tell the usual causes apart (:func:`diagno
 * ``unlabelled_unproven``: they cost no more on average, but not by enough to rule out, at the gate's
   confidence, that the update is worse;
 * ``labelled_worse``: the held-back labels show the update worse with confidence although its mean
-  greedy gap to them did not grow (the change is relative to the old decisions, the gap to the labels).
+  greedy gap to them did not grow (the change is relative to the old decisions, the gap to the labels);
+* ``forgetting``: everything else passed, but fresh instances of the undrifted regime show the update
+  worse with confidence.
 """
 
 from __future__ import annotations
@@ -200,6 +205,9 @@ class GateReport:
     unlabelled_se: float | None = None  # its standard error
     labelled_change: float | None = None  # the same on the held-back labels' instances
     labelled_se: float | None = None
+    n_undrifted: int = 0  # undrifted (pre-drift regime) instances the gate watched forgetting on
+    undrifted_change: float | None = None
+    undrifted_se: float | None = None
     z: float = 0.0  # the confidence bounds are mean +- z * se
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,34 +240,49 @@ def judge(
     tolerance: float,
     unlabelled: tuple[np.ndarray, np.ndarray] | None = None,
     confidence: float = 0.95,
+    undrifted: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> GateReport:
-    """Keep or roll back (module docstring): given the greedy objectives of unlabelled arrivals before
-    and after the update, the upper confidence bound of their mean relative change must be at most
-    ``tolerance`` and the held-back labels must not show it worse; without them the held-back labels'
-    upper bound decides. A new infeasible decision on either set rejects."""
+    """Keep or roll back (module docstring): given the greedy objectives of unlabelled drifted arrivals
+    before and after the update, the upper confidence bound of their mean relative change must be at
+    most ``tolerance``; the held-back labels and the ``undrifted`` instances (forgetting) must not show
+    it worse; without drifted arrivals the held-back labels' upper bound decides. A new infeasible
+    decision on any set rejects."""
     z = confidence_z(confidence)
     labelled = paired_change(before.objectives, after.objectives)
     free = None if unlabelled is None or not len(unlabelled[0]) else paired_change(*unlabelled)
+    old = None if undrifted is None or not len(undrifted[0]) else paired_change(*undrifted)
     if free is None:
         labelled_ok, free_ok = labelled.upper(z) <= tolerance, True
     else:
         labelled_ok, free_ok = labelled.lower(z) <= tolerance, free.upper(z) <= tolerance
+    old_ok = old is None or old.lower(z) <= tolerance
     diagnosis = diagnose(before, after)
     if not free_ok and not diagnosis:
         diagnosis = "unlabelled_unproven" if free.mean <= tolerance and not free.new_infeasible else "unlabelled_worse"
     if not labelled_ok and not diagnosis:
         diagnosis = "labelled_worse"
+    if not old_ok and not diagnosis:
+        diagnosis = "forgetting"
     return GateReport(
-        accepted=labelled_ok and free_ok,
+        accepted=labelled_ok and free_ok and old_ok,
         diagnosis=diagnosis,
         n_drifted=n_drifted,
         n_replay=n_replay,
         before=before,
         after=after,
         n_unlabelled=0 if free is None else len(unlabelled[0]),
-        unlabelled_change=None if free is None else (math.inf if free.new_infeasible else free.mean),
+        unlabelled_change=_reported(free),
         unlabelled_se=None if free is None else free.se,
-        labelled_change=math.inf if labelled.new_infeasible else labelled.mean,
+        labelled_change=_reported(labelled),
         labelled_se=labelled.se,
+        n_undrifted=0 if old is None else len(undrifted[0]),
+        undrifted_change=_reported(old),
+        undrifted_se=None if old is None else old.se,
         z=z,
     )
+
+
+def _reported(change: PairedChange | None) -> float | None:
+    if change is None:
+        return None
+    return math.inf if change.new_infeasible else change.mean

@@ -58,6 +58,7 @@ class AlefRun:
     stream: Iterator[Instance]
     budget: LabelBudget
     seeds: dict[str, int]
+    gate_undrifted: tuple[list[Instance], list[str]] = ([], [])  # unlabelled pre-drift instances the gate watches
     state: RunState = field(default_factory=RunState)
     log: Callable[[str], None] = lambda s: None
 
@@ -155,20 +156,20 @@ def train_behind_gate(
 ) -> tuple[dict[str, float], GateReport | None]:
     """Train the decoder on the buffer (+ replay) without its held-back labels, then (``pg_epochs`` > 0)
     by policy gradient on ``pg_set``; with the gate on, keep the update only if it passes
-    :func:`~lambo_ray.alef.gate.judge` on the held-back labels (drifted + replay) and the
-    ``unlabelled`` arrivals (old and new decisions compared instance by instance), else restore
-    decoder and optimiser exactly. Until a
-    round has held back any label (a budget too small to spare one) the labelled check judges on the
-    training labels."""
+    :func:`~lambo_ray.alef.gate.judge` on the held-back labels (drifted + replay), the ``unlabelled``
+    drifted arrivals and the run's undrifted gate instances (old and new decisions compared instance
+    by instance), else restore decoder and optimiser exactly. Until a round has held back any label (a
+    budget too small to spare one) the labelled check judges on the training labels."""
     cfg, policy = run.cfg, run.policy
-    insts, prompts = unlabelled
     trained, held = split_validation(run.state.buffer.examples)
     if held:
         drifted, replay = held, run.replay_val
     else:
         drifted, replay = trained.examples, run.replay.examples + run.replay_val
+    paired_sets = {"drifted": unlabelled, "undrifted": run.gate_undrifted} if cfg.gate else {}
+    paired_sets = {k: v for k, v in paired_sets.items() if v[0]}
     before = labelled_fit(policy, drifted, replay, cfg) if cfg.gate else None
-    objective_before = greedy_objectives(policy, insts, prompts) if cfg.gate and insts else None
+    objectives_before = {k: greedy_objectives(policy, *v) for k, v in paired_sets.items()}
     decoder_state = copy.deepcopy(policy.decoder.state_dict())
     opt_state = copy.deepcopy(run.opt.state_dict())
     train = train_decoder(policy, run.opt, trained, run.replay, cfg, run.rng_train)
@@ -181,11 +182,12 @@ def train_behind_gate(
         train = {**train, **pg}
     if before is None:
         return train, None
-    paired = None
-    if objective_before is not None:
-        paired = (objective_before, greedy_objectives(policy, insts, prompts))
+    paired = {k: (objectives_before[k], greedy_objectives(policy, *v)) for k, v in paired_sets.items()}
     after = labelled_fit(policy, drifted, replay, cfg)
-    report = judge(before, after, len(drifted), len(replay), cfg.gate_tolerance, paired, cfg.gate_confidence)
+    report = judge(
+        before, after, len(drifted), len(replay), cfg.gate_tolerance, paired.get("drifted"), cfg.gate_confidence,
+        undrifted=paired.get("undrifted"),
+    )  # fmt: skip
     if not report.accepted:
         policy.decoder.load_state_dict(decoder_state)
         run.opt.load_state_dict(opt_state)
