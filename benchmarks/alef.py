@@ -8,7 +8,10 @@ strategy the table shows mean and 95 % confidence interval (Student t over seeds
 to the expert on held-out drifted instances before and after fine-tuning, the undrifted gap before
 and after (forgetting), labels spent, skipped labels and how many rounds the gate kept. Per drift x
 prompt, every strategy is compared with ``random`` on the same seeds (paired difference of the gap
-after). Prints the tables and writes the JSON (command, git revision, machine, date, every run).
+after). Each run's shipped decoder is also compared with the one it started from on
+``--check-instances`` fresh drifted and undrifted instances (paired change of the greedy objective,
+no labels: the labelled held-out sets are small and per-instance changes heavy-tailed), with how many
+runs it shows worse. Prints the tables and writes the JSON (command, git revision, machine, date, every run).
 
     python benchmarks/alef.py                                        # full: shipped LAMBO-S, paper scenario
     python benchmarks/alef.py --checkpoint runs/pretrain --resume    # another policy; skip runs already written
