@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.config import LABEL_PLANS, AlefConfig, make_pool, run_seeds
+from lambo_ray.alef.config import AlefConfig, make_pool, run_seeds
 from lambo_ray.alef.environment import cycle_prompts, snapshot_set
 from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
 from lambo_ray.alef.gate import confidence_z, paired_change
 from lambo_ray.alef.online import greedy_objectives
 from lambo_ray.alef.query import query_strategies
 from lambo_ray.alef.worker import fallback_names
+from lambo_ray.commands.flags import DataclassFlags
 from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
@@ -71,6 +72,17 @@ def load_base_policy(checkpoint: Path | None, untrained: bool, seed: int) -> tup
     return LamboPolicy(scale_config("S")).eval(), "untrained S policy (no --checkpoint)"
 
 
+# AlefConfig fields every run takes unchanged from the command line: flag, default and help come from the
+# field (lambo finetune's flags are made the same way).
+PASSED_THROUGH = ("epochs", "lr", "query_samples", "gate_instances", "gate_confidence", "pg_epochs", "label_plan")
+
+
+def config_flags() -> DataclassFlags:
+    return DataclassFlags(
+        AlefConfig, exclude=[f.name for f in dataclasses.fields(AlefConfig) if f.name not in PASSED_THROUGH]
+    )
+
+
 def base_config(args: argparse.Namespace) -> AlefConfig:
     if args.quick:
         scenario = ScenarioConfig(n_ues=10, n_servers=2, capacities_cps=default_capacities(2))
@@ -83,25 +95,18 @@ def base_config(args: argparse.Namespace) -> AlefConfig:
             budget=args.budget,
             n_heldout=args.heldout,
             n_replay=args.n_replay,
-            epochs=args.epochs,
             batch_size=16,
         )
-    return AlefConfig(
+    common = dict(
         drift="outage",
         prompts=("min_energy",),
         query="entropy",
         experts=args.experts,
         label_time_limit=args.time_limit,
         label_fallbacks=tuple(args.fallbacks),
-        lr=args.lr,
-        query_samples=args.query_samples,
-        pg_epochs=args.pg_epochs,
-        gate_instances=args.gate_instances,
-        gate_confidence=args.gate_confidence,
-        label_plan=args.label_plan,
         scenario=scenario,
-        **sizes,
     )
+    return AlefConfig(**{**common, **config_flags().values(args), **sizes})  # --quick's sizes win
 
 
 def run_row(drift: str, prompt: str, seed: int, query: str, res: AlefResult) -> dict[str, Any]:
@@ -292,33 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fresh drifted and undrifted instances (unlabelled) on which each run's shipped decoder is compared "
         "with the one it started from (paired objective change)",
     )
-    p.add_argument("--epochs", type=int, default=AlefConfig.epochs)
-    p.add_argument("--lr", type=float, default=AlefConfig.lr)
-    p.add_argument("--query-samples", type=int, default=AlefConfig.query_samples)
-    p.add_argument(
-        "--gate-instances",
-        type=int,
-        default=AlefConfig.gate_instances,
-        help="unlabelled drifted arrivals the gate compares old and new greedy decisions on",
-    )
-    p.add_argument(
-        "--gate-confidence",
-        type=float,
-        default=AlefConfig.gate_confidence,
-        help="one-sided confidence with which the gate must see an update not worse (0.5: the mean decides)",
-    )
-    p.add_argument(
-        "--pg-epochs",
-        type=int,
-        default=AlefConfig.pg_epochs,
-        help="policy-gradient passes over each round's drifted instances after imitation (0: off)",
-    )
-    p.add_argument(
-        "--label-plan",
-        default=AlefConfig.label_plan,
-        choices=LABEL_PLANS,
-        help="must-offload plan labels are trained with: the one decoding uses, or each label's own",
-    )
+    config_flags().add_to(p.add_argument_group("fine-tuning (passed to every run unchanged)"))
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per label (exact, then each fallback)")
     p.add_argument(
         "--fallbacks",

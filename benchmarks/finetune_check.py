@@ -14,6 +14,7 @@ reported. Writes the JSON (one row per run, with each run's command, revision an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def check_run(run_dir: Path, count: int) -> dict[str, Any]:
     m = json.loads(metrics_path.read_text())
     cfg = AlefConfig.from_dict(m["config"])
     base, _ = load_policy(resolve_policy_dir(m["checkpoint"]))
-    shipped, _ = load_policy(resolve_policy_dir(m["checkpoint"]))
+    shipped = copy.deepcopy(base)
     load_decoder(shipped, run_dir)
     sets = check_sets(cfg, count)
     start = {k: greedy_objectives(base, *v) for k, v in sets.items()}
