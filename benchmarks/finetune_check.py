@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rows = []
     for run_dir in args.runs:
-        rows.append(check_run(run_dir, args.instances))
+        try:
+            rows.append(check_run(run_dir, args.instances))
+        except LamboInputError as err:
+            raise SystemExit(f"finetune_check: {err}") from None
         print(f"  {run_dir}: shipped vs start {rows[-1]['change_drifted_pct']:+.3f} % drifted", flush=True)
     write_results(args.out, rows, instances=args.instances)
     print_table(rows, COLUMNS, title="lambo finetune runs: held-out gaps (the run's own) and shipped vs start")
