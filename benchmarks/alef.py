@@ -48,7 +48,7 @@ from lambo_ray.alef.gate import confidence_z, paired_change
 from lambo_ray.alef.online import greedy_objectives
 from lambo_ray.alef.query import query_strategies
 from lambo_ray.alef.worker import fallback_names
-from lambo_ray.commands.flags import DataclassFlags
+from lambo_ray.flags import DataclassFlags
 from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities

@@ -13,7 +13,7 @@ import pytest
 
 from lambo_ray.cli import main
 from lambo_ray.commands import COMMANDS, CommandParser, build_parser, command_module
-from lambo_ray.commands.flags import DataclassFlags, Flag
+from lambo_ray.flags import DataclassFlags, Flag
 from lambo_ray.mec.scenario import ScenarioConfig
 
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lambo_ray.commands.flags import DataclassFlags, Flag
 from lambo_ray.config_files import load_mapping
 from lambo_ray.errors import reject_unknown_keys
+from lambo_ray.flags import DataclassFlags, Flag
 from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
 from lambo_ray.runtime import init_ray

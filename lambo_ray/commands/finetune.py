@@ -34,8 +34,8 @@ from lambo_ray.commands.common import (
     init_ray,
     scenario_values,
 )
-from lambo_ray.commands.flags import DataclassFlags, Flag, LazyChoices
 from lambo_ray.errors import LamboInputError
+from lambo_ray.flags import DataclassFlags, Flag, LazyChoices
 from lambo_ray.mec.drift import DRIFTS
 from lambo_ray.mec.scenario import ScenarioConfig
 

@@ -27,7 +27,7 @@ from lambo_ray.commands.common import (
     init_ray,
     scenario_values,
 )
-from lambo_ray.commands.flags import DataclassFlags, Flag
+from lambo_ray.flags import DataclassFlags, Flag
 
 
 def pretrain_flags() -> DataclassFlags:

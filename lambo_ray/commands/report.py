@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from lambo_ray.commands.common import add_scenario_arguments, scenario_from_args
-from lambo_ray.commands.flags import DataclassFlags
 from lambo_ray.errors import LamboInputError
+from lambo_ray.flags import DataclassFlags
 from lambo_ray.mec.drift import DRIFTS
 from lambo_ray.mec.io import read_instances
 from lambo_ray.report import COMPARISON_COLUMNS, DRIFT_COLUMNS, PolicySource, ReportConfig, build_report

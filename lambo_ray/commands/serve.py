@@ -20,8 +20,8 @@ import socket
 import time
 from pathlib import Path
 
-from lambo_ray.commands.flags import DataclassFlags, Flag, LazyChoices
 from lambo_ray.errors import LamboInputError
+from lambo_ray.flags import DataclassFlags, Flag, LazyChoices
 
 APP_NAME = "lambo"
 AUTO = "auto"

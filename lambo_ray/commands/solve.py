@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lambo_ray.commands.flags import LazyChoices
+from lambo_ray.flags import LazyChoices
 from lambo_ray.mec.instance import PROMPTS, Decision
 from lambo_ray.mec.io import file_digest, iter_decisions, iter_instances
 from lambo_ray.mec.journal import DecisionJournal

@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from lambo_ray.commands.flags import DataclassFlags
 from lambo_ray.errors import LamboInputError
+from lambo_ray.flags import DataclassFlags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
