@@ -1066,6 +1066,42 @@ def test_alef_benchmark_compares_the_shipped_decoder_with_the_start_on_fresh_ins
     assert bench.shown_worse(zero | {"change_drifted": float("inf")})
 
 
+def test_alef_benchmark_compares_strategies_with_random_at_the_same_seed():
+    """The summary pairs each strategy's run with random's at the same seed: held-out gap and the
+    fresh-instance change, mean and Student-t half-width over seeds computed by hand."""
+    bench = benchmark_module("alef")
+
+    def run(query, seed, gap_after, change):
+        return dict(
+            drift="outage", prompt="min_energy", seed=seed, query=query, gap_before=0.01, gap_after=gap_after,
+            feasible_before=1.0, feasible_after=1.0, undrifted_gap_before=0.004, undrifted_gap_after=0.004,
+            labels=8, skipped=0, rounds_kept=1, rounds=2, change_drifted=change, change_drifted_se=1e-4,
+            change_undrifted=0.0, change_undrifted_se=1e-4,
+        )  # fmt: skip
+
+    runs = [run("random", s, g, c) for s, g, c in [(0, 0.008, -0.001), (1, 0.006, -0.002), (2, 0.007, 0.0)]]
+    # entropy: a smaller held-out gap at seeds 0 and 2, and on the fresh instances cheaper by 0.3, 0.1, -0.1 points
+    runs += [run("entropy", s, g, c) for s, g, c in [(2, 0.006, 0.001), (0, 0.005, -0.004), (1, 0.009, -0.003)]]
+    rows = {r["query"]: r for r in bench.summarise(runs, ["entropy", "random"])}
+    entropy = rows["entropy"]
+    held = np.array([0.008 - 0.005, 0.006 - 0.009, 0.007 - 0.006])
+    fresh = np.array([0.003, 0.001, -0.001])
+    t = 4.302652729911275  # Student-t 0.975 quantile, 2 degrees of freedom
+    assert entropy["gain_vs_random"] == pytest.approx(held.mean())
+    assert entropy["gain_vs_random_ci"] == pytest.approx(t * held.std(ddof=1) / np.sqrt(3))
+    assert entropy["fresh_gain_vs_random"] == pytest.approx(fresh.mean())
+    assert entropy["fresh_gain_vs_random_ci"] == pytest.approx(t * fresh.std(ddof=1) / np.sqrt(3))
+    assert entropy["beats_random"] is True and entropy["beats_random_fresh"] is True
+    assert "fresh_gain_vs_random" not in rows["random"]
+    assert bench.wins(list(rows.values()), ["entropy", "random"], "beats_random_fresh") == {
+        "min_energy": {"entropy": "1/1"}
+    }
+    # Runs from before the fresh-instance check: the held-out comparison only.
+    old = [{k: v for k, v in r.items() if not k.startswith("change_")} for r in runs]
+    entropy_old = {r["query"]: r for r in bench.summarise(old, ["entropy", "random"])}["entropy"]
+    assert "fresh_gain_vs_random" not in entropy_old and entropy_old["gain_vs_random"] == pytest.approx(held.mean())
+
+
 def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(small_instances):
     """The capacity probe's DAgger relabels (benchmarks/alef_ceiling.py): the UEs the policy decided
     before ``first_step`` (decode order) keep its greedy targets, and the rest is the cheapest feasible
