@@ -17,6 +17,7 @@ runs it shows worse. Prints the tables and writes the JSON (command, git revisio
     python benchmarks/alef.py --checkpoint runs/pretrain --resume    # another policy; skip runs already written
     python benchmarks/alef.py --quick                                # smoke: tiny cells, a few minutes
     python benchmarks/alef.py --markdown RESULTS.json [...]          # the README table of result files
+    python benchmarks/alef.py --merge OUT.json A.json B.json [...]  # one table from invocations with equal settings
 
 ``--quick`` writes ``runs/benchmarks/alef_quick.json`` (not the committed results file). The JSON is
 rewritten after every run, so a long benchmark that is stopped keeps what it finished; ``--resume``
@@ -52,7 +53,7 @@ from lambo_ray.flags import DataclassFlags
 from lambo_ray.mec.drift import DRIFTS, apply_drift
 from lambo_ray.mec.instance import PROMPTS, Instance
 from lambo_ray.mec.scenario import ScenarioConfig, default_capacities
-from lambo_ray.results import print_table, write_results
+from lambo_ray.results import print_table, run_metadata, write_results
 from lambo_ray.runtime import init_ray
 
 FULL_OUT = Path("benchmarks/results/alef.json")
@@ -264,6 +265,7 @@ def run_all(
 ) -> None:
     """Every drift x prompt x seed x query not yet in ``runs``; ``save`` is called after each run."""
     done = {run_key(r["drift"], r["prompt"], r["seed"], r["query"]) for r in runs}
+    revision = run_metadata()["git_revision"]  # per run: a resumed or merged file mixes invocations
     with make_pool(cfg0) as pool:
         pool.warm_up()
         for drift in args.drifts:
@@ -282,6 +284,7 @@ def run_all(
                         row = run_row(drift, prompt, seed, q, res)
                         row |= shipped_change(start, policy, checks) | {"check_instances": args.check_instances}
                         row["reference_skipped"] = refs.skipped
+                        row["git_revision"] = revision
                         runs.append(row)
                         # every served decision of a run (res.online) is too much for a committed results file:
                         # the per-round metrics and the gate's reports are kept
@@ -373,6 +376,59 @@ def load_previous(out: Path, source: str, config: dict[str, Any]) -> tuple[list[
     return list(prev.get("runs", [])), dict(prev.get("details", {}))
 
 
+def merge(out: Path, paths: list[Path]) -> Path:
+    """One result file from several invocations that ran different drifts, seeds or strategies with the
+    same policy and settings (so that strategies run at different times are still compared at the same
+    seed). Refuses mismatched settings, a run present twice and an output that is one of the inputs."""
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise SystemExit(f"--merge: the output {out} is one of the inputs; write the merge to a new file")
+    docs = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist")
+        docs.append(json.loads(path.read_text()))
+    first = docs[0]
+    runs: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    for path, doc in zip(paths, docs):
+        for key in ("policy", "config", "quick"):
+            if doc.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} was written with another {key} than {paths[0]}")
+        for run in doc.get("runs", []):
+            key = run_key(run["drift"], run["prompt"], run["seed"], run["query"])
+            if key in details:
+                raise SystemExit(f"--merge: run {key} is in more than one input ({path})")
+            details[key] = doc.get("details", {}).get(key, {})
+            runs.append(run)
+
+    def union(key: str) -> list:
+        return list(dict.fromkeys(v for doc in docs for v in doc.get(key) or []))
+
+    queries = union("queries")
+    rows = summarise(runs, queries)
+    return write_results(
+        out,
+        rows,
+        policy=first.get("policy"),
+        config=first.get("config"),
+        quick=first.get("quick"),
+        complete=all(doc.get("complete") for doc in docs),
+        drifts=union("drifts"),
+        prompts=union("prompts"),
+        seeds=union("seeds"),
+        queries=queries,
+        wins_vs_random=wins(rows, queries),
+        wins_vs_random_fresh=wins(rows, queries, "beats_random_fresh"),
+        runs=runs,
+        details=details,
+        total_s=sum(doc.get("total_s", 0.0) for doc in docs),
+        merged_from=[
+            {"file": str(p), **{k: doc.get(k) for k in ("command", "git_revision", "date", "complete")}}
+            for p, doc in zip(paths, docs)
+        ],
+    )
+
+
 def pct(value: float | None, ci: float | None = None) -> str:
     if value is None or not math.isfinite(value):
         return "-"
@@ -399,6 +455,10 @@ def markdown(paths: list[Path]) -> str:
             f"{cfg['n_heldout']} held-out drifted and undrifted instances; "
             f"{'complete' if doc.get('complete') else 'INCOMPLETE: the runs finished so far'}):\n"
         )
+        for source in doc.get("merged_from", []):
+            out.append(f"* runs of `{source['command']}` (git {source['git_revision']}, {source['date'][:10]})")
+        if doc.get("merged_from"):
+            out.append("")
         out.append(
             "| drift | prompt | query | seeds | gap before % | gap after % | undrifted before % | undrifted after % "
             "| feasible after | rounds kept | gain vs random (pp) | within 1.5x undrifted "
@@ -431,6 +491,11 @@ def main(argv: list[str] | None = None) -> None:
         argv = sys.argv[1:]
     if argv[:1] == ["--markdown"]:
         print(markdown([Path(a) for a in argv[1:]]))
+        return
+    if argv[:1] == ["--merge"]:
+        if len(argv) < 4:
+            raise SystemExit("usage: alef.py --merge OUT.json IN.json IN.json [...]")
+        print(f"wrote {merge(Path(argv[1]), [Path(a) for a in argv[2:]])}")
         return
     args = parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else FULL_OUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -913,7 +914,6 @@ def test_cli_finetune_writes_a_decoder_for_the_same_encoder(pool, tmp_path):
     doc = load_decoder(policy, out)
     assert doc["decoder_id"] == "load-entropy" and doc["base_fingerprint"] == policy_fingerprint(base)
     assert any(not torch.equal(a, b) for a, b in zip(policy.decoder.parameters(), base.decoder.parameters()))
-    import json
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels_used"] == 4 and metrics["config"]["drift"] == "load"
@@ -958,7 +958,6 @@ def test_cli_sigkill_after_round_2_then_resume_gives_the_uninterrupted_labels(po
     """`lambo finetune` as users run it (its own embedded Ray in a subprocess), SIGKILLed once round 2
     is saved; the same command with --resume finishes with the labels, metrics and decoder of an
     uninterrupted run, and buys only the labels the killed run had not recorded."""
-    import json
     import os
     import signal
     import subprocess
@@ -1102,6 +1101,49 @@ def test_alef_benchmark_compares_strategies_with_random_at_the_same_seed():
     assert "fresh_gain_vs_random" not in entropy_old and entropy_old["gain_vs_random"] == pytest.approx(held.mean())
 
 
+def test_alef_benchmark_merges_invocations_with_equal_settings_only(tmp_path):
+    """Runs of separate invocations combine into one table (the strategies paired by seed across files);
+    other settings, a run in two files or an output that is an input are refused, and no input changes."""
+    from lambo_ray.results import write_results
+
+    bench = benchmark_module("alef")
+
+    def doc(name, runs, config=None):
+        path = tmp_path / name
+        rows = bench.summarise(runs, ["entropy", "random"])
+        write_results(path, rows, policy="p", config=config or {"budget": 8, "rounds": 2, "n_heldout": 4},
+                      quick=False, complete=True, drifts=["outage"], prompts=["min_energy"],
+                      seeds=sorted({r["seed"] for r in runs}), queries=sorted({r["query"] for r in runs}),
+                      runs=runs, details={bench.run_key("outage", "min_energy", r["seed"], r["query"]): {"s": r["seed"]}
+                                          for r in runs}, total_s=10.0)  # fmt: skip
+        return path
+
+    def run(query, seed, gap_after):
+        return dict(
+            drift="outage", prompt="min_energy", seed=seed, query=query, gap_before=0.01, gap_after=gap_after,
+            feasible_before=1.0, feasible_after=1.0, undrifted_gap_before=0.004, undrifted_gap_after=0.004,
+            labels=8, skipped=0, rounds_kept=1, rounds=2,
+        )  # fmt: skip
+
+    randoms = doc("random.json", [run("random", 0, 0.008), run("random", 1, 0.006)])
+    entropy = doc("entropy.json", [run("entropy", 0, 0.005), run("entropy", 1, 0.007)])
+    before = {p: p.read_bytes() for p in (randoms, entropy)}
+    merged = json.loads(bench.merge(tmp_path / "all.json", [randoms, entropy]).read_text())
+    rows = {r["query"]: r for r in merged["rows"]}
+    assert rows["entropy"]["gain_vs_random"] == pytest.approx(((0.008 - 0.005) + (0.006 - 0.007)) / 2)
+    assert len(merged["runs"]) == 4 and merged["details"]["outage/min_energy/1/entropy"] == {"s": 1}
+    assert merged["total_s"] == 20.0 and [m["file"] for m in merged["merged_from"]] == [str(randoms), str(entropy)]
+    assert "runs of `" in bench.markdown([tmp_path / "all.json"])
+    other = doc("other.json", [run("entropy", 2, 0.005)], config={"budget": 16, "rounds": 2, "n_heldout": 4})
+    with pytest.raises(SystemExit, match="other.json was written with another config"):
+        bench.merge(tmp_path / "x.json", [randoms, other])
+    with pytest.raises(SystemExit, match="outage/min_energy/0/random is in more than one input"):
+        bench.merge(tmp_path / "x.json", [randoms, randoms])
+    with pytest.raises(SystemExit, match="is one of the inputs"):
+        bench.merge(entropy, [randoms, entropy])
+    assert {p: p.read_bytes() for p in (randoms, entropy)} == before and not (tmp_path / "x.json").exists()
+
+
 def test_prefix_completions_keep_the_policys_prefix_and_complete_it_optimally(small_instances):
     """The capacity probe's DAgger relabels (benchmarks/alef_ceiling.py): the UEs the policy decided
     before ``first_step`` (decode order) keep its greedy targets, and the rest is the cheapest feasible
@@ -1202,7 +1244,6 @@ def test_the_policy_gradient_phase_never_samples_on_what_the_gate_judges(small_i
 def test_alef_config_round_trips_through_its_json_and_rejects_a_bad_confidence():
     """A run's metrics.json config rebuilds the same AlefConfig (benchmarks/finetune_check.py relies on it);
     fields missing from an older file take their defaults."""
-    import json
 
     cfg = AlefConfig(drift="deadline", prompts=("min_energy",), gate_confidence=0.9, scenario=TINY, seed=4)
     doc = json.loads(json.dumps(cfg.to_dict()))
