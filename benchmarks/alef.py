@@ -75,17 +75,7 @@ def load_base_policy(checkpoint: Path | None, untrained: bool, seed: int) -> tup
 
 # AlefConfig fields every run takes unchanged from the command line: flag, default and help come from the
 # field (lambo finetune's flags are made the same way).
-PASSED_THROUGH = (
-    "epochs",
-    "lr",
-    "query_samples",
-    "gate_instances",
-    "gate_confidence",
-    "pg_epochs",
-    "label_plan",
-    "replay_fraction",
-    "anchor_instances",
-)
+PASSED_THROUGH = ("epochs", "lr", "query_samples", "gate_instances", "gate_confidence", "pg_epochs", "label_plan")
 
 
 def config_flags() -> DataclassFlags:

@@ -576,51 +576,6 @@ def test_finetune_with_a_policy_gradient_phase_runs_it_every_round_behind_the_ga
     assert res.after["drifted"]["feasible"] >= res.before["drifted"]["feasible"]
 
 
-def test_anchors_are_the_starting_decoders_feasible_decisions_on_fresh_undrifted_instances(pool, monkeypatch):
-    """--anchor-instances: undrifted instances no other set of the run holds, labelled with the decisions
-    users got from the starting decoder (objectives from the evaluator; infeasible ones left out), and
-    trained on with the expert replay labels in every round."""
-    import lambo_ray.alef.rounds as rounds
-    from lambo_ray.alef.config import run_seeds
-    from lambo_ray.alef.environment import snapshot_set
-    from lambo_ray.alef.finetune import anchor_examples, gate_undrifted
-    from lambo_ray.policy.decoding import decide as policy_decide
-
-    policy = tiny_policy(2)
-    both = ("min_latency", "min_energy")
-    cfg = AlefConfig(drift="deadline", prompts=both, anchor_instances=24, scenario=TINY, seed=4)
-    anchors = anchor_examples(policy, cfg, run_seeds(4)["anchor"])
-    assert anchor_examples(policy, dataclasses.replace(cfg, anchor_instances=0), 1) == []
-    instances = snapshot_set(TINY, 24, run_seeds(4)["anchor"])
-    prompts = list(both) * 12
-    users = policy_decide(policy, instances, prompts)
-    feasible = [k for k, d in enumerate(users) if d.stats.get("feasible")]
-    assert 0 < len(feasible) <= 24 and len(anchors) == len(feasible)
-    for a, k in zip(anchors, feasible):
-        assert a.instance is instances[k] or np.array_equal(a.instance.cycles, instances[k].cycles)
-        assert a.source == "anchor" and a.prompt == prompts[k]
-        assert np.array_equal(a.target, users[k].target)
-        assert a.objective == pytest.approx(evaluate(a.instance, a.target, a.share).objective(a.prompt), rel=1e-9)
-        assert a.objective == pytest.approx(users[k].objective, rel=1e-6)
-    gate_set = {i.cycles.tobytes() for i in gate_undrifted(dataclasses.replace(cfg, gate_instances=64), 0)[0]}
-    assert not gate_set & {a.instance.cycles.tobytes() for a in anchors}
-
-    seen = []
-    real = rounds.train_decoder
-
-    def recording(policy, opt, drifted, replay, *args, **kwargs):
-        seen.append([e.source for e in replay.examples])
-        return real(policy, opt, drifted, replay, *args, **kwargs)
-
-    monkeypatch.setattr(rounds, "train_decoder", recording)
-    run_cfg = dataclasses.replace(
-        cfg, rounds=2, pool_size=8, budget=8, experts=2, epochs=1, batch_size=4, n_replay=4, n_heldout=4,
-        gate_instances=8,
-    )  # fmt: skip
-    run_alef(tiny_policy(2), run_cfg, pool)
-    assert len(seen) == 2 and all(s.count("anchor") == len(anchors) and len(s) > len(anchors) for s in seen)
-
-
 def test_gate_rolls_back_an_update_that_makes_greedy_decisions_worse(pool, monkeypatch):
     """A 'training' step that wrecks the decoder is rolled back bit-for-bit; the gate judges on the
     held-back labels only (never trained on), and its gaps are the greedy gaps to those labels
@@ -863,7 +818,6 @@ def test_resume_after_a_crash_mid_round_3_buys_no_label_twice_and_ends_like_an_u
         batch_size=4,
         n_replay=2,
         n_heldout=4,
-        anchor_instances=6,  # decided by the starting decoder: a resumed run must not take its restored one
         scenario=TINY,
         seed=5,
     )

@@ -113,18 +113,6 @@ class AlefConfig:
         },
     )
     n_replay: int = field(default=32, metadata={"help": "undrifted instances labelled once at the start (replay)"})
-    # Expert replay alone did not stop forgetting: on mobility / min_latency (shipped LAMBO-S, 96 labels,
-    # 16 replay labels) rounds that made 512 drifted arrivals 0.26 % cheaper made 512 undrifted instances
-    # 0.08-0.11 % dearer, and the gate rolled them back. The starting decoder's own greedy decisions on
-    # fresh undrifted instances are free labels of what it should keep doing there ("learning without
-    # forgetting"); they join the replay set, so the replay share of each minibatch now draws from many.
-    anchor_instances: int = field(
-        default=0,
-        metadata={
-            "help": "undrifted instances labelled with the starting decoder's own greedy decisions and trained on "
-            "with the replay set (no expert cost; holds the decoder to its pre-drift behaviour)"
-        },
-    )
     n_heldout: int = field(
         default=32, metadata={"help": "held-out drifted instances (gap), and as many undrifted ones (forgetting)"}
     )
@@ -183,11 +171,8 @@ class AlefConfig:
             problems.append("label_attempts and query_samples must be >= 1")
         if self.pg_epochs < 0 or self.pg_samples < 2:
             problems.append(f"pg_epochs must be >= 0 and pg_samples >= 2 (got {self.pg_epochs}, {self.pg_samples})")
-        if min(self.n_replay, self.gate_instances, self.anchor_instances) < 0:
-            problems.append(
-                f"n_replay, gate_instances and anchor_instances must be >= 0 "
-                f"(got {self.n_replay}, {self.gate_instances}, {self.anchor_instances})"
-            )
+        if self.n_replay < 0 or self.gate_instances < 0:
+            problems.append(f"n_replay and gate_instances must be >= 0 (got {self.n_replay}, {self.gate_instances})")
         if not (0.5 <= self.gate_confidence < 1.0):
             problems.append(f"gate_confidence must be in [0.5, 1) (got {self.gate_confidence})")
         if not (0.0 <= self.gate_holdout < 1.0):
@@ -229,17 +214,7 @@ def run_seeds(seed: int) -> dict[str, int]:
     """Independent child seeds of a run's seed, one per random stream: a run that queries differently
     still sees the same arrivals and reference sets."""
     # append only: a child's seed depends on its position
-    names = (
-        "stream",
-        "heldout_drifted",
-        "heldout_undrifted",
-        "replay",
-        "query",
-        "train",
-        "check",
-        "gate_undrifted",
-        "anchor",
-    )
+    names = ("stream", "heldout_drifted", "heldout_undrifted", "replay", "query", "train", "check", "gate_undrifted")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children)}
 

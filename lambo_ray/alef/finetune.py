@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambo_ray.alef.buffer import Example, LabelBuffer, held_back
+from lambo_ray.alef.buffer import LabelBuffer, held_back
 from lambo_ray.alef.config import AlefConfig, run_seeds
 from lambo_ray.alef.environment import cycle_prompts, drift_stream, snapshot_set
 from lambo_ray.alef.metrics import AlefResult, LabelledSet, OnlineRecord, RoundMetrics, gap_report, labelled_gap
-from lambo_ray.alef.online import Decided, decide, objectives
+from lambo_ray.alef.online import Decided, decide
 from lambo_ray.alef.query import LabelBudget, get_query
 from lambo_ray.alef.references import Labeller, References, prepare_references, reference_key
 from lambo_ray.alef.rounds import AlefRun, RunState, run_round, state_doc, trainer_doc
@@ -85,7 +85,6 @@ def _start(
     replay = refs.replay.examples()
     held = held_back(len(replay), cfg.held_back_share())
     policy.eval()
-    anchors = anchor_examples(policy, cfg, seeds["anchor"])
     return AlefRun(
         policy=policy,
         cfg=cfg,
@@ -93,7 +92,7 @@ def _start(
         query=get_query(cfg.query, **cfg.query_kwargs()),
         labeller=labeller,
         refs=refs,
-        replay=LabelBuffer([e for e, val in zip(replay, held) if not val] + anchors),
+        replay=LabelBuffer([e for e, val in zip(replay, held) if not val]),
         replay_val=[dataclasses.replace(e, validation=True) for e, val in zip(replay, held) if val],
         rng_train=np.random.default_rng(seeds["train"]),
         rng_query=np.random.default_rng(seeds["query"]),
@@ -103,23 +102,6 @@ def _start(
         gate_undrifted=gate_undrifted(cfg, seeds["gate_undrifted"]),
         log=log,
     )
-
-
-def anchor_examples(policy: torch.nn.Module, cfg: AlefConfig, seed: int) -> list[Example]:
-    """``cfg.anchor_instances`` fresh undrifted instances labelled with the starting decoder's own greedy
-    decisions (source ``anchor``; those it decides infeasibly are left out), decided before any update:
-    a resumed run, which restores its decoder after this, gets the same anchors."""
-    if cfg.anchor_instances == 0:
-        return []
-    instances = snapshot_set(cfg.scenario, cfg.anchor_instances, seed)
-    prompts = cycle_prompts(cfg.prompts, len(instances))
-    decided = decide(policy, instances, prompts)
-    values = objectives(instances, prompts, decided.targets, decided.shares)
-    return [  # an infeasible decision is nothing to hold on to
-        Example(inst, prompt, target, share, "anchor", float(value))
-        for inst, prompt, target, share, value in zip(instances, prompts, decided.targets, decided.shares, values)
-        if np.isfinite(value)
-    ]
 
 
 def gate_undrifted(cfg: AlefConfig, seed: int) -> tuple[list[Instance], list[str]]:
