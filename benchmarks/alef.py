@@ -75,7 +75,16 @@ def load_base_policy(checkpoint: Path | None, untrained: bool, seed: int) -> tup
 
 # AlefConfig fields every run takes unchanged from the command line: flag, default and help come from the
 # field (lambo finetune's flags are made the same way).
-PASSED_THROUGH = ("epochs", "lr", "query_samples", "gate_instances", "gate_confidence", "pg_epochs", "label_plan")
+PASSED_THROUGH = (
+    "epochs",
+    "lr",
+    "query_samples",
+    "gate_instances",
+    "gate_confidence",
+    "pg_epochs",
+    "label_plan",
+    "replay_fraction",
+)
 
 
 def config_flags() -> DataclassFlags:
