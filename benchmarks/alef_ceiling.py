@@ -180,7 +180,8 @@ def probe(args: argparse.Namespace, drift: str, prompt: str) -> list[dict[str, A
     undrifted = exact_examples(
         snapshot_set(cfg.scenario, args.heldout, seeds["heldout_undrifted"]), prompt, args.time_limit
     )
-    train = list(itertools.islice(drift_stream(cfg.scenario, drift, seeds["stream"], cfg.series_dt_s), args.train))
+    stream = drift_stream(cfg.scenario, drift, seeds["stream"], cfg.series_dt_s, cfg.mobility_cells)
+    train = list(itertools.islice(stream, args.train))
     replay = snapshot_set(cfg.scenario, max(32, args.train // 4), seeds["replay"])
     budget_s = args.search_budget_ms / 1e3
     labels = LabelBuffer()

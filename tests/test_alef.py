@@ -516,6 +516,35 @@ def test_drift_streams_are_seeded_and_drifted():
     assert walk[0] != walk[1]  # one cell over time: UEs moved between arrivals
 
 
+def test_the_mobility_stream_visits_its_cells_in_turn_on_one_clock():
+    """Arrival k is cell k mod K at time k x dt: the same servers every K arrivals, with the UEs walked
+    K x dt further (the cell's own series), and another cell next; one cell is the single series."""
+    from lambo_ray.mec.drift import apply_drift
+    from lambo_ray.mec.generator import generate_series
+
+    drifted = apply_drift(TINY, "mobility").replace(walk_s=0.0)
+    arrivals = list(itertools.islice(drift_stream(TINY, "mobility", 4, dt_s=30.0, cells=3), 9))
+    layouts = [np.asarray(inst.geometry["server_xy"]) for inst in arrivals]
+    for k in range(9):
+        assert np.array_equal(layouts[k], layouts[k % 3])
+        assert k < 3 or not np.array_equal(layouts[k], layouts[(k + 1) % 3])
+    children = np.random.SeedSequence(4).spawn(3)
+    for c in range(3):
+        own = itertools.islice(
+            generate_series(drifted, 10**9, 90.0, int(children[c].generate_state(1)[0]), start_s=30.0 * c), 3
+        )
+        for inst, mine in zip(arrivals[c::3], own):
+            assert inst.geometry == mine.geometry and np.array_equal(inst.cycles, mine.cycles)
+    first = next(generate_series(drifted, 1, 30.0, int(children[1].generate_state(1)[0])))
+    assert first.geometry["server_xy"] == arrivals[1].geometry["server_xy"]
+    assert first.geometry["ue_xy"] != arrivals[1].geometry["ue_xy"]  # cell 1 is first seen at 30 s
+    single = itertools.islice(drift_stream(TINY, "mobility", 4, dt_s=30.0, cells=1), 3)
+    for inst, mine in zip(single, generate_series(drifted, 3, 30.0, 4)):
+        assert inst.geometry == mine.geometry
+    with pytest.raises(LamboInputError, match="mobility_cells"):
+        AlefConfig(mobility_cells=0)
+
+
 def test_short_finetune_reduces_imitation_loss_without_hurting_gap(pool):
     policy = tiny_policy(4)
     cfg = AlefConfig(

@@ -143,7 +143,11 @@ class AlefConfig:
         default=1.0, metadata={"help": "weight of the negative log-likelihood of the expert's shares"}
     )
     series_dt_s: float = field(
-        default=30.0, metadata={"help": "mobility drift: seconds between arrivals of the cell's time series"}
+        default=30.0, metadata={"help": "mobility drift: seconds between arrivals of the cells' time series"}
+    )
+    mobility_cells: int = field(
+        default=64,
+        metadata={"help": "mobility drift: cells the arrivals come from in turn (1: a single cell's time series)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the arrivals, the reference sets and training"})
     scenario: ScenarioConfig = field(
@@ -181,6 +185,8 @@ class AlefConfig:
             problems.append(f"replay_fraction must be in [0, 1) (got {self.replay_fraction})")
         if not (self.lr > 0 and self.label_time_limit > 0 and self.series_dt_s > 0):
             problems.append("lr, label_time_limit and series_dt_s must be > 0")
+        if self.mobility_cells < 1:
+            problems.append(f"mobility_cells must be >= 1 (got {self.mobility_cells})")
         if self.label_grace_s < 0 or self.label_accept_gap < 0:
             problems.append("label_grace_s and label_accept_gap must be >= 0")
         if self.target_weight < 0 or self.share_weight < 0 or self.target_weight + self.share_weight == 0:

@@ -96,7 +96,7 @@ def _start(
         replay_val=[dataclasses.replace(e, validation=True) for e, val in zip(replay, held) if val],
         rng_train=np.random.default_rng(seeds["train"]),
         rng_query=np.random.default_rng(seeds["query"]),
-        stream=drift_stream(cfg.scenario, cfg.drift, seeds["stream"], cfg.series_dt_s),
+        stream=drift_stream(cfg.scenario, cfg.drift, seeds["stream"], cfg.series_dt_s, cfg.mobility_cells),
         budget=LabelBudget(cfg.budget, cfg.rounds, cfg.budget_per_round),
         seeds=seeds,
         gate_undrifted=gate_undrifted(cfg, seeds["gate_undrifted"]),

@@ -129,12 +129,17 @@ def generate_many(cfg: ScenarioConfig, count: int, seed: int) -> list[Instance]:
     return [generate(cfg, rng) for rng in instance_rngs(seed, count)]
 
 
-def generate_series(cfg: ScenarioConfig, steps: int, dt_s: float, seed: int) -> Iterator[Instance]:
-    """A time series of one cell: fixed servers, UEs walking (random waypoint), new tasks and fading per slot."""
+def generate_series(
+    cfg: ScenarioConfig, steps: int, dt_s: float, seed: int, start_s: float = 0.0
+) -> Iterator[Instance]:
+    """A time series of one cell: fixed servers, UEs walking (random waypoint), new tasks and fading per slot;
+    the first slot after the UEs have walked ``start_s`` seconds from their uniform start."""
     rng = np.random.default_rng(seed)
     server_xy = rng.uniform(0.0, cfg.area_m, size=(cfg.n_servers, 2))
     walker = RandomWaypoint(cfg, draw_positions(cfg, cfg.n_ues, rng, clustered=False), rng)
     capacity = _capacities(cfg, rng)
+    if start_s > 0:
+        walker.step(start_s)
     for _ in range(steps):
         yield build_instance(cfg, rng, walker.positions.copy(), server_xy, capacity)
         walker.step(dt_s)
