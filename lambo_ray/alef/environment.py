@@ -30,12 +30,12 @@ def drift_stream(base: ScenarioConfig, drift: str, seed: int, dt_s: float = 30.0
     cfg = apply_drift(base, drift)
     if drift == "mobility":
         start = cfg.replace(walk_s=0.0)
-        children = np.random.SeedSequence(seed).spawn(cells) if cells > 1 else [None]
+        if cells == 1:  # the earlier stream, seeded as it was
+            yield from generate_series(start, 10**9, dt_s, seed)
+            return
         series = [
             generate_series(start, 10**9, dt_s * cells, int(c.generate_state(1)[0]), start_s=k * dt_s)
-            if c is not None
-            else generate_series(start, 10**9, dt_s, seed)
-            for k, c in enumerate(children)
+            for k, c in enumerate(np.random.SeedSequence(seed).spawn(cells))
         ]
         while True:
             for one in series:
