@@ -25,7 +25,7 @@ from lambo_ray.alef.finetune import (
     run_alef,
     train_decoder,
 )
-from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, select
+from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, sample_gain, select
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
@@ -121,7 +121,7 @@ def test_gain_query_scores_the_sampled_improvement_and_breaks_ties_by_entropy():
     # infeasible greedy first, then by gain; equal (zero) gains ordered by entropy: 1 (0.9) before 4 (0.3)
     assert select(scores, 5).tolist() == [3, 0, 2, 1, 4]
     assert get_query("gain", samples=4).samples == 4 and get_query("entropy").samples == 0
-    with pytest.raises(ValueError, match="sampled objectives"):
+    with pytest.raises(ValueError, match="improved objectives"):
         get_query("gain")(QueryInput(ent, np.zeros_like(ent), mask), np.random.default_rng(0))
 
 
@@ -133,7 +133,7 @@ def test_online_decide_with_samples_reports_greedy_and_best_of_k_objectives():
     policy = tiny_policy(8)
     insts = generate_many(TINY, 6, seed=21)
     prompts = ["min_latency", "min_energy"] * 3
-    d = decide(policy, insts, prompts, samples=6, seed=3)
+    d = decide(policy, insts, prompts, improve=get_query("gain", samples=6), seed=3)
     q = d.query_input
     for k, (inst, p) in enumerate(zip(insts, prompts)):
         ev = evaluate(inst, d.targets[k], d.shares[k])
@@ -141,9 +141,36 @@ def test_online_decide_with_samples_reports_greedy_and_best_of_k_objectives():
             q.greedy_objective[k] == pytest.approx(ev.objective(p)) if ev.feasible else np.isnan(q.greedy_objective[k])
         )
     best = policy_decide(policy, insts, prompts, mode="best_of_k", k=6, seed=3)
-    np.testing.assert_allclose(q.sampled_objective, [b.objective for b in best], rtol=1e-12)
-    assert np.all(q.sampled_objective <= q.greedy_objective * (1 + 1e-12))
-    assert (q.sampled_objective < q.greedy_objective * (1 - 1e-9)).any()  # sampling finds better decisions here
+    np.testing.assert_allclose(q.improved_objective, [b.objective for b in best], rtol=1e-12)
+    assert np.all(q.improved_objective <= q.greedy_objective * (1 + 1e-12))
+    assert (q.improved_objective < q.greedy_objective * (1 - 1e-9)).any()  # sampling finds better decisions here
+
+
+def test_polish_query_scores_a_certified_part_of_the_greedy_gap():
+    """``polish`` compares greedy with the refine decode: never worse than greedy, never better than the
+    brute-force optimum, so its score lies between 0 and greedy's true gap; on an untrained policy it
+    finds most of that gap, and it orders the pool by it."""
+    from lambo_ray.experts.bruteforce import brute_force
+    from lambo_ray.policy.decoding import decide as policy_decide
+
+    policy = tiny_policy(5)
+    insts = generate_many(TINY, 8, seed=31)
+    prompts = ["min_latency", "min_energy"] * 4
+    query = get_query("polish")
+    assert (query.improve, query.samples) == ("refine", 1)
+    q = decide(policy, insts, prompts, improve=query, seed=2).query_input
+    refined = policy_decide(policy, insts, prompts, "refine", k=1, seed=2, time_budget_s=query.budget_s)
+    np.testing.assert_allclose(q.improved_objective, [d.objective for d in refined], rtol=1e-12)
+    optimum = np.array([brute_force(inst, p)[2] for inst, p in zip(insts, prompts)])
+    true_gap = (q.greedy_objective - optimum) / q.greedy_objective
+    gain = sample_gain(q.greedy_objective, q.improved_objective)
+    assert np.all(gain >= 0) and np.all(gain <= true_gap + 1e-9)
+    assert gain.sum() >= 0.5 * true_gap.sum() > 0
+    scores = query(q, np.random.default_rng(0))  # gain plus an entropy tie-break below 1e-5
+    np.testing.assert_allclose(scores, gain, atol=1e-5)
+    assert select(scores, 1)[0] == int(np.argmax(gain))
+    with pytest.raises(LamboInputError, match="positive time budget"):
+        get_query("polish", budget_s=0.0)
 
 
 def test_gate_diagnosis_names_the_cause():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lambo_ray.alef.query import QueryInput
+from lambo_ray.alef.query import Query, QueryInput
 from lambo_ray.mec.evaluator import evaluate
 from lambo_ray.mec.instance import Instance
 from lambo_ray.mec.packing import Packing
@@ -31,13 +31,13 @@ def decide(
     instances: Sequence[Instance],
     prompts: Sequence[str],
     chunk: int = 64,
-    samples: int = 0,
+    improve: Query | None = None,
     seed: int = 0,
 ) -> Decided:
     """Greedy decisions (on the must-offload plan users' decisions use: :func:`inference_plan`) and
-    per-UE entropies of both heads, one encoder pass per instance; with
-    ``samples`` > 0 also the evaluator objectives of greedy and of the best of ``samples`` sampled
-    decodes on augmented copies (seeded per instance: independent of the batch)."""
+    per-UE entropies of both heads, one encoder pass per instance; for a query with an ``improve``
+    decode also the evaluator objectives of greedy and of that decode (e.g. the best of k sampled
+    decodes on augmented copies; seeded per instance: independent of the batch)."""
     from lambo_ray.policy.features import featurize
 
     start = time.perf_counter()
@@ -59,11 +59,11 @@ def decide(
             ent_t.append(out.entropy_target.double().cpu().numpy())
             ent_s.append(out.entropy_share.double().cpu().numpy())
             masks.append(batch.ue_mask.cpu().numpy())
-    greedy_obj = sampled_obj = None
-    if samples > 0:
+    greedy_obj = improved_obj = None
+    if improve is not None and improve.improve is not None:
         greedy_obj = objectives(instances, prompts, targets, shares)
-        sampled_obj = best_sampled_objectives(policy, instances, prompts, samples, seed)
-    q = QueryInput(np.concatenate(ent_t), np.concatenate(ent_s), np.concatenate(masks), greedy_obj, sampled_obj)
+        improved_obj = improved_objectives(policy, instances, prompts, improve, seed)
+    q = QueryInput(np.concatenate(ent_t), np.concatenate(ent_s), np.concatenate(masks), greedy_obj, improved_obj)
     return Decided(targets, shares, q, time.perf_counter() - start)
 
 
@@ -105,11 +105,13 @@ def greedy_objectives(policy: torch.nn.Module, instances: Sequence[Instance], pr
     return objectives(instances, prompts, d.targets, d.shares)
 
 
-def best_sampled_objectives(
-    policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], samples: int, seed: int
+def improved_objectives(
+    policy: torch.nn.Module, instances: Sequence[Instance], prompts: Sequence[str], query: Query, seed: int
 ) -> np.ndarray:
-    """Objective of the policy's best-of-``samples`` decode (greedy included) per instance."""
+    """Objective of the query's improving decode (best-of-k, refine; never worse than greedy) per instance."""
     from lambo_ray.policy.decoding import decide as policy_decide
 
-    decisions = policy_decide(policy, list(instances), list(prompts), mode="best_of_k", k=samples, seed=seed)
+    decisions = policy_decide(
+        policy, list(instances), list(prompts), query.improve, k=query.samples, seed=seed, time_budget_s=query.budget_s
+    )
     return np.asarray([d.objective if d.stats.get("feasible") else np.nan for d in decisions], dtype=float)

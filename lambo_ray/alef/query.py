@@ -2,7 +2,7 @@
 
 A strategy turns the policy's per-UE uncertainty on a pool of instances into one score per
 instance; :func:`select` takes the ``budget`` highest. Strategies are registered by name
-(``entropy``, ``random``, ``gain``) and chosen by config, not by ``if`` branches in the loop.
+(``entropy``, ``random``, ``gain``, ``polish``) and chosen by config, not by ``if`` branches in the loop.
 
 ``entropy`` (the paper's choice): the mean, over the *real* UEs of an instance (padding masked
 out), of the entropy of the offloading head's distribution at each decoding step. A policy that
@@ -25,6 +25,14 @@ is often confidently wrong (low entropy, e.g. still sending UEs to a server that
 capacity); one better sample exposes the latter. Instances with equal gain (typically 0 when the
 samples never beat greedy) are ordered by entropy, so ``gain`` reduces to ``entropy`` where sampling
 finds nothing. It costs ``samples`` extra decodes per arrival, no expert call.
+
+``polish``: the same score with the ``refine`` decode in place of the samples: greedy polished by the
+``search`` engine's local search from that one start (for ``min_energy`` an exact solve after
+reduced-cost fixing), capped at ``POLISH_BUDGET_S`` per arrival. Sampling from the policy finds only
+what the policy already half-believes, so on most arrivals best-of-k ties greedy and ``gain`` falls
+back to entropy; the polish moves away from the policy, so its improvement is close to the greedy
+decision's true gap on every arrival: the strategy spends the labels where the decoder is furthest
+from the optimum. It costs one polish per arrival (milliseconds), no expert call.
 """
 
 from __future__ import annotations
@@ -45,16 +53,16 @@ class QueryInput:
     entropy_target: np.ndarray  # (B, N) entropy of the offloading head at each UE's step
     entropy_share: np.ndarray  # (B, N) entropy of the share head (0 where the UE ran locally)
     ue_mask: np.ndarray  # (B, N) True for real UEs, False for padding
-    # Only for strategies with ``samples`` > 0: evaluator objectives of the greedy decision and of the
-    # best sampled one (NaN where infeasible), (B,) each.
+    # Only for strategies with an ``improve`` decode: evaluator objectives of the greedy decision and of
+    # that decode's (NaN where infeasible), (B,) each.
     greedy_objective: np.ndarray | None = None
-    sampled_objective: np.ndarray | None = None
+    improved_objective: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shapes = {self.entropy_target.shape, self.entropy_share.shape, self.ue_mask.shape}
         if len(shapes) != 1 or self.entropy_target.ndim != 2:
             raise ValueError(f"entropy_target, entropy_share and ue_mask must share one (B, N) shape, got {shapes}")
-        for name in ("greedy_objective", "sampled_objective"):
+        for name in ("greedy_objective", "improved_objective"):
             v = getattr(self, name)
             if v is not None and v.shape != (self.size,):
                 raise ValueError(f"{name} must have shape ({self.size},), got {v.shape}")
@@ -75,12 +83,15 @@ Scorer = Callable[[QueryInput, np.random.Generator], np.ndarray]
 
 @dataclass(frozen=True)
 class Query:
-    """A configured strategy: ``score(query_input, rng)`` gives one score per instance; ``samples``
-    is how many sampled decodes per instance it needs beside the greedy pass (0: none)."""
+    """A configured strategy: ``score(query_input, rng)`` gives one score per instance. ``improve`` is
+    the decode mode (:mod:`lambo_ray.policy.decoding`) whose objective it compares greedy's with, run
+    with ``samples`` samples and at most ``budget_s`` of polishing per instance; None: no such decode."""
 
     name: str
     score: Scorer
+    improve: str | None = None
     samples: int = 0
+    budget_s: float | None = None
 
     def __call__(self, q: QueryInput, rng: np.random.Generator) -> np.ndarray:
         return self.score(q, rng)
@@ -116,32 +127,43 @@ def random_query() -> Query:
     return Query("random", score)
 
 
-def sample_gain(greedy: np.ndarray, sampled: np.ndarray) -> np.ndarray:
-    """(greedy - best sampled) / |greedy| per instance, >= 0; 1 where greedy is infeasible (NaN)."""
-    greedy, sampled = np.asarray(greedy, float), np.asarray(sampled, float)
+def sample_gain(greedy: np.ndarray, improved: np.ndarray) -> np.ndarray:
+    """(greedy - improved) / |greedy| per instance, >= 0; 1 where greedy is infeasible (NaN)."""
+    greedy, improved = np.asarray(greedy, float), np.asarray(improved, float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        gain = (greedy - sampled) / np.abs(greedy)
+        gain = (greedy - improved) / np.abs(greedy)
     gain = np.where(np.isfinite(gain), np.clip(gain, 0.0, 1.0), 0.0)
     return np.where(np.isnan(greedy), 1.0, gain)
 
 
-# Weight of the entropy tie-break of ``gain``: the mean entropy is at most log(M + 1) (~2.3 at
-# M = 9), so it reorders only instances whose gains differ by less than ~2e-6 (float noise).
+# Weight of the entropy tie-break of ``gain`` and ``polish``: the mean entropy is at most log(M + 1)
+# (~2.3 at M = 9), so it reorders only instances whose gains differ by less than ~2e-6 (float noise).
 GAIN_TIE_WEIGHT = 1e-6
+# Polishing time per arrival of the ``polish`` query: enough for the local search to converge on the
+# paper cell (refine takes ~10-50 ms there), a bound on bigger cells.
+POLISH_BUDGET_S = 0.2
+
+
+def improvement_score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+    """Greedy's relative excess over the strategy's improving decode, ties broken by entropy."""
+    if q.greedy_objective is None or q.improved_objective is None:
+        raise ValueError("this query needs greedy and improved objectives in its QueryInput")
+    gain = sample_gain(q.greedy_objective, q.improved_objective)
+    return gain + GAIN_TIE_WEIGHT * mean_over_real_ues(q.entropy_target, q.ue_mask)
 
 
 @register_query("gain")
 def gain_query(samples: int = 8) -> Query:
     if samples < 1:
         raise LamboInputError(f"gain query needs samples >= 1 (got {samples})", where="query")
+    return Query("gain", improvement_score, improve="best_of_k", samples=samples)
 
-    def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
-        if q.greedy_objective is None or q.sampled_objective is None:
-            raise ValueError("the gain query needs greedy and sampled objectives in its QueryInput")
-        gain = sample_gain(q.greedy_objective, q.sampled_objective)
-        return gain + GAIN_TIE_WEIGHT * mean_over_real_ues(q.entropy_target, q.ue_mask)
 
-    return Query("gain", score, samples=samples)
+@register_query("polish")
+def polish_query(budget_s: float = POLISH_BUDGET_S) -> Query:
+    if not (budget_s > 0 and math.isfinite(budget_s)):
+        raise LamboInputError(f"polish query needs a positive time budget (got {budget_s})", where="query")
+    return Query("polish", improvement_score, improve="refine", samples=1, budget_s=budget_s)
 
 
 def query_strategies() -> list[str]:
