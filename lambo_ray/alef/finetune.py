@@ -6,7 +6,7 @@ The loop (:func:`run_alef`) reads like the paper's procedure:
     for each round:
         instances arrive from the drifted environment (unlabelled)
         the current policy decides each one online (greedy; the decision is recorded as served)
-        the query strategy scores them (decision entropy, sampled gain, or random); the top ones
+        the query strategy scores them (decision entropy, sampled or polished gain, or random); the top ones
             within budget are queried
         the expert pool labels them in parallel (exact with a time limit, fallbacks) -> labelled buffer
         the decoder is trained on the buffer (+ replay of pre-drift labels) except a held-back
