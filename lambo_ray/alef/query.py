@@ -32,7 +32,9 @@ reduced-cost fixing), capped at ``POLISH_BUDGET_S`` per arrival. Sampling from t
 what the policy already half-believes, so on most arrivals best-of-k ties greedy and ``gain`` falls
 back to entropy; the polish moves away from the policy, so its improvement is close to the greedy
 decision's true gap on every arrival: the strategy spends the labels where the decoder is furthest
-from the optimum. It costs one polish per arrival (milliseconds), no expert call.
+from the optimum. It costs one polish per arrival, no expert call: in the ALEF benchmark's runs
+with 768 arrivals per round about 0.09 s per arrival on ``outage`` cells and 0.17 s on 80-UE
+``density`` cells (the run's extra wall time over random's).
 """
 
 from __future__ import annotations
@@ -139,8 +141,8 @@ def sample_gain(greedy: np.ndarray, improved: np.ndarray) -> np.ndarray:
 # Weight of the entropy tie-break of ``gain`` and ``polish``: the mean entropy is at most log(M + 1)
 # (~2.3 at M = 9), so it reorders only instances whose gains differ by less than ~2e-6 (float noise).
 GAIN_TIE_WEIGHT = 1e-6
-# Polishing time per arrival of the ``polish`` query: enough for the local search to converge on the
-# paper cell (refine takes ~10-50 ms there), a bound on bigger cells.
+# Cap on the polishing time per arrival of the ``polish`` query, so that large cells cannot stall a
+# round (the runs above averaged 0.09-0.17 s per arrival, the cap included).
 POLISH_BUDGET_S = 0.2
 
 
