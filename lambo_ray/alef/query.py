@@ -142,7 +142,7 @@ def sample_gain(greedy: np.ndarray, improved: np.ndarray) -> np.ndarray:
 # (~2.3 at M = 9), so it reorders only instances whose gains differ by less than ~2e-6 (float noise).
 GAIN_TIE_WEIGHT = 1e-6
 # Cap on the polishing time per arrival of the ``polish`` query, so that large cells cannot stall a
-# round (the runs above averaged 0.09-0.17 s per arrival, the cap included).
+# round (the benchmark runs of the module docstring averaged 0.09-0.17 s per arrival).
 POLISH_BUDGET_S = 0.2
 
 
