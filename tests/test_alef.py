@@ -25,7 +25,7 @@ from lambo_ray.alef.finetune import (
     run_alef,
     train_decoder,
 )
-from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, sample_gain, select
+from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, relative_improvement, select
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
@@ -133,7 +133,7 @@ def test_online_decide_with_samples_reports_greedy_and_best_of_k_objectives():
     policy = tiny_policy(8)
     insts = generate_many(TINY, 6, seed=21)
     prompts = ["min_latency", "min_energy"] * 3
-    d = decide(policy, insts, prompts, improve=get_query("gain", samples=6), seed=3)
+    d = decide(policy, insts, prompts, query=get_query("gain", samples=6), seed=3)
     q = d.query_input
     for k, (inst, p) in enumerate(zip(insts, prompts)):
         ev = evaluate(inst, d.targets[k], d.shares[k])
@@ -158,12 +158,12 @@ def test_polish_query_scores_a_certified_part_of_the_greedy_gap():
     prompts = ["min_latency", "min_energy"] * 4
     query = get_query("polish")
     assert (query.improve, query.samples) == ("refine", 1)
-    q = decide(policy, insts, prompts, improve=query, seed=2).query_input
+    q = decide(policy, insts, prompts, query=query, seed=2).query_input
     refined = policy_decide(policy, insts, prompts, "refine", k=1, seed=2, time_budget_s=query.budget_s)
     np.testing.assert_allclose(q.improved_objective, [d.objective for d in refined], rtol=1e-12)
     optimum = np.array([brute_force(inst, p)[2] for inst, p in zip(insts, prompts)])
     true_gap = (q.greedy_objective - optimum) / q.greedy_objective
-    gain = sample_gain(q.greedy_objective, q.improved_objective)
+    gain = relative_improvement(q.greedy_objective, q.improved_objective)
     assert np.all(gain >= 0) and np.all(gain <= true_gap + 1e-9)
     assert gain.sum() >= 0.5 * true_gap.sum() > 0
     scores = query(q, np.random.default_rng(0))  # gain plus an entropy tie-break below 1e-5

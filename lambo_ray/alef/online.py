@@ -31,11 +31,11 @@ def decide(
     instances: Sequence[Instance],
     prompts: Sequence[str],
     chunk: int = 64,
-    improve: Query | None = None,
+    query: Query | None = None,
     seed: int = 0,
 ) -> Decided:
     """Greedy decisions (on the must-offload plan users' decisions use: :func:`inference_plan`) and
-    per-UE entropies of both heads, one encoder pass per instance; for a query with an ``improve``
+    per-UE entropies of both heads, one encoder pass per instance; for a ``query`` with an ``improve``
     decode also the evaluator objectives of greedy and of that decode (e.g. the best of k sampled
     decodes on augmented copies; seeded per instance: independent of the batch)."""
     from lambo_ray.policy.features import featurize
@@ -60,9 +60,9 @@ def decide(
             ent_s.append(out.entropy_share.double().cpu().numpy())
             masks.append(batch.ue_mask.cpu().numpy())
     greedy_obj = improved_obj = None
-    if improve is not None and improve.improve is not None:
+    if query is not None and query.improve is not None:
         greedy_obj = objectives(instances, prompts, targets, shares)
-        improved_obj = improved_objectives(policy, instances, prompts, improve, seed)
+        improved_obj = improved_objectives(policy, instances, prompts, query, seed)
     q = QueryInput(np.concatenate(ent_t), np.concatenate(ent_s), np.concatenate(masks), greedy_obj, improved_obj)
     return Decided(targets, shares, q, time.perf_counter() - start)
 

@@ -129,7 +129,7 @@ def random_query() -> Query:
     return Query("random", score)
 
 
-def sample_gain(greedy: np.ndarray, improved: np.ndarray) -> np.ndarray:
+def relative_improvement(greedy: np.ndarray, improved: np.ndarray) -> np.ndarray:
     """(greedy - improved) / |greedy| per instance, >= 0; 1 where greedy is infeasible (NaN)."""
     greedy, improved = np.asarray(greedy, float), np.asarray(improved, float)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -150,7 +150,7 @@ def improvement_score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
     """Greedy's relative excess over the strategy's improving decode, ties broken by entropy."""
     if q.greedy_objective is None or q.improved_objective is None:
         raise ValueError("this query needs greedy and improved objectives in its QueryInput")
-    gain = sample_gain(q.greedy_objective, q.improved_objective)
+    gain = relative_improvement(q.greedy_objective, q.improved_objective)
     return gain + GAIN_TIE_WEIGHT * mean_over_real_ues(q.entropy_target, q.ue_mask)
 
 

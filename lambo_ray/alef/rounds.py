@@ -86,7 +86,7 @@ def serve_and_query(run: AlefRun, round_no: int, k: int) -> Arrivals:
     ids = list(range(st.arrived, st.arrived + len(instances)))
     prompts = cycle_prompts(run.cfg.prompts, len(instances), offset=st.arrived)
     st.arrived += len(instances)
-    online = decide(run.policy, instances, prompts, improve=run.query, seed=run.sample_seed(round_no))
+    online = decide(run.policy, instances, prompts, query=run.query, seed=run.sample_seed(round_no))
     scores = run.query(online.query_input, run.rng_query)
     records = []
     for i, (inst, p, t, s) in enumerate(zip(instances, prompts, online.targets, online.shares)):
