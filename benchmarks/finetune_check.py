@@ -32,6 +32,7 @@ from lambo_ray.results import print_table, write_results
 COLUMNS = [
     "run",
     "seed",
+    "pool_size",
     "pg_epochs",
     "rounds_kept",
     "drifted_gap_before_pct",
@@ -66,6 +67,7 @@ def check_run(run_dir: Path, count: int) -> dict[str, Any]:
         "date": m["date"],
         "drift": cfg.drift,
         "seed": cfg.seed,
+        "pool_size": cfg.pool_size,
         "pg_epochs": cfg.pg_epochs,
         "rounds_kept": [r["round"] for r in m["rounds"] if r["accepted"]],
         "labels": m["labels_used"],
