@@ -794,9 +794,10 @@ def test_gate_also_judges_on_unlabelled_arrivals(pool, monkeypatch):
         return {"loss": 0.0, "target_ce": 0.0, "share_nll": 0.0, "steps": 1, "masked_labels": 0}
 
     monkeypatch.setattr(rounds, "train_decoder", wreck)
+    # No policy-gradient phase: the update the gate judges is then exactly the wreck.
     cfg = AlefConfig(
         drift="outage", prompts=("min_energy",), rounds=2, pool_size=8, budget=8, experts=2, n_replay=4,
-        n_heldout=4, gate_instances=12, scenario=TINY, seed=2,
+        n_heldout=4, gate_instances=12, pg_epochs=0, scenario=TINY, seed=2,
     )  # fmt: skip
     res = run_alef(policy, cfg, pool)
     m = res.rounds[0]
