@@ -25,7 +25,14 @@ from lambo_ray.alef.finetune import (
     run_alef,
     train_decoder,
 )
-from lambo_ray.alef.query import LabelBudget, QueryInput, get_query, relative_improvement, select
+from lambo_ray.alef.query import (
+    POLISH_BUDGET_S,
+    LabelBudget,
+    QueryInput,
+    get_query,
+    relative_improvement,
+    select,
+)
 from lambo_ray.errors import LamboInputError
 from lambo_ray.experts import get_expert
 from lambo_ray.experts.base import Expert
@@ -156,7 +163,8 @@ def test_polish_query_scores_a_certified_part_of_the_greedy_gap():
     policy = tiny_policy(5)
     insts = generate_many(TINY, 8, seed=31)
     prompts = ["min_latency", "min_energy"] * 4
-    assert (get_query("polish").improve, get_query("polish").samples) == ("refine", 1)
+    default = get_query("polish")
+    assert (default.improve, default.samples, default.budget_s) == ("refine", 1, POLISH_BUDGET_S)
     # A budget the tiny cells never reach: with the default 0.2 s a loaded machine (first solver import,
     # a busy CI core) can cut one of the two polishes short and the comparison below would test the clock.
     query = get_query("polish", budget_s=30.0)
