@@ -264,9 +264,18 @@ def summarize(results: Any, spec: TuneSpec) -> dict[str, Any]:
 
 
 def _metric_values(result: Any, metric: str) -> list[float]:
+    """The metric over a trial's reports, one per iteration.
+
+    A trial interrupted after reporting an iteration whose checkpoint the experiment state had not yet
+    recorded resumes from the older checkpoint and redoes that iteration; Tune then appends a second row
+    with the same ``training_iteration``. Only the redone row counts: the first one's checkpoint is
+    gone, so a best value taken from it would name a model nobody can load.
+    """
     df = result.metrics_dataframe
     if df is None or metric not in df:
         return []
+    if "training_iteration" in df:
+        df = df.drop_duplicates("training_iteration", keep="last")
     return [float(v) for v in df[metric].tolist() if v is not None and math.isfinite(float(v))]
 
 
