@@ -31,7 +31,7 @@ class AlefConfig:
     # Arrivals cost no label, and the policy-gradient phase learns from every one of them: on `outage`
     # (min_energy, random query, 192 labels, 3 seeds, 1024 fresh drifted instances each) the shipped
     # decoder was 0.16 % cheaper than the start with 128 or 768 arrivals per round and no phase, 0.19 %
-    # with the phase on 128 and 0.24-0.25 % with it on 768 (README, "What more arrivals buy"). On
+    # with the phase on 128 and 0.24-0.25 % with it on 768 (docs/alef.md, "What more arrivals buy"). On
     # `lambo finetune --drift outage` (both prompts, seeds 0 and 1) 512 arrivals and 4 passes shipped
     # 0.19-0.21 % against 0.06-0.10 % with 64 and 2, for 3-5 minutes more per run.
     pool_size: int = field(default=512, metadata={"help": "unlabelled drifted instances decided online per round"})
@@ -140,7 +140,7 @@ class AlefConfig:
     # 0.00-0.06 % with imitation alone, for 40-110 s more per run; the capacity probe measured it lowering
     # the held-out gap on deadline, outage and density and raising it on mobility (the gate's business).
     # 4 passes over 512 arrivals per round (the defaults since December 7) against 2 over 64: see the
-    # pool_size comment and README, "What more arrivals buy".
+    # pool_size comment and docs/alef.md, "What more arrivals buy".
     pg_epochs: int = field(
         default=4,
         metadata={"help": "policy-gradient passes over the round's drifted instances after imitation (0: off)"},
