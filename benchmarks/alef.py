@@ -82,6 +82,7 @@ PASSED_THROUGH = (
     "gate_instances",
     "gate_confidence",
     "pg_epochs",
+    "pg_lr_scale",
     "label_plan",
     "replay_fraction",
 )

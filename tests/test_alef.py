@@ -1285,6 +1285,28 @@ def test_the_policy_gradient_phase_makes_sampled_decisions_cheaper(small_instanc
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, policy.encoder_parameters()))
 
 
+def test_the_policy_gradient_phase_scales_its_own_steps_and_restores_the_learning_rate(small_instances):
+    """``lr_scale`` multiplies the phase's steps (Adam's first step is proportional to the learning rate,
+    so from the same state and samples the update is exactly ``lr_scale`` times as large) and leaves the
+    optimiser's learning rate as it found it, for the imitation steps of the next round."""
+    from lambo_ray.alef.policy_gradient import policy_gradient_phase
+    from lambo_ray.alef.training import freeze_encoder
+
+    instances, prompts = list(small_instances), ["min_energy"] * len(small_instances)
+    updates = []
+    for scale in (1.0, 3.0):
+        policy = tiny_policy(5)
+        before = torch.cat([p.detach().flatten().clone() for p in policy.decoder_parameters()])
+        opt = torch.optim.Adam(freeze_encoder(policy), lr=1e-3)
+        stats = policy_gradient_phase(
+            policy, opt, instances, prompts, np.random.default_rng(0), 1, k=8, chunk=len(instances), lr_scale=scale
+        )
+        assert stats["pg_steps"] == 1 and opt.param_groups[0]["lr"] == 1e-3
+        updates.append(torch.cat([p.detach().flatten() for p in policy.decoder_parameters()]) - before)
+    assert updates[0].abs().max() > 0
+    torch.testing.assert_close(updates[1], 3.0 * updates[0], rtol=1e-3, atol=1e-6)  # float32 rounding of p + u
+
+
 def test_the_policy_gradient_phase_never_samples_on_what_the_gate_judges(small_instances):
     """ALEF's phase runs on the round's arrivals and the trained labels' instances, once each, and never
     on a held-back label's instance (the gate's labelled check would then judge on trained data)."""

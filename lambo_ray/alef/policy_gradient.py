@@ -19,7 +19,8 @@ also why more arrivals per round help (without it 128 and 768 arrivals shipped e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,35 +83,51 @@ def policy_gradient_phase(
     k: int = 8,
     chunk: int = 16,
     grad_clip: float = 1.0,
+    lr_scale: float = 1.0,
 ) -> dict[str, float]:
     """``epochs`` passes over ``instances`` in chunks of ``chunk`` instances x ``k`` samples: the
     parameters ``opt`` holds ascend advantage x log-probability of the sampled decisions. The
     offloading choice always counts; the share only where the prompt is ``min_latency`` (the
     ``min_energy`` objective does not see shares, so their log-probabilities would only add noise).
     Deterministic given ``rng``. Returns the steps taken and the mean spread (standard deviation) of
-    the groups' advantages: how much the samples differed, i.e. how much there was to learn from."""
+    the groups' advantages: how much the samples differed, i.e. how much there was to learn from.
+    ``lr_scale`` multiplies ``opt``'s learning rates for the phase's steps (restored afterwards)."""
     if epochs < 1 or not instances:
         return {"pg_steps": 0, "pg_group_spread": float("nan")}
     params = [p for group in opt.param_groups for p in group["params"]]
     spreads: list[float] = []
     was_training = policy.training
     policy.train()
-    for _ in range(epochs):
-        perm = rng.permutation(len(instances))
-        for lo in range(0, len(instances), chunk):
-            part = [int(i) for i in perm[lo : lo + chunk]]
-            obj, batch, enc, out = sampled_groups(
-                policy, [instances[i] for i in part], [prompts[i] for i in part], k, int(rng.integers(2**31))
-            )
-            adv = group_advantages(obj)
-            spreads.append(float(adv.std(axis=1).mean()))
-            latency_rows = torch.tensor([prompts[i] == "min_latency" for i in part for _ in range(k)])
-            tf = policy.teacher_forced(batch, enc, out.target, out.share, u=out.u)
-            logp = tf.logp_target.sum(-1) + torch.where(latency_rows, tf.logp_share.sum(-1), 0.0)
-            loss = -(torch.as_tensor(adv.reshape(-1), dtype=logp.dtype) * logp).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
+    with scaled_learning_rate(opt, lr_scale):
+        for _ in range(epochs):
+            perm = rng.permutation(len(instances))
+            for lo in range(0, len(instances), chunk):
+                part = [int(i) for i in perm[lo : lo + chunk]]
+                obj, batch, enc, out = sampled_groups(
+                    policy, [instances[i] for i in part], [prompts[i] for i in part], k, int(rng.integers(2**31))
+                )
+                adv = group_advantages(obj)
+                spreads.append(float(adv.std(axis=1).mean()))
+                latency_rows = torch.tensor([prompts[i] == "min_latency" for i in part for _ in range(k)])
+                tf = policy.teacher_forced(batch, enc, out.target, out.share, u=out.u)
+                logp = tf.logp_target.sum(-1) + torch.where(latency_rows, tf.logp_share.sum(-1), 0.0)
+                loss = -(torch.as_tensor(adv.reshape(-1), dtype=logp.dtype) * logp).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
     policy.train(was_training)
     return {"pg_steps": len(spreads), "pg_group_spread": float(np.mean(spreads))}
+
+
+@contextmanager
+def scaled_learning_rate(opt: torch.optim.Optimizer, scale: float) -> Iterator[None]:
+    """``opt``'s learning rates times ``scale`` inside the block, as they were after it (even on error)."""
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] *= scale
+    try:
+        yield
+    finally:
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr

@@ -177,7 +177,7 @@ def train_behind_gate(
         insts_pg, prompts_pg = pg_set
         pg = policy_gradient_phase(
             policy, run.opt, insts_pg, prompts_pg, run.rng_train, cfg.pg_epochs, k=cfg.pg_samples,
-            chunk=cfg.batch_size, grad_clip=cfg.grad_clip,
+            chunk=cfg.batch_size, grad_clip=cfg.grad_clip, lr_scale=cfg.pg_lr_scale,
         )  # fmt: skip
         train = {**train, **pg}
     if before is None:
