@@ -150,7 +150,8 @@ class AlefConfig:
     # The phase shares Adam with imitation, whose clipped gradients (norm ~1) fill Adam's second-moment
     # estimate; the phase's own gradients are ~20x smaller, so its steps come out about a third of what
     # the same learning rate gives on a fresh optimiser (measured on `outage`, min_energy, after 20 epochs
-    # of imitation). This multiplies the learning rate for the phase's steps only.
+    # of imitation). This multiplies the learning rate for the phase's steps only; 3 (about a fresh
+    # optimiser's step) shipped no better decoders on `outage` (docs/alef.md, "Larger policy-gradient steps").
     pg_lr_scale: float = field(
         default=1.0, metadata={"help": "learning-rate multiplier for the policy-gradient phase's steps"}
     )
