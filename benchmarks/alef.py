@@ -384,14 +384,27 @@ COLUMNS = [
 ]
 
 
+def settings(doc: dict[str, Any]) -> dict[str, Any]:
+    """A result file's policy, config and quick flag, comparable across code revisions: a config field
+    the file predates counts as its default (AlefConfig's fields are added with the default that keeps
+    the earlier behaviour, e.g. ``pg_lr_scale`` = 1), so files from before and after such an addition
+    with equal settings still resume and merge."""
+    defaults = json.loads(json.dumps(AlefConfig().to_dict()))
+    config = doc.get("config")
+    if isinstance(config, dict):
+        config = {k: v for k, v in defaults.items() if k not in config} | config
+    return {"policy": doc.get("policy"), "config": config, "quick": doc.get("quick")}
+
+
 def load_previous(out: Path, source: str, config: dict[str, Any]) -> tuple[list[dict], dict]:
     """Runs of an earlier, stopped invocation with the same policy and settings (else a clear error)."""
     if not out.is_file():
         return [], {}
     prev = json.loads(out.read_text())
-    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
-    for key, mine in (("policy", source), ("config", config)):
-        if prev.get(key) != mine:
+    previous = settings(prev)
+    mine = settings({"policy": source, "config": json.loads(json.dumps(config))})  # tuples -> lists, as stored
+    for key in ("policy", "config"):
+        if previous[key] != mine[key]:
             raise SystemExit(f"--resume: {out} was written with another {key}; use another --out")
     return list(prev.get("runs", [])), dict(prev.get("details", {}))
 
@@ -412,7 +425,7 @@ def merge(out: Path, paths: list[Path]) -> Path:
     details: dict[str, Any] = {}
     for path, doc in zip(paths, docs):
         for key in ("policy", "config", "quick"):
-            if doc.get(key) != first.get(key):
+            if settings(doc)[key] != settings(first)[key]:
                 raise SystemExit(f"--merge: {path} was written with another {key} than {paths[0]}")
         for run in doc.get("runs", []):
             key = run_key(run["drift"], run["prompt"], run["seed"], run["query"])
@@ -430,7 +443,7 @@ def merge(out: Path, paths: list[Path]) -> Path:
         out,
         rows,
         policy=first.get("policy"),
-        config=first.get("config"),
+        config=settings(first)["config"],
         quick=first.get("quick"),
         complete=all(doc.get("complete") for doc in docs),
         drifts=union("drifts"),

@@ -1204,6 +1204,13 @@ def test_alef_benchmark_merges_invocations_with_equal_settings_only(tmp_path):
     other = doc("other.json", [run("entropy", 2, 0.005)], config={"budget": 16, "rounds": 2, "n_heldout": 4})
     with pytest.raises(SystemExit, match="other.json was written with another config"):
         bench.merge(tmp_path / "x.json", [randoms, other])
+    # A setting added after a file was written counts there as its default (the behaviour it keeps).
+    base = {"budget": 8, "rounds": 2, "n_heldout": 4}
+    newer = doc("newer.json", [run("entropy", 2, 0.005)], config=base | {"pg_lr_scale": 1.0})
+    assert len(json.loads(bench.merge(tmp_path / "y.json", [randoms, newer]).read_text())["runs"]) == 3
+    scaled = doc("scaled.json", [run("entropy", 2, 0.005)], config=base | {"pg_lr_scale": 3.0})
+    with pytest.raises(SystemExit, match="scaled.json was written with another config"):
+        bench.merge(tmp_path / "x.json", [randoms, scaled])
     with pytest.raises(SystemExit, match="outage/min_energy/0/random is in more than one input"):
         bench.merge(tmp_path / "x.json", [randoms, randoms])
     with pytest.raises(SystemExit, match="is one of the inputs"):
