@@ -48,6 +48,7 @@ from lambo_ray.alef.finetune import AlefResult, prepare_references, run_alef
 from lambo_ray.alef.gate import confidence_z, paired_change
 from lambo_ray.alef.online import greedy_objectives
 from lambo_ray.alef.query import query_strategies
+from lambo_ray.alef.store import with_later_defaults
 from lambo_ray.alef.worker import fallback_names
 from lambo_ray.flags import DataclassFlags
 from lambo_ray.mec.drift import DRIFTS, apply_drift
@@ -386,13 +387,11 @@ COLUMNS = [
 
 def settings(doc: dict[str, Any]) -> dict[str, Any]:
     """A result file's policy, config and quick flag, comparable across code revisions: a config field
-    the file predates counts as its default (AlefConfig's fields are added with the default that keeps
-    the earlier behaviour, e.g. ``pg_lr_scale`` = 1), so files from before and after such an addition
-    with equal settings still resume and merge."""
-    defaults = json.loads(json.dumps(AlefConfig().to_dict()))
+    the file predates counts as its default (as when resuming a run, ``with_later_defaults``), so files
+    from before and after such an addition with equal settings still resume and merge."""
     config = doc.get("config")
     if isinstance(config, dict):
-        config = {k: v for k, v in defaults.items() if k not in config} | config
+        config = with_later_defaults(config)
     return {"policy": doc.get("policy"), "config": config, "quick": doc.get("quick")}
 
 

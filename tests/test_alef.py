@@ -918,6 +918,24 @@ def test_resume_after_a_crash_mid_round_3_buys_no_label_twice_and_ends_like_an_u
         run_alef(tiny_policy(7), cfg, pool, store=RunStore(store.dir))
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
+    """A run directory written before a config field was added (its run.json lacks the key) resumes when
+    the field is at its default, the behaviour the run had, and is refused, naming it, when it is not."""
+    from lambo_ray.alef.store import RunStore
+
+    cfg = AlefConfig(drift="outage").to_dict()
+    store = RunStore(tmp_path / "run")
+    store.begin(cfg, "digest")
+    run_json = store.dir / "run.json"
+    doc = json.loads(run_json.read_text())
+    del doc["config"]["pg_lr_scale"]
+    run_json.write_text(json.dumps(doc))
+    RunStore(store.dir).begin(cfg, "digest")
+    with pytest.raises(LamboInputError, match=r"pg_lr_scale 1\.0 \(now 3\.0\)"):
+        RunStore(store.dir).begin(AlefConfig(drift="outage", pg_lr_scale=3.0).to_dict(), "digest")
+    assert "pg_lr_scale" not in json.loads(run_json.read_text())["config"]  # a refused resume writes nothing
+
+
 def test_label_journal_survives_a_torn_last_line_and_rejects_a_corrupt_one(tmp_path, small_instances):
     from lambo_ray.alef.store import LabelJournal
 

@@ -144,6 +144,16 @@ def _canonical(doc: Any) -> Any:
     return json.loads(json.dumps(jsonable(doc)))
 
 
+def with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config with the settings it predates filled in at their defaults: AlefConfig's
+    fields are added with the default that keeps the earlier behaviour (e.g. ``pg_lr_scale`` = 1), so a
+    run interrupted before such an addition still resumes under the code after it."""
+    from lambo_ray.alef.config import AlefConfig
+
+    defaults = _canonical(AlefConfig().to_dict())
+    return {k: v for k, v in defaults.items() if k not in saved} | saved
+
+
 class RunStore:
     """The directory of one ALEF run's state (module docstring)."""
 
@@ -168,7 +178,7 @@ class RunStore:
             raise LamboInputError(f"unreadable run state: {err}", where=str(path)) from None
         if saved.get("base_digest") != base_digest:
             raise LamboInputError("the saved run fine-tuned another policy (checkpoint differs)", where=str(self.dir))
-        old, new = saved.get("config", {}), doc["config"]
+        old, new = with_later_defaults(saved.get("config", {})), doc["config"]
         diff = [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
         if diff:
             shown = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in diff)
