@@ -422,9 +422,11 @@ def merge(out: Path, paths: list[Path]) -> Path:
     first = docs[0]
     runs: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    expected = settings(first)
     for path, doc in zip(paths, docs):
+        found = settings(doc)
         for key in ("policy", "config", "quick"):
-            if settings(doc)[key] != settings(first)[key]:
+            if found[key] != expected[key]:
                 raise SystemExit(f"--merge: {path} was written with another {key} than {paths[0]}")
         for run in doc.get("runs", []):
             key = run_key(run["drift"], run["prompt"], run["seed"], run["query"])
@@ -442,7 +444,7 @@ def merge(out: Path, paths: list[Path]) -> Path:
         out,
         rows,
         policy=first.get("policy"),
-        config=settings(first)["config"],
+        config=expected["config"],
         quick=first.get("quick"),
         complete=all(doc.get("complete") for doc in docs),
         drifts=union("drifts"),
