@@ -103,6 +103,33 @@ def test_entropy_query_ignores_padding_and_picks_highest_mean():
         get_query("margin")
 
 
+def test_power_query_samples_batches_in_proportion_to_entropy_to_the_beta():
+    """Plackett-Luce closed forms: the first pick is i with probability s_i**beta / sum(s**beta), and a
+    pair {i, j} is drawn with probability p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j). Padding must not
+    dilute a score; an instance with entropy 0 is always drawn last."""
+    # Mean entropy over real UEs: 1.0 (two padded zeros ignored), 0.5, 0.25, 0.0.
+    ent = np.array([[1.0, 1.0, 0.0, 0.0], [0.5] * 4, [0.25] * 4, [0.0] * 4])
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], bool)
+    q = QueryInput(ent, np.zeros_like(ent), mask)
+    s = np.array([1.0, 0.5, 0.25])
+    draws = 20000
+    for beta in (1.0, 2.0):
+        query, rng = get_query("power", beta=beta), np.random.default_rng(7)
+        batches = [select(query(q, rng), 2) for _ in range(draws)]
+        p = s**beta / (s**beta).sum()
+        first = np.bincount([b[0] for b in batches], minlength=4) / draws
+        np.testing.assert_allclose(first, [*p, 0.0], atol=0.012)
+        pair01 = np.mean([set(b.tolist()) == {0, 1} for b in batches])
+        assert pair01 == pytest.approx(p[0] * p[1] / (1 - p[0]) + p[1] * p[0] / (1 - p[1]), abs=0.012)
+        assert all(select(query(q, rng), 4)[-1] == 3 for _ in range(200))
+    # beta = 0 is uniform over the pool, the certain instance included.
+    zero, rng = get_query("power", beta=0.0), np.random.default_rng(1)
+    first = np.bincount([select(zero(q, rng), 1)[0] for _ in range(draws)], minlength=4) / draws
+    np.testing.assert_allclose(first, [0.25] * 4, atol=0.012)
+    with pytest.raises(LamboInputError, match="beta"):
+        get_query("power", beta=-1.0)
+
+
 def test_entropy_query_on_policy_decisions_matches_single_instance_decodes():
     """Mixed cell sizes (padding in the batch): the query's top-k equals the top-k of the mean
     offloading entropy computed from each instance decoded on its own (no padding at all)."""

@@ -42,7 +42,7 @@ class AlefConfig:
     )
     query: str = field(
         default="entropy",
-        metadata={"help": "query strategy: which arrivals get an expert label (entropy, gain, polish, random)"},
+        metadata={"help": "query strategy: which arrivals get an expert label (entropy, power, gain, polish, random)"},
     )
     query_share_weight: float = field(
         default=0.0, metadata={"help": "entropy query: weight of the share head's entropy"}

@@ -2,7 +2,7 @@
 
 A strategy turns the policy's per-UE uncertainty on a pool of instances into one score per
 instance; :func:`select` takes the ``budget`` highest. Strategies are registered by name
-(``entropy``, ``random``, ``gain``, ``polish``) and chosen by config, not by ``if`` branches in the loop.
+(``entropy``, ``power``, ``random``, ``gain``, ``polish``) and chosen by config, not by ``if`` branches in the loop.
 
 ``entropy`` (the paper's choice): the mean, over the *real* UEs of an instance (padding masked
 out), of the entropy of the offloading head's distribution at each decoding step. A policy that
@@ -10,6 +10,16 @@ is unsure where many UEs go is the one whose decisions an expert label changes m
 head's uncertainty can be added with ``share_weight`` > 0 (default 0): it is a differential
 entropy (of a continuous distribution over (0, 1]), so it has a different scale and can be
 negative, and mixing it in is a choice to make knowingly, not by default.
+
+``power``: entropy with the top-k replaced by sampling. Top-k on a per-instance score picks a
+batch of near-duplicates from the pool's most atypical corner (the same few hard cells, the same
+overloaded server) and leaves the bulk of the drifted distribution unlabelled; measured here,
+entropy's top 96 of 512 arrivals were no better labels than 96 random ones. Power acquisition
+(stochastic batch acquisition, Kirsch et al., TMLR 2023) draws the batch without replacement with
+probability proportional to ``entropy ** beta`` (Gumbel-top-k: ``beta * log(entropy)`` plus
+standard Gumbel noise, then the top k), so uncertain instances are favoured but the batch still
+covers the pool; ``beta`` = 0 is ``random``, ``beta`` -> infinity is ``entropy``. The default
+``beta`` = 1 is the paper's. Costs nothing over ``entropy``.
 
 ``random``: uniform scores from a seeded generator; the baseline that shows what the entropy
 query buys at the same label budget.
@@ -119,6 +129,24 @@ def entropy_query(share_weight: float = 0.0) -> Query:
         return s
 
     return Query("entropy", score)
+
+
+# Exponent of the power query; 1 as in Kirsch et al., who found it robust across tasks.
+POWER_BETA = 1.0
+
+
+@register_query("power")
+def power_query(beta: float = POWER_BETA) -> Query:
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise LamboInputError(f"power query needs a finite beta >= 0 (got {beta})", where="query")
+
+    def score(q: QueryInput, rng: np.random.Generator) -> np.ndarray:
+        entropy = mean_over_real_ues(q.entropy_target, q.ue_mask)
+        # An instance the policy is certain about (entropy 0) is drawn last, never dropped from the order.
+        log_entropy = np.log(np.maximum(entropy, np.finfo(float).tiny))
+        return beta * log_entropy + rng.gumbel(size=q.size)
+
+    return Query("power", score)
 
 
 @register_query("random")
